@@ -1,0 +1,61 @@
+"""The `llmkit` command. Each module in this package that defines `register(subparsers)` adds
+one subcommand (its parser sets `func`), so a new stage adds a file and touches nothing else.
+
+Errors meant for the user (`LLMKitError`) print one line and exit 2; set LLMKIT_DEBUG=1 for
+the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from ..errors import LLMKitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: tokenize, pretrain, fine-tune, align, "
+                                     "compress, run, serve and evaluate language models.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except LLMKitError as e:
+        print(f"llmkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # unexpected: still one line unless debugging
+        if os.environ.get("LLMKIT_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"llmkit: error: {type(e).__name__}: {msg} (set LLMKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Small dataclass configs, loaded from YAML with `key=value` overrides.
+
+    cfg = load_config(PretrainConfig, "run.yaml", ["optim.lr=3e-4", "model.n_layer=4"])
+
+Nested dataclass fields are addressed with dots. Unknown keys are errors that name the key
+and suggest close ones. Values given on the command line are parsed as YAML scalars
+(`3e-4` -> float, `true` -> bool, `[1,2]` -> list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import LLMKitError, closest
+
+T = TypeVar("T")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _dataclass_of(tp):
+    """The dataclass type inside a hint such as `Foo` or `Foo | None`, else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys raise LLMKitError."""
+    if not isinstance(data, dict):
+        raise LLMKitError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}{key}"
+        if key not in types:
+            raise LLMKitError(f"unknown config key {full!r}{closest(key, types)}")
+        sub = _dataclass_of(types[key])
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value, where=f"{full}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise LLMKitError(f"config {where or '<root>'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise LLMKitError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LLMKitError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise LLMKitError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LLMKitError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LLMKitError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """Defaults of `cls` <- `base` dict <- YAML file <- key=value overrides."""
+    data: dict = {}
+    if base:
+        data = _merge(data, base)
+    if path:
+        data = _merge(data, load_yaml(path))
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

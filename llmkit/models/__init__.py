@@ -1,0 +1,8 @@
+"""Model zoo: one decoder class, a config dataclass with named presets, swappable modules."""
+
+from .cache import KVCache
+from .config import PRESETS, ModelConfig
+from .flops import flops_per_token, num_params
+from .transformer import Transformer
+
+__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "num_params"]

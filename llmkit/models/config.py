@@ -1,0 +1,121 @@
+"""The one model config: a small dataclass that picks the swappable modules and their sizes.
+
+Families differ only in which modules they use (see `modules.NORMS`, `modules.MLPS`):
+  gpt2     LayerNorm, GELU MLP, learned absolute positions, biases, tied embeddings
+  llama    RMSNorm pre-norm, SwiGLU MLP, rotary positions, grouped-query attention
+  mistral  llama + sliding-window attention
+  mixtral  mistral + sparse Mixture-of-Experts MLP
+  qwen2    llama + biases on q/k/v
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LLMKitError, closest
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 (used for HF export)
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; else GQA
+    d_model: int = 768
+    head_dim: int | None = None  # None = d_model // n_head
+    d_ff: int = 3072
+    max_seq_len: int = 2048
+    norm: str = "rmsnorm"  # key of modules.NORMS
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # key of modules.MLPS
+    activation: str = "silu"  # key of modules.ACTIVATIONS
+    pos_emb: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f}, or {"type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1 report, sec. 3)
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None  # position i attends to i-W+1..i (Mistral)
+    bias: bool = False  # biases on every linear and norm (GPT-2)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
+    tie_embeddings: bool = False  # lm_head shares the token embedding (GPT-2, SmolLM2)
+    n_expert: int = 0  # >0 swaps the MLP for a sparse MoE of this many experts (Mixtral)
+    n_expert_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise LLMKitError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise LLMKitError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise LLMKitError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_expert and not 0 < self.n_expert_per_tok <= self.n_expert:
+            raise LLMKitError(f"n_expert_per_tok={self.n_expert_per_tok} must be in 1..n_expert={self.n_expert}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise LLMKitError(f"unknown model config key {unknown[0]!r}{closest(unknown[0], names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise LLMKitError(f"unknown model preset {name!r}{closest(name, PRESETS)}; known: {', '.join(PRESETS)}")
+        d = dict(PRESETS[name])
+        d.update(overrides)
+        return cls.from_dict(d)
+
+
+_GPT2 = dict(family="gpt2", norm="layernorm", mlp="gelu", activation="gelu_tanh", pos_emb="learned",
+             bias=True, tie_embeddings=True)
+_LLAMA = dict(family="llama", norm="rmsnorm", mlp="swiglu", activation="silu", pos_emb="rope")
+
+PRESETS: dict[str, dict] = {
+    # tiny shapes for tests and from-scratch CPU training
+    "tiny-gpt2": dict(_GPT2, vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=256),
+    "tiny-llama": dict(_LLAMA, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=172,
+                       max_seq_len=256),
+    "tiny-mistral": dict(_LLAMA, family="mistral", vocab_size=256, n_layer=2, n_head=4, n_kv_head=2,
+                         d_model=64, d_ff=172, max_seq_len=256, sliding_window=16),
+    "tiny-mixtral": dict(_LLAMA, family="mixtral", vocab_size=256, n_layer=2, n_head=4, n_kv_head=2,
+                         d_model=64, d_ff=96, max_seq_len=256, sliding_window=None, n_expert=4,
+                         n_expert_per_tok=2),
+    "tiny-qwen2": dict(_LLAMA, family="qwen2", vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                       d_ff=172, max_seq_len=256, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
+    # real shapes
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+                         max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True, bos_token_id=1,
+                         eos_token_id=2),
+    "gpt2-124m": dict(_GPT2, vocab_size=50257, n_layer=12, n_head=12, d_model=768, d_ff=3072, max_seq_len=1024,
+                      bos_token_id=50256, eos_token_id=50256),
+    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                         d_ff=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+                         rope_scaling=dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192),
+                         bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": dict(_LLAMA, family="mistral", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8,
+                       d_model=4096, d_ff=14336, max_seq_len=32768, rope_theta=10000.0, sliding_window=4096,
+                       bos_token_id=1, eos_token_id=2),
+    "mixtral-8x7b": dict(_LLAMA, family="mixtral", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8,
+                         d_model=4096, d_ff=14336, max_seq_len=32768, rope_theta=1e6, n_expert=8,
+                         n_expert_per_tok=2, bos_token_id=1, eos_token_id=2),
+    "qwen2.5-0.5b": dict(_LLAMA, family="qwen2", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
+                         d_model=896, d_ff=4864, max_seq_len=32768, rope_theta=1e6, qkv_bias=True,
+                         tie_embeddings=True, norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645),
+}

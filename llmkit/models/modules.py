@@ -1,0 +1,211 @@
+"""Building blocks of the decoder. Each is swappable: the config names one from a table below.
+
+Shapes: B batch, T query length, S key length (cache size), C d_model, H query heads,
+K key/value heads, D head dim, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# ---------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g  (Zhang & Sennrich 2019). Computed in fp32 like LLaMA."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _layernorm(dim: int, eps: float = 1e-5, bias: bool = True):
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": _layernorm}
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact erf GELU
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+}
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return NORMS[cfg.norm](cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2 (Su et al. 2021), with optional context scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("type") or sc.get("rope_type")
+    if kind in (None, "default"):
+        return inv_freq.float()
+    if kind == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        return (inv_freq / sc["factor"]).float()
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(medium, blended, scaled).float()
+    from ..errors import LLMKitError
+
+    raise LLMKitError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+def rope_cache(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (length, D), halves duplicated (the rotate-half layout of HF LLaMA)."""
+    inv_freq = rope_inv_freq(cfg)
+    t = torch.arange(length, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (L, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D) or (B, T, D). Rotates pairs (i, i + D/2)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None, None], sin[None, None]
+    else:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V heads (Ainslie et al. 2023; K=1 is MQA, Shazeer 2019)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        """x: (B, T, C); rope: (cos, sin) or None; mask: bool (.., T, S) True=attend, or None=causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # write this step's K/V, attend over the whole cache (B, K, S, D)
+            k, v = cache.update(self.layer_idx, input_pos, k, v)
+        if self.n_kv_head != self.n_head:  # share each K/V head among H/K query heads
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+# ---------------------------------------------------------------- MLPs
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x))  (Shazeer 2020, as in LLaMA)."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """down(act(up(x)))  (GPT-2: c_fc, gelu_new, c_proj)."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.act = ACTIVATIONS[cfg.activation]
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts MLP (Shazeer et al. 2017; Mixtral, Jiang et al. 2024).
+
+    A linear router scores E experts per token; the top-k are run and mixed with their softmax
+    weights renormalised over the k chosen. The router logits of the last forward are kept in
+    `self.router_logits` (N, E) for the load-balancing loss (`llmkit.losses.load_balancing_loss`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.n_expert_per_tok
+        self.gate = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLPS[cfg.mlp](cfg) for _ in range(cfg.n_expert))
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        xf = x.reshape(-1, C)  # (N, C), N = B*T
+        logits = self.gate(xf)  # (N, E)
+        self.router_logits = logits
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(xf)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (chosen == e).nonzero(as_tuple=True)  # tokens routed to expert e
+            if tok.numel():
+                out.index_add_(0, tok, expert(xf[tok]) * weights[tok, slot, None])
+        return out.view(B, T, C)
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    return MoE(cfg) if cfg.n_expert > 0 else MLPS[cfg.mlp](cfg)
+
+
+# ---------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
