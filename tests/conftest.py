@@ -32,3 +32,21 @@ def minilm_dir() -> Path:
     from llmkit.hub import pull
 
     return pull("minilm-l6-v2", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' own reading of the same GGUF: (model fp32, tokenizer). Slow (~30 s): shared."""
+    transformers = pytest.importorskip("transformers")
+    d, name = smollm2_gguf.parent, smollm2_gguf.name
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """llmkit's SmolLM2: (model fp32, tokenizer), loaded once per test session."""
+    from llmkit.loading import load_model
+
+    return load_model(str(smollm2_gguf))

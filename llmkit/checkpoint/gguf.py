@@ -1,0 +1,155 @@
+"""Read GGUF files (llama.cpp's format): config from metadata, tensors dequantised to fp32.
+
+Dequantisation is done by the `gguf` package (the reference Python implementation that ships
+with llama.cpp). llama.cpp's converter permutes the rows of attn_q/attn_k of LLaMA models from
+HF's rotate-half rope layout to its interleaved one; we permute them back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LLMKitError
+from ..models import ModelConfig, Transformer
+
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+def open_gguf(path: str | Path):
+    """GGUFReader over `path`, with a plain error for files that are not (valid) GGUF."""
+    from gguf import GGUFReader
+
+    p = Path(path)
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LLMKitError(f"{p} is not a GGUF file (bad magic)")
+    try:
+        return GGUFReader(str(p))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt files
+        raise LLMKitError(f"{p} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def metadata(reader) -> dict:
+    """All scalar/string/list metadata fields as Python values (tokens/merges included)."""
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # pragma: no cover - exotic field types
+            continue
+    return out
+
+
+def config_from_gguf(meta: dict, where: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LLMKitError(f"{where}: unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def need(key):
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise LLMKitError(f"{where}: GGUF metadata is missing {full!r}")
+        return meta[full]
+
+    n_head = int(need("attention.head_count"))
+    d_model = int(need("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or None
+    if not vocab:
+        raise LLMKitError(f"{where}: GGUF metadata gives no vocabulary size")
+    scaling = None
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    return ModelConfig(
+        family="qwen2" if arch == "qwen2" else ("mixtral" if n_expert else "llama"),
+        vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
+        n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)), d_model=d_model,
+        head_dim=int(meta.get(f"{arch}.attention.key_length", d_model // n_head)),
+        d_ff=int(need("feed_forward_length")), max_seq_len=int(need("context_length")),
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        qkv_bias=arch == "qwen2", n_expert=n_expert,
+        n_expert_per_tok=int(meta.get(f"{arch}.expert_used_count", 2) or 2),
+        tie_embeddings=False,  # decided below from the presence of output.weight
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's rope permutation of attn_q/attn_k rows: interleaved pairs -> rotate-half halves."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor(t, where: str) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise LLMKitError(f"{where}: tensor {t.name!r} has unsupported type {kind} "
+                          f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except Exception as e:
+        raise LLMKitError(f"{where}: cannot read tensor {t.name!r} ({type(e).__name__}: {e}); truncated file?") from None
+    shape = tuple(int(x) for x in reversed(t.shape))  # GGML lists dims fastest-first
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # copy: the reader maps the file read-only
+
+
+_LAYER_MAP = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "ffn_gate_inp": "mlp.gate"}
+_EXPERT_MAP = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+
+
+def load_gguf(path: str | Path) -> tuple[Transformer, dict]:
+    """Build a Transformer (fp32) from a GGUF file; returns (model, metadata)."""
+    where = str(path)
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = config_from_gguf(meta, where)
+    names = {t.name for t in reader.tensors}
+    cfg.tie_embeddings = "output.weight" not in names
+    permute = meta.get("general.architecture") == "llama"
+    sd: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        w = _tensor(t, where)
+        name = t.name
+        if name == "token_embd.weight":
+            sd["embed_tokens.weight"] = w
+        elif name == "output_norm.weight":
+            sd["norm.weight"] = w
+        elif name == "output.weight":
+            sd["lm_head.weight"] = w
+        elif name.startswith("blk."):
+            _, i, mod, kind = name.split(".", 3)
+            if mod in _EXPERT_MAP:  # stacked experts (E, out, in)
+                for e, we in enumerate(w):
+                    sd[f"layers.{i}.mlp.experts.{e}.{_EXPERT_MAP[mod]}.{kind}"] = we.contiguous()
+                continue
+            if mod not in _LAYER_MAP:
+                raise LLMKitError(f"{where}: unexpected tensor {name!r}")
+            if permute and mod == "attn_q":
+                w = _unpermute(w, cfg.n_head)
+            elif permute and mod == "attn_k":
+                w = _unpermute(w, cfg.n_kv_head)
+            target = _LAYER_MAP[mod]
+            if cfg.n_expert and mod in ("ffn_gate", "ffn_up", "ffn_down"):
+                raise LLMKitError(f"{where}: per-expert tensor layout {name!r} is not supported")
+            sd[f"layers.{i}.{target}.{kind}"] = w
+        elif name.startswith("rope_freqs"):
+            raise LLMKitError(f"{where}: GGUF rope_freqs tensors (llama3 rope scaling) are not supported")
+        else:
+            raise LLMKitError(f"{where}: unexpected tensor {name!r}")
+    from .hf import load_state
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return load_state(model, sd, where).eval(), meta

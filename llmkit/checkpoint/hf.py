@@ -1,0 +1,313 @@
+"""Hugging Face format: config.json + model.safetensors (or shards + model.safetensors.index.json).
+
+Reads and writes GPT-2, LLaMA, Mistral, Mixtral and Qwen2 checkpoints. llmkit's module names are
+HF LLaMA's minus the "model." prefix, so most tensors map by name; GPT-2 (fused c_attn, Conv1D
+weights stored (in, out)) and Mixtral (block_sparse_moe.experts.e.w1/w2/w3) are translated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import LLMKitError
+from ..models import ModelConfig, Transformer
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2")
+
+
+# ------------------------------------------------------------------ config
+def _need(hf: dict, key: str, where: str):
+    if key not in hf or hf[key] is None:
+        raise LLMKitError(f"{where} is missing field {key!r}")
+    return hf[key]
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """rope theta and scaling from either transformers v4 (rope_theta, rope_scaling) or v5 (rope_parameters)."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    scaling = hf.get("rope_scaling") or params or None
+    if scaling:
+        scaling = dict(scaling)
+        kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("rope_theta", None)
+        if kind == "default":
+            return float(theta), None
+        scaling = {"type": kind, **scaling}
+    return float(theta), scaling
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    if model_type == "gpt2":
+        d = _need(hf, "n_embd", where)
+        act = hf.get("activation_function", "gelu_new")
+        return ModelConfig(family="gpt2", vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "n_layer", where),
+                           n_head=_need(hf, "n_head", where), d_model=d, d_ff=hf.get("n_inner") or 4 * d,
+                           max_seq_len=_need(hf, "n_positions", where), norm="layernorm",
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+                           activation={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+                           pos_emb="learned", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+                           bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise LLMKitError(f"{where}: attention_bias/mlp_bias are not supported")
+    theta, scaling = _rope_from_hf(hf)
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if model_type == "llama":
+        window = None
+    n_expert = hf.get("num_local_experts", 0) if model_type == "mixtral" else 0
+    return ModelConfig(
+        family=model_type, vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
+        n_head=_need(hf, "num_attention_heads", where), n_kv_head=hf.get("num_key_value_heads"),
+        d_model=_need(hf, "hidden_size", where), head_dim=hf.get("head_dim"),
+        d_ff=_need(hf, "intermediate_size", where), max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", activation=hf.get("hidden_act", "silu"),
+        pos_emb="rope", rope_theta=theta, rope_scaling=scaling, sliding_window=window,
+        qkv_bias=model_type == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False),
+        n_expert=n_expert or 0, n_expert_per_tok=hf.get("num_experts_per_tok", 2),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.02),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) and x else x
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    family = cfg.family if cfg.family in ARCHITECTURES else ("gpt2" if cfg.pos_emb == "learned" else "llama")
+    common = dict(architectures=[ARCHITECTURES[family]], model_type=family, vocab_size=cfg.vocab_size,
+                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+                  eos_token_id=cfg.eos_token_id, torch_dtype="float32")
+    if family == "gpt2":
+        act = {"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation)
+        return dict(common, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                    n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps, activation_function=act)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        sc = dict(cfg.rope_scaling)
+        rope.update(rope_type=sc.pop("type"), **sc)
+    d = dict(common, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
+             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
+             rope_theta=cfg.rope_theta, rope_parameters=rope,
+             rope_scaling=None if rope["rope_type"] == "default" else rope)
+    if family in ("mistral", "mixtral"):
+        d["sliding_window"] = cfg.sliding_window
+    if family == "qwen2":
+        d.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window,
+                 max_window_layers=cfg.n_layer)
+    if family == "mixtral":
+        d.update(num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.n_expert_per_tok,
+                 router_aux_loss_coef=cfg.router_aux_loss_coef)
+    return d
+
+
+# ------------------------------------------------------------------ weights
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF tensor names -> llmkit names (transposing GPT-2's Conv1D weights and splitting c_attn)."""
+    out = {}
+    if cfg.family == "gpt2" or cfg.pos_emb == "learned":
+        C = cfg.d_model
+        for k, v in sd.items():
+            k = k.removeprefix("transformer.")
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # old causal-mask buffers
+            if k == "wte.weight":
+                out["embed_tokens.weight"] = v
+            elif k == "wpe.weight":
+                out["embed_positions.weight"] = v
+            elif k.startswith("ln_f."):
+                out["norm." + k[5:]] = v
+            elif k == "lm_head.weight":
+                out[k] = v
+            elif k.startswith("h."):
+                _, i, rest = k.split(".", 2)
+                p = f"layers.{i}."
+                if rest.startswith("attn.c_attn."):
+                    kind = rest.rsplit(".", 1)[1]
+                    w = v.t() if kind == "weight" else v  # Conv1D stores (in, out)
+                    for name, part in zip(("q_proj", "k_proj", "v_proj"), w.split(C, dim=0)):
+                        out[f"{p}self_attn.{name}.{kind}"] = part.contiguous()
+                    continue
+                table = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+                         "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+                mod, kind = rest.rsplit(".", 1)
+                if mod not in table:
+                    raise LLMKitError(f"unexpected GPT-2 tensor {k!r}")
+                if kind == "weight" and mod not in ("ln_1", "ln_2"):
+                    v = v.t().contiguous()
+                out[f"{p}{table[mod]}.{kind}"] = v
+            else:
+                raise LLMKitError(f"unexpected GPT-2 tensor {k!r}")
+        return out
+    for k, v in sd.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        k = k.removeprefix("model.")
+        if ".block_sparse_moe." in k:  # Mixtral: w1 = gate, w3 = up, w2 = down
+            k = k.replace(".block_sparse_moe.", ".mlp.")
+            k = k.replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj.")
+        if k.endswith("mlp.experts.gate_up_proj"):  # transformers v5 fused layout (E, 2F, C)
+            pre = k.removesuffix("gate_up_proj")
+            for e, w in enumerate(v):
+                g, u = w.chunk(2, dim=0)
+                out[f"{pre}{e}.gate_proj.weight"], out[f"{pre}{e}.up_proj.weight"] = g, u
+            continue
+        if k.endswith("mlp.experts.down_proj"):
+            pre = k.removesuffix("down_proj")
+            for e, w in enumerate(v):
+                out[f"{pre}{e}.down_proj.weight"] = w
+            continue
+        out[k] = v
+    return out
+
+
+def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    cfg = model.cfg
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # shared with the embedding; HF re-ties on load
+    out = {}
+    if cfg.family == "gpt2":
+        for k, v in sd.items():
+            if k == "embed_tokens.weight":
+                out["transformer.wte.weight"] = v
+            elif k == "embed_positions.weight":
+                out["transformer.wpe.weight"] = v
+            elif k.startswith("norm."):
+                out["transformer.ln_f." + k[5:]] = v
+            elif k == "lm_head.weight":
+                out[k] = v
+            elif ".self_attn.q_proj." in k:
+                i, kind = k.split(".")[1], k.rsplit(".", 1)[1]
+                parts = [sd[k.replace("q_proj", n)] for n in ("q_proj", "k_proj", "v_proj")]
+                w = torch.cat(parts, dim=0)
+                out[f"transformer.h.{i}.attn.c_attn.{kind}"] = (w.t() if kind == "weight" else w).contiguous()
+            elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+                continue
+            else:
+                _, i, rest = k.split(".", 2)
+                mod, kind = rest.rsplit(".", 1)
+                table = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",
+                         "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+                if kind == "weight" and "layernorm" not in mod:
+                    v = v.t().contiguous()
+                out[f"transformer.h.{i}.{table[mod]}.{kind}"] = v
+        return out
+    for k, v in sd.items():
+        if cfg.family == "mixtral" and ".mlp." in k:
+            k = k.replace(".mlp.", ".block_sparse_moe.")
+            k = k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.")
+        out[k if k == "lm_head.weight" else "model." + k] = v
+    return out
+
+
+# ------------------------------------------------------------------ files
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMKitError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
+        sd = {}
+        for f in files:
+            sd.update(read_safetensors(d / f))
+        return sd
+    if (d / "model.safetensors").exists():
+        return read_safetensors(d / "model.safetensors")
+    if list(d.glob("*.bin")) or list(d.glob("*.pt")):
+        raise LLMKitError(f"{d} holds only pickle weights (.bin/.pt); llmkit never unpickles: convert to safetensors")
+    raise LLMKitError(f"{d} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_config_json(d: Path) -> dict:
+    p = d / "config.json"
+    if not p.exists():
+        raise LLMKitError(f"{d} is not a model directory (no config.json)")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise LLMKitError(f"{p} is not valid JSON ({e})") from None
+
+
+def load_state(model: Transformer, sd: dict[str, torch.Tensor], where: str) -> Transformer:
+    """Copy tensors into model, with a plain error for missing/unexpected/mis-shaped tensors."""
+    expected = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        expected.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise LLMKitError(f"{where}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise LLMKitError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, the config expects "
+                              f"{tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=False)
+    return model
+
+
+def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
+    """Build a Transformer from an HF model directory (any supported family)."""
+    d = Path(d)
+    if cfg is None:
+        cfg = config_from_hf(read_config_json(d), where=str(d / "config.json"))
+    sd = read_hf_weights(d)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if cfg.pos_emb == "rope":
+        model._rope = None
+    return load_state(model, state_dict_from_hf(sd, cfg), str(d)).eval()
+
+
+def save_hf_model(model: Transformer, d: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes) into directory d."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = state_dict_to_hf(model)
+    (d / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(d / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,0 +1,77 @@
+"""Resolve a `--model` argument to (model, tokenizer).
+
+Accepted everywhere: a registry name (pulled on first use), a GGUF file, a Hugging Face model
+directory (config.json + safetensors), or an llmkit checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import LLMKitError
+from .hub import REGISTRY, pull
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf", "checkpoint"}."""
+    if spec in REGISTRY:
+        entry = REGISTRY[spec]
+        if entry.kind != "gguf":
+            raise LLMKitError(f"{spec!r} is a {entry.kind} model, not a language model")
+        return "gguf", pull(spec)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        if "/" not in spec and not spec.endswith((".gguf", ".safetensors")):
+            from .errors import closest
+
+            raise LLMKitError(f"unknown model {spec!r}{closest(spec, REGISTRY)}; known models: {', '.join(REGISTRY)} "
+                              "(or give a GGUF file, an HF model directory or an llmkit checkpoint)")
+        raise LLMKitError(f"model path not found: {p}")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", p
+        raise LLMKitError(f"{p} is not a GGUF file, an HF model directory or an llmkit checkpoint")
+    from .checkpoint import is_checkpoint
+
+    if is_checkpoint(p):
+        return "checkpoint", p
+    if (p / "config.json").exists():
+        return "hf", p
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    raise LLMKitError(f"{p} is not an HF model directory (no config.json), an llmkit checkpoint or a GGUF file")
+
+
+def load_tokenizer(kind: str, path: Path):
+    from .tokenizer import Tokenizer
+
+    if kind == "gguf":
+        return Tokenizer.from_gguf(path)
+    if (path / "tokenizer.json").exists():
+        return Tokenizer.from_dir(path)
+    return None
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", adapter: str | None = None,
+               with_tokenizer: bool = True):
+    """-> (Transformer in eval mode, Tokenizer or None)."""
+    from .checkpoint import load_checkpoint, load_gguf, load_hf_model
+
+    kind, path = resolve(spec)
+    if kind == "gguf":
+        model, _ = load_gguf(path)
+    elif kind == "checkpoint":
+        model, _ = load_checkpoint(path)
+    else:
+        model = load_hf_model(path)
+    if adapter:
+        from .peft import load_adapter
+
+        model = load_adapter(model, adapter)
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
+    return model, tokenizer

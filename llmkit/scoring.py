@@ -1,0 +1,91 @@
+"""Scoring text under a model: per-token log-probabilities, NLL, perplexity, bits per byte.
+
+`token_logprobs` is the one log-prob gathering function of llmkit (evaluation, alignment and
+distillation import it). Texts longer than the context are scored with a sliding window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LLMKitError
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets | logits): logits (..., V), targets (...) -> (...) in fp32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = None, stride: int | None = None,
+                   progress: bool = False) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1..N-1 -> (N-1,) fp32.
+
+    If N exceeds the context C, windows of C tokens start every `stride` tokens (default C/2) and
+    each token is scored once, by the window that gives it the most left context (as in HF's
+    perplexity guide); with stride = C the windows do not overlap.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = ids.numel()
+    if n < 2:
+        raise LLMKitError("need at least 2 tokens to score")
+    device = next(model.parameters()).device
+    C = context or model.cfg.max_seq_len
+    if n <= C:
+        logits = model(ids[None].to(device))[0, :-1]
+        return gather_logprobs(logits, ids[1:].to(device)).cpu()
+    stride = stride or max(1, C // 2)
+    if not 0 < stride <= C:
+        raise LLMKitError(f"stride must be in 1..{C}, got {stride}")
+    out = torch.empty(n - 1)
+    scored = 1  # tokens [1, scored) have log-probs
+    starts = list(range(0, n - 1, stride))
+    it = starts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(starts, desc="scoring", unit="window")
+    for start in it:
+        end = min(start + C, n)
+        if end <= scored:
+            continue
+        window = ids[start:end][None].to(device)
+        lp = gather_logprobs(model(window)[0, :-1], window[0, 1:])  # predicts start+1..end-1
+        first = max(scored, start + 1)
+        out[first - 1:end - 1] = lp[first - start - 1:].cpu()
+        scored = end
+        if end == n:
+            break
+    return out
+
+
+@dataclass
+class TextScore:
+    tokens: list[int]
+    logprobs: list[float]
+    nll: float  # total negative log-likelihood of tokens[1:], nats
+    perplexity: float  # exp(mean nll per scored token)
+    bits_per_byte: float  # nll / ln 2 / UTF-8 bytes of the scored text
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "logprobs": self.logprobs, "nll": self.nll, "perplexity": self.perplexity,
+                "bits_per_byte": self.bits_per_byte}
+
+
+def score_text(model, tokenizer, text: str, stride: int | None = None, progress: bool = False) -> TextScore:
+    """Score `text`: every token after the first is predicted from all before it."""
+    if not text or not text.strip():
+        raise LLMKitError("empty text: nothing to score")
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise LLMKitError("text is a single token: need at least 2 tokens to score")
+    lp = token_logprobs(model, ids, stride=stride, progress=progress)
+    nll = float(-lp.double().sum())
+    first = tokenizer.decode(ids[:1], skip_special_tokens=True)
+    n_bytes = max(1, len(text.encode("utf-8")) - len(first.encode("utf-8")))
+    return TextScore(tokens=list(ids), logprobs=lp.tolist(), nll=nll, perplexity=math.exp(nll / lp.numel()),
+                     bits_per_byte=nll / math.log(2) / n_bytes)
