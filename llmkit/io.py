@@ -38,6 +38,7 @@ def atomic_path(path: str | Path):
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -70,6 +71,7 @@ def atomic_dir(path: str | Path, force: bool = False):
     check_overwrite(p, force)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     try:
         yield tmp
         for f in tmp.rglob("*"):

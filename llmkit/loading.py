@@ -46,14 +46,41 @@ def resolve(spec: str) -> tuple[str, Path]:
     raise LLMKitError(f"{p} is not an HF model directory (no config.json), an llmkit checkpoint or a GGUF file")
 
 
-def load_tokenizer(kind: str, path: Path):
+def load_tokenizer(kind: str, path: Path, gguf_meta: dict | None = None):
     from .tokenizer import Tokenizer
 
-    if kind == "gguf":
-        return Tokenizer.from_gguf(path)
+    if kind == "gguf":  # reuse the metadata already parsed with the weights (parsing takes seconds)
+        return Tokenizer.from_gguf_metadata(gguf_meta, source=str(path)) if gguf_meta else Tokenizer.from_gguf(path)
     if (path / "tokenizer.json").exists():
         return Tokenizer.from_dir(path)
     return None
+
+
+def _converted_gguf(path: Path) -> Path | None:
+    """A GGUF converted once to an llmkit checkpoint (fp32 safetensors + tokenizer.json) in the cache.
+
+    Parsing GGUF metadata and dequantising take ~10 s for SmolLM2; the converted copy loads in
+    about a second. Keyed by the file's name, size and mtime; LLMKIT_NO_CONVERT_CACHE=1 disables it.
+    """
+    import os
+
+    from .checkpoint import is_checkpoint, load_gguf, save_checkpoint
+    from .hub import cache_dir
+    from .tokenizer import Tokenizer
+
+    if os.environ.get("LLMKIT_NO_CONVERT_CACHE"):
+        return None
+    st = path.stat()
+    out = cache_dir() / "converted" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if is_checkpoint(out):
+        return out
+    model, meta = load_gguf(path)
+    tok = Tokenizer.from_gguf_metadata(meta, source=str(path))
+    try:
+        save_checkpoint(model, out, tok, meta={"converted_from": str(path)}, force=True)
+    except OSError:  # read-only or full cache: just load from the GGUF each time
+        return None
+    return out
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", adapter: str | None = None,
@@ -62,8 +89,13 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     from .checkpoint import load_checkpoint, load_gguf, load_hf_model
 
     kind, path = resolve(spec)
+    meta = None
+    if kind == "gguf" and with_tokenizer:
+        converted = _converted_gguf(path)
+        if converted is not None:
+            kind, path = "checkpoint", converted
     if kind == "gguf":
-        model, _ = load_gguf(path)
+        model, meta = load_gguf(path)
     elif kind == "checkpoint":
         model, _ = load_checkpoint(path)
     else:
@@ -73,5 +105,5 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
 
         model = load_adapter(model, adapter)
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(kind, path) if with_tokenizer else None
+    tokenizer = load_tokenizer(kind, path, meta) if with_tokenizer else None
     return model, tokenizer
