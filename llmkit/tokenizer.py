@@ -1,5 +1,6 @@
-"""Tokenizers: byte-level BPE (trained here, loaded from tokenizer.json, or rebuilt from GGUF metadata),
-special tokens, chat templates and streaming decode.
+"""Tokenizers: byte-level BPE (trained here, loaded from tokenizer.json, or rebuilt from GGUF metadata,
+where sentencepiece BPE "llama" vocabularies are read too), special tokens, chat templates and
+streaming decode.
 
 One class, `Tokenizer`, wraps a Hugging Face `tokenizers.Tokenizer` (`.hf`) plus what tokenizer.json
 does not hold: the bos/eos tokens, whether to prepend bos, and the Jinja chat template (these live in
@@ -264,6 +265,12 @@ class Tokenizer:
             self._token_bytes = table
         return self._token_bytes[i]
 
+    @functools.cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of sentencepiece byte-fallback tokens "<0x00>".."<0xFF>" (empty for byte-level BPE)."""
+        ids = (self.hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
@@ -394,54 +401,37 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict, source: str = "GGUF") -> Tokenizer:
         """From GGUF metadata as a {key: value} dict (`tokenizer.*` keys, values as `field.contents()`).
 
-        Mirrors transformers' GGUF conversion (integrations/gguf/gguf_tokenizer_mapping.py) so ids agree:
-        vocab respelled into the byte alphabet where needed, merges from the file, CONTROL tokens
-        (type 3) added as special tokens and USER_DEFINED (type 4) as plain added tokens, the split regex
-        chosen by tokenizer.ggml.pre, ByteLevel decoder, bos prepended only if tokenizer.ggml.add_bos_token.
+        Mirrors transformers' GGUF conversion (integrations/gguf/gguf_tokenizer_mapping.py) so ids agree
+        with `AutoTokenizer.from_pretrained(dir, gguf_file=...)`. Two tokenizer models:
+        - "gpt2" (byte-level BPE: SmolLM, Llama 3, Qwen2, ...): vocab respelled into the byte alphabet where
+          needed, merges from the file, the split regex chosen by tokenizer.ggml.pre, ByteLevel decoder;
+        - "llama" (sentencepiece BPE with byte fallback: Llama 2, Mistral, ...): Metaspace pre-tokenizer
+          prepending "▁" to the first word, merges from the file or recovered from the token scores.
+        Then CONTROL tokens (type 3) become special tokens and USER_DEFINED (type 4) plain added tokens,
+        and bos is prepended when tokenizer.ggml.add_bos_token (default: no for gpt2, yes for llama).
         """
         kind = meta.get("tokenizer.ggml.model")
         if kind is None:
             raise LLMKitError(f"{source} has no tokenizer metadata (tokenizer.ggml.model missing)")
-        if kind != "gpt2":
-            raise LLMKitError(f"{source}: unsupported GGUF tokenizer model {kind!r} (llmkit reads byte-level "
-                              f"BPE, tokenizer.ggml.model 'gpt2')")
-        tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
-        merges_raw: list[str] = meta.get("tokenizer.ggml.merges") or []
+        arch = meta.get("general.architecture")
+        if kind not in ("gpt2", "llama") or (kind == "llama" and arch in ("gemma", "gemma2", "gemma3", "phi3")):
+            what = f"{kind!r}" + (f" for architecture {arch!r}" if kind == "llama" else "")
+            raise LLMKitError(f"{source}: unsupported GGUF tokenizer model {what} (llmkit reads 'gpt2' byte-level "
+                              f"BPE and 'llama' sentencepiece BPE)")
+        tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
         if not tokens:
             raise LLMKitError(f"{source}: tokenizer.ggml.tokens is missing or empty")
-        if not merges_raw:
-            raise LLMKitError(f"{source}: tokenizer.ggml.merges is missing (needed for a 'gpt2' tokenizer)")
         token_types = list(meta.get("tokenizer.ggml.token_type") or [])
-
-        spelling = bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-                 for i, t in enumerate(tokens)}
-        merges = []
-        for m in merges_raw:
-            parts = m.split(" ")
-            if len(parts) != 2:
-                raise LLMKitError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
-            merges.append((parts[0], parts[1]))
+        build = _gguf_byte_level if kind == "gpt2" else _gguf_sentencepiece
         try:
-            hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                        end_of_word_suffix="", fuse_unk=False))
+            hf, vocab, addable = build(meta, tokens, source)
+        except LLMKitError:
+            raise
         except Exception as e:
             raise LLMKitError(f"{source}: inconsistent tokenizer vocabulary/merges: {e}") from e
 
-        split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        if split is not None:
-            hf.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        else:
-            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-
-        # A control token spelled outside the byte alphabet is a llama.cpp mislabel; adding it would grow
-        # the vocabulary past the model's embedding, so it is skipped (as transformers does).
         control = [AddedToken(t, normalized=False, special=True)
-                   for t, ty in zip(tokens, token_types) if ty == _CONTROL and set(t) <= alphabet]
+                   for t, ty in zip(tokens, token_types) if ty == _CONTROL and addable(t)]
         if control:
             hf.add_special_tokens(control)
         user = [AddedToken(t, normalized=False, special=False)
@@ -451,18 +441,18 @@ class Tokenizer:
 
         def tok_at(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}")
-            return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+            t = tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+            return t if t in vocab else None
 
-        bos, eos, unk, pad = tok_at("bos_token_id"), tok_at("eos_token_id"), tok_at("unknown_token_id"), \
-            tok_at("padding_token_id")
+        bos, eos, unk, pad = (tok_at(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                  "padding_token_id"))
         named = [AddedToken(t, normalized=False, special=True) for t in (bos, eos, unk, pad)
-                 if t is not None and t in vocab and hf.token_to_id(t) not in hf.get_added_tokens_decoder()]
+                 if t is not None and hf.token_to_id(t) not in hf.get_added_tokens_decoder()]
         if named:  # transformers registers the named special tokens too
             hf.add_special_tokens(named)
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        tok = cls(hf, bos_token=bos if bos in vocab else None, eos_token=eos if eos in vocab else None,
-                  pad_token=pad if pad in vocab else None, unk_token=unk if unk in vocab else None,
-                  add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        tok = cls(hf, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, add_bos=add_bos,
+                  chat_template=meta.get("tokenizer.chat_template"))
         hf.post_processor = _post_processor(tok.bos_token, tok.bos_id, tok.add_bos)
         return tok
 
@@ -489,7 +479,7 @@ class Tokenizer:
                               f"256 byte tokens + {len(specials)} special tokens = {need}")
         from .train.data import iter_documents, list_inputs  # the corpus reader `llmkit data prepare` uses
 
-        paths = list_inputs(list(files))
+        paths = list_inputs([files] if isinstance(files, (str, Path)) else list(files))
         if all(p.stat().st_size == 0 for p in paths):
             raise LLMKitError("the corpus is empty (all input files have 0 bytes)")
         eos_token = eos_token if eos_token is not None else (specials[0] if specials else None)
@@ -533,7 +523,8 @@ class StreamDecoder:
     deltas equals `tokenizer.decode(all_ids, skip_special_tokens)`.
 
     Byte-level tokenizers: bytes go through an incremental UTF-8 decoder. Others: decode the ids since
-    the last emitted prefix and hold back text that ends in U+FFFD (the approach of HF TextStreamer).
+    the last emitted prefix and hold back text that ends in U+FFFD (the approach of HF TextStreamer), and
+    while the last token is a sentencepiece byte-fallback token <0xXX> (its run is decoded as a whole).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -555,6 +546,8 @@ class StreamDecoder:
             delta = self._utf8.decode(self.tok.token_bytes(i))
         else:
             self._ids.append(i)
+            if i in self.tok.byte_fallback_ids:
+                return ""  # the <0xXX> run may go on; the decoder groups it into characters only once it ends
             full = self.tok.decode(self._ids)
             if full.endswith("\ufffd"):
                 return ""
@@ -575,6 +568,74 @@ class StreamDecoder:
             self._ids, self._emitted = [], ""
         self.text += delta
         return delta
+
+
+def _gguf_merges(meta: dict, source: str) -> list[tuple[str, str]] | None:
+    raw = meta.get("tokenizer.ggml.merges")
+    if not raw:
+        return None
+    merges = []
+    for m in raw:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise LLMKitError(f"{source}: malformed merge {m!r} in tokenizer.ggml.merges")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _gguf_byte_level(meta: dict, tokens: list[str], source: str):
+    """GGUF "gpt2" tokenizer -> (tokenizers.Tokenizer, vocab, which control tokens may be added)."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = _gguf_merges(meta, source)
+    if merges is None:
+        raise LLMKitError(f"{source}: tokenizer.ggml.merges is missing (needed for a 'gpt2' tokenizer)")
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False))
+    split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is not None:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel; adding it would grow
+    # the vocabulary past the model's embedding, so it is skipped (as transformers does).
+    return hf, vocab, lambda t: set(t) <= alphabet
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Sentencepiece BPE stores no merges: every split of a token into two vocab pieces is a merge,
+    ranked by the token's score (higher first), ties by piece lengths then ids, as transformers'
+    `generate_merges` ranks them."""
+    merges = []
+    for merge, score in scores.items():
+        local = [(merge[:k], merge[k:], score) for k in range(1, len(merge))
+                 if merge[:k] in vocab and merge[k:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _gguf_sentencepiece(meta: dict, tokens: list[str], source: str):
+    """GGUF "llama" tokenizer (sentencepiece BPE, byte fallback <0xXX>) as transformers' LlamaTokenizer
+    builds it: no normalizer, Metaspace("▁", prepend to the first word only), decoder that maps "▁" back
+    to spaces, fuses byte-fallback tokens and strips the one prepended space."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _gguf_merges(meta, source)
+    if merges is None:
+        scores = meta.get("tokenizer.ggml.scores")
+        if not scores or len(scores) != len(tokens):
+            raise LLMKitError(f"{source}: a 'llama' tokenizer needs tokenizer.ggml.merges or one score per token")
+        merges = _merges_from_scores(vocab, dict(zip(tokens, map(float, scores))))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(content=" ", left=1)])
+    return hf, vocab, lambda t: True
 
 
 _META_CACHE: dict[tuple, dict] = {}

@@ -226,3 +226,25 @@ def test_selective_freezing():
         select_trainable(tiny(), modules=["attention"])
     with pytest.raises(LLMKitError, match="top_n_layers"):
         select_trainable(tiny(), top_n_layers=5)
+
+
+@pytest.mark.parametrize("method", ["llama-adapter", "prompt"])
+def test_llama_adapter_and_prompt_files_load_in_peft(hf_pair, tmp_path, method):
+    """Our LLaMA-Adapter computes what peft's AdaptionPrompt does, and both adapter files load in peft."""
+    peft = pytest.importorskip("peft")
+    d, _ = hf_pair
+    model = tiny()
+    if method == "llama-adapter":
+        apply_llama_adapter(model, adapter_len=5, n_layers=1)
+        with torch.no_grad():
+            model.layers[1].self_attn.adaption_gate.fill_(0.7)
+    else:
+        apply_prompt_tuning(model, n_tokens=3)
+    save_adapter(model, tmp_path / "ad")
+    ref = peft.PeftModel.from_pretrained(fresh_hf(d), tmp_path / "ad").eval()
+    x = ids()
+    with torch.no_grad():
+        theirs = ref(input_ids=x).logits
+        ours = model(x) if method == "llama-adapter" else forward_with_prompt(model, x)
+        assert (ours - theirs[:, -x.size(1):]).abs().max() < 1e-5
+        assert (ours - tiny()(x)).abs().max() > 1e-4

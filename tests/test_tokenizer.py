@@ -147,8 +147,12 @@ def test_load_bad_input(tmp_path):
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)
     with pytest.raises(LLMKitError, match="not a readable GGUF"):
         Tokenizer.from_gguf(gguf)
-    with pytest.raises(LLMKitError, match="unsupported GGUF tokenizer model 'llama'"):
-        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<s>"]})
+    with pytest.raises(LLMKitError, match="unsupported GGUF tokenizer model 't5'"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["<s>"]})
+    with pytest.raises(LLMKitError, match="'llama' for architecture 'gemma2'"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama", "general.architecture": "gemma2"})
+    with pytest.raises(LLMKitError, match="merges is missing"):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"]})
     with pytest.raises(LLMKitError, match="no tokenizer metadata"):
         Tokenizer.from_gguf_metadata({"general.architecture": "llama"})
 
@@ -286,3 +290,55 @@ def test_gguf_saved_roundtrip(tmp_path, smol):
     assert (again.bos_token, again.eos_token, again.pad_token, again.add_bos) == \
         (smol.bos_token, smol.eos_token, smol.pad_token, smol.add_bos)
     assert again.chat_template == smol.chat_template and again.stop_ids == smol.stop_ids
+
+
+# ---------------------------------------------------------------------------------------- GGUF sentencepiece
+def test_gguf_llama_sentencepiece_matches_transformers(tmp_path, shared_data):
+    """A GGUF with a Llama-2-style tokenizer ("llama": sentencepiece BPE with <0xXX> byte fallback and
+    no merges, so they come from the scores), written here with gguf.GGUFWriter."""
+    import gguf
+    from tokenizers import models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    sp = HFTokenizer(models.BPE())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.train_from_iterator([(shared_data / "pretrain" / "tinyshakespeare.txt").read_text()[:100_000]],
+                           trainer=trainers.BpeTrainer(vocab_size=700, show_progress=False))
+    pieces = [t for t, _ in sorted(sp.get_vocab().items(), key=lambda x: x[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|user|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0]
+    path = tmp_path / "tiny-llama-tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours = Tokenizer.from_gguf(path)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ref_json, our_json = json.loads(ref.backend_tokenizer.to_str()), json.loads(ours.hf.to_str())
+    for key in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert our_json[key] == ref_json[key], key
+    assert ours.add_bos and ours.bos_id == 1 and ours.stop_ids == {2}
+    for text in VARIED + ["First Citizen:\nBefore we proceed any further, hear me speak. <|user|> hi"]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    ids = ours.encode("Grüße 👋🏽 中文 and more words here")
+    assert any(ours.id_to_token(i).startswith("<0x") for i in ids)  # byte fallback in use
+    deltas, dec = _stream(ours, ids)
+    assert "".join(deltas) == ours.decode(ids) and "" in deltas
+    rng = random.Random(2)
+    for _ in range(30):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(30)]
+        assert "".join(_stream(ours, ids)[0]) == ours.decode(ids)

@@ -1,0 +1,210 @@
+"""`llmkit bench ...`: performance benchmarks, each a sub-subcommand of `bench`.
+
+    llmkit bench decode --model M [--prompt-tokens P] [--new-tokens N] [--compare hf,llama.cpp] [--json]
+
+To add a benchmark (e.g. `bench train`), write `add_<name>(bench_subparsers)` that adds its parser
+with `set_defaults(func=...)` and append it to BENCHES below.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+from ..errors import LLMKitError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks (decode, ...)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    for add in BENCHES:
+        add(bsub)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+# ---------------------------------------------------------------- bench decode
+def add_decode(bsub) -> None:
+    p = bsub.add_parser("decode", help="prefill/decode throughput, time to first token, peak RSS; "
+                        "optionally side by side with transformers and llama.cpp")
+    p.add_argument("--model", required=True, help="registry name, GGUF file, HF directory or llmkit checkpoint")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median is reported")
+    p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp")
+    p.add_argument("--quant", choices=["int8", "int4"], help="llmkit with weight-only quantised linears for decode "
+                   "and bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_decode)
+
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+        "movable metal type, oil-based ink and a wooden screw press into a system that could produce books far "
+        "faster than scribes. Within fifty years, presses were running in more than two hundred cities across "
+        "Europe, and the number of books in circulation rose from thousands to millions. ")
+
+
+def _workload(tok, vocab: int, n: int) -> list[int]:
+    """The same prompt ids for every engine: English prose (a natural next-token distribution, so
+    greedy outputs can be compared) or, without a tokenizer, seeded random ids."""
+    if tok is not None:
+        ids = tok.encode(TEXT * (1 + n // 40))
+        if len(ids) >= n:
+            return ids[:n]
+    import torch
+
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _ours(model, prompt, n_new):
+    from ..inference import SamplingParams, generate
+
+    g = generate(model, prompt, SamplingParams(max_new_tokens=n_new))  # greedy, no stop ids: exactly n_new
+    t = g.timings
+    return {"ttft_s": t["prefill_s"], "prefill_tok_s": len(prompt) / t["prefill_s"],
+            "decode_tok_s": (len(g.tokens) - 1) / t["decode_s"], "tokens": g.tokens}
+
+
+def _hf_load(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if path.suffix == ".gguf":
+        m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return m.eval()
+
+
+def _hf(model, prompt, n_new):
+    import torch
+
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+        total = time.perf_counter() - t0
+    tokens = out[0, len(prompt):].tolist()
+    return {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
+            "decode_tok_s": (len(tokens) - 1) / max(total - ttft, 1e-9), "tokens": tokens}
+
+
+def _llama_load(path, threads, n_ctx):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def _llama(llm, prompt, n_new):
+    llm.reset()
+    t0 = time.perf_counter()
+    tokens = []
+    t_first = None
+    for t in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        if t_first is None:
+            t_first = time.perf_counter()
+        tokens.append(int(t))
+        if len(tokens) >= n_new:
+            break
+    end = time.perf_counter()
+    ttft = t_first - t0
+    return {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
+            "decode_tok_s": (len(tokens) - 1) / max(end - t_first, 1e-9), "tokens": tokens}
+
+
+def run_decode(args) -> int:
+    import torch
+
+    from ..loading import load_model, resolve
+
+    for name in ("prompt_tokens", "new_tokens", "threads", "repeat"):
+        if getattr(args, name) < 1:
+            raise LLMKitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    bad = [c for c in compare if c not in ("hf", "llama.cpp")]
+    if bad:
+        raise LLMKitError(f"unknown --compare engine {bad[0]!r} (known: hf, llama.cpp)")
+    torch.set_num_threads(args.threads)
+    kind, path = resolve(args.model)
+    model, tok = load_model(args.model)
+    if args.quant:
+        from ..inference.quant import quantize
+
+        quantize(model, args.quant)
+    prompt = _workload(tok, model.cfg.vocab_size, args.prompt_tokens)
+    if args.prompt_tokens + args.new_tokens > model.cfg.max_seq_len:
+        raise LLMKitError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
+                          f"context window of {model.cfg.max_seq_len}")
+    engines = {"llmkit": (lambda: model, _ours)}
+    skipped = {}
+    _ours(model, prompt[:16], 4)  # warm-up (allocations, rope tables)
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, before references load
+    for c in compare:
+        if c == "hf":
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                skipped[c] = "transformers is not installed (pip install llmkit[test])"
+                continue
+            hf = _hf_load(path)
+            _hf(hf, prompt[:16], 4)
+            engines["transformers"] = (lambda hf=hf: hf, _hf)
+        elif c == "llama.cpp":
+            if kind != "gguf":
+                skipped[c] = "llama.cpp needs a GGUF model"
+                continue
+            try:
+                llm = _llama_load(path, args.threads, args.prompt_tokens + args.new_tokens + 8)
+            except ImportError:
+                skipped[c] = "llama-cpp-python is not installed"
+                continue
+            _llama(llm, prompt[:16], 4)
+            engines["llama.cpp"] = (lambda llm=llm: llm, _llama)
+    runs = {name: [] for name in engines}
+    for _ in range(args.repeat):  # interleaved so every engine sees the same machine load
+        for name, (get, fn) in engines.items():
+            runs[name].append(fn(get(), prompt, args.new_tokens))
+    results = {}
+    for name, rs in runs.items():
+        results[name] = {k: statistics.median(r[k] for r in rs) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
+        if name != "llmkit":
+            a, b = rs[0]["tokens"], runs["llmkit"][0]["tokens"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            results[name]["same_greedy_prefix"] = same
+    results["llmkit"]["peak_rss_mib"] = round(rss_ours, 1)
+    ratios = {name: {"decode": results["llmkit"]["decode_tok_s"] / r["decode_tok_s"],
+                     "prefill": results["llmkit"]["prefill_tok_s"] / r["prefill_tok_s"]}
+              for name, r in results.items() if name != "llmkit"}
+    import os
+
+    info = {"model": args.model, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "threads": args.threads,
+            "repeat": args.repeat, "quant": args.quant, "torch": torch.__version__,
+            "load_avg": list(os.getloadavg()), "results": results, "ratios_llmkit_over": ratios, "skipped": skipped}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"model {args.model}{' (llmkit ' + args.quant + ')' if args.quant else ''}  prompt {len(prompt)} tok, {args.new_tokens} new tok, greedy, {args.threads} threads, "
+          f"median of {args.repeat}, load avg {info['load_avg'][0]:.2f}")
+    print(f"{'engine':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'TTFT ms':>10}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{r['ttft_s'] * 1e3:>10.1f}")
+    print(f"llmkit peak RSS {rss_ours:.0f} MiB")
+    for name, r in ratios.items():
+        print(f"llmkit / {name}: decode {r['decode']:.2f}x, prefill {r['prefill']:.2f}x "
+              f"(same greedy tokens for the first {results[name]['same_greedy_prefix']})")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return 0
+
+
+# one entry per `llmkit bench <name>`; add yours here (e.g. add_train from the pretraining code)
+from ._bench_train import add_train  # noqa: E402  (pretraining: `llmkit bench train`)
+
+BENCHES = [add_decode, add_train]

@@ -1,0 +1,63 @@
+"""`llmkit plan`: Chinchilla tokens, training FLOPs, memory per regime, and time, as a table."""
+
+from __future__ import annotations
+
+
+def _num(s: str) -> float:
+    """'135M', '1.5B', '2e9', '300k' -> float."""
+    from ..errors import LLMKitError
+
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    t = s.strip().lower().replace("_", "").replace(",", "")
+    try:
+        return float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
+    except ValueError:
+        raise LLMKitError(f"not a number: {s!r} (examples: 135M, 1.5B, 2e9)") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="plan a pretraining run: tokens, FLOPs, memory, time")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--params", help="parameter count, e.g. 135M or 1.5B")
+    src.add_argument("--preset", help="a model preset (see llmkit/models/config.py)")
+    p.add_argument("--tokens", help="training tokens (default: Chinchilla, 20 per parameter)")
+    p.add_argument("--gpus", type=int, default=1, help="devices training in parallel")
+    p.add_argument("--tokens-per-s", help="measured throughput per device, tokens/s")
+    p.add_argument("--peak-tflops", type=float, help="device peak (TFLOP/s) when no throughput is given")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU with --peak-tflops (default 0.4)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from ..errors import LLMKitError
+    from ..train.plan import make_plan, plan_markdown
+
+    if args.preset:
+        from ..models import ModelConfig
+        from ..models.flops import num_params
+
+        params = num_params(ModelConfig.from_preset(args.preset))
+    else:
+        params = int(_num(args.params))
+    tps = _num(args.tokens_per_s) if args.tokens_per_s else None
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    source = ""
+    if tps is None and peak is None:  # measure this machine: CPU fp32 matmul peak at the assumed MFU
+        from ..train.mfu import device_peak_flops
+
+        peak, source = device_peak_flops("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        source = f"{source}: {peak / 1e9:.0f} GFLOP/s at {args.mfu:.0%} MFU"
+    if not 0 < args.mfu <= 1:
+        raise LLMKitError(f"--mfu must be in (0, 1], got {args.mfu}")
+    plan = make_plan(params, _num(args.tokens) if args.tokens else None, args.gpus, tps, peak, args.mfu, source)
+    if args.json:
+        print(json.dumps({"params": plan.params, "tokens": plan.tokens, "flops": plan.flops, "gpus": plan.gpus,
+                          "tokens_per_s": plan.tokens_per_s, "seconds": plan.seconds,
+                          "memory_bytes": {k: dict(zip(("weights", "grads", "optimizer", "total"), v))
+                                           for k, v in plan.memory.items()}}))
+    else:
+        print(plan_markdown(plan), end="")
+    return 0

@@ -1,0 +1,1 @@
+"""Small public-domain texts shipped with llmkit (see SOURCE.md)."""

@@ -1,0 +1,348 @@
+"""Benchmark harness: multiple choice by log-likelihood, generative tasks by greedy decoding.
+
+Multiple choice follows lm-evaluation-harness (Gao et al. 2021): for each choice, ll = Σ log p(
+continuation tokens | context); acc = [argmax ll == gold]; acc_norm = [argmax ll / len(choice in
+characters) == gold]. Context and continuation are tokenised as lm-eval's `_encode_pair` does:
+trailing spaces of the context move to the continuation, the whole string is encoded and the
+continuation is the tokens after the context's. No text is ever cut: a request longer than the
+model's context window is an error.
+
+Results are cached per (model fingerprint, task, example prompt) in an SQLite file, so a rerun
+(or a run with a larger --limit) only scores what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LLMKitError
+from ..scoring import gather_logprobs
+from .tasks import MCExample, Task, extract_number
+
+
+# ---------------------------------------------------------------- model identity and cache
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of the weights (shapes + a strided sample of every tensor) and the config:
+    cheap (well under a second for 135M params) yet changes when any tensor is retrained."""
+    h = hashlib.sha256(repr(getattr(model, "cfg", "")).encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().flatten()
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ResultCache:
+    """SQLite table (model, task, key) -> JSON value; each write is its own transaction."""
+
+    def __init__(self, path: str | Path | None):
+        self.db = None
+        if path is None:
+            return
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(p))
+        self.db.execute("CREATE TABLE IF NOT EXISTS results (model TEXT, task TEXT, key TEXT, value TEXT, "
+                        "PRIMARY KEY (model, task, key))")
+
+    def get(self, model: str, task: str, key: str):
+        if self.db is None:
+            return None
+        row = self.db.execute("SELECT value FROM results WHERE model=? AND task=? AND key=?",
+                              (model, task, key)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_many(self, model: str, task: str, items: list[tuple[str, object]]) -> None:
+        if self.db is None or not items:
+            return
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                                [(model, task, k, json.dumps(v)) for k, v in items])
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+
+
+def default_cache_path() -> Path:
+    from ..hub import cache_dir
+
+    return cache_dir() / "eval" / "results.sqlite"
+
+
+def example_key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- log-likelihoods
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair: (context ids, continuation ids) of the text context+continuation."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    whole = tokenizer.encode(context + continuation, add_bos=False)
+    ctx = tokenizer.encode(context, add_bos=False)
+    cont = whole[len(ctx):]
+    if not ctx:  # nothing to condition on: start from BOS (or EOS) as lm-eval's prefix token
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        ctx = [bos]
+    return ctx, cont
+
+
+class TreeMask:
+    """Stands in for the KV cache in `Transformer.forward` so one row can hold many prefix trees:
+    the model takes its attention mask from `mask()` and `update()` keeps this step's K/V as they
+    are. Lets a shared context be run once for all of its choices (Medusa/SpecInfer-style tree
+    attention): 3.0x fewer tokens through the model on ARC-Easy, 4.0x on MMLU."""
+
+    def __init__(self, mask: torch.Tensor):
+        self._mask = mask  # (1, 1, T, T) bool, True = may attend
+
+    def update(self, layer, input_pos, k, v):
+        return k, v
+
+    def mask(self, input_pos):
+        return self._mask
+
+
+def pack_trees(groups: list[tuple[list[int], list[list[int]]]], window: int | None = None):
+    """Pack (context ids, [continuation ids, ...]) groups into one row.
+
+    Row = for each group: ctx, then cont_k[:-1] for each k (a continuation's last token is only a
+    target). Positions restart at 0 per group; a continuation token sees its group's context and
+    the earlier tokens of its own continuation. Returns tokens (T,), positions (T,),
+    mask (1, 1, T, T) and, per continuation, the row indices whose outputs predict its tokens.
+    """
+    tokens, pos, spans, preds = [], [], [], []  # spans[t] = [(start, end) attended]
+    for ctx, conts in groups:
+        c0 = len(tokens)
+        for j, t in enumerate(ctx):
+            tokens.append(t)
+            pos.append(j)
+            spans.append([(c0, c0 + j + 1)])
+        for cont in conts:
+            b0 = len(tokens)
+            idx = [c0 + len(ctx) - 1]
+            for j, t in enumerate(cont[:-1]):
+                tokens.append(t)
+                pos.append(len(ctx) + j)
+                spans.append([(c0, c0 + len(ctx)), (b0, b0 + j + 1)])
+                idx.append(b0 + j)
+            preds.append(idx)
+    T = len(tokens)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for t, sp in enumerate(spans):
+        for s, e in sp:
+            mask[t, s:e] = True
+    positions = torch.tensor(pos)
+    if window:  # sliding-window models: also i - j < W in positions
+        mask &= (positions[:, None] - positions[None, :]) < window
+    return torch.tensor(tokens), positions, mask[None, None], preds
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                          max_tokens: int = 4096) -> list[float]:
+    """Σ log p(cont | ctx) for each (ctx ids, cont ids).
+
+    Pairs with the same context are scored as one tree (the context once); trees are packed into
+    one row of at most `batch_size` continuations / `max_tokens` tokens per forward pass. Only the
+    predicting positions go through the LM head, so a pass never holds (T, V) logits. The model
+    must accept (idx, input_pos=, cache=, return_hidden=True) and have `lm_head`.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise LLMKitError("a context or continuation encodes to no tokens")
+        groups.setdefault(tuple(ctx), []).append(i)
+    out = [0.0] * len(pairs)
+    device = next(model.parameters()).device
+    window = getattr(model.cfg, "sliding_window", None)
+    todo = list(groups.items())
+    while todo:
+        pack, n_req, n_tok = [], 0, 0
+        while todo:
+            ctx, members = todo[0]
+            size = len(ctx) + sum(len(pairs[i][1]) - 1 for i in members)
+            if pack and (n_req + len(members) > batch_size or n_tok + size > max_tokens):
+                break
+            pack.append(todo.pop(0))
+            n_req, n_tok = n_req + len(members), n_tok + size
+        tokens, pos, mask, preds = pack_trees([(list(c), [pairs[i][1] for i in m]) for c, m in pack], window)
+        hidden = model(tokens[None].to(device), input_pos=pos.to(device), cache=TreeMask(mask.to(device)),
+                       return_hidden=True)[0]  # (T, C)
+        members = [i for _, m in pack for i in m]
+        rows = torch.tensor([r for p in preds for r in p], device=device)
+        targets = torch.tensor([t for i in members for t in pairs[i][1]], device=device)
+        lp = gather_logprobs(model.lm_head(hidden[rows]), targets).double().cpu()  # (N,)
+        k = 0
+        for i in members:
+            n = len(pairs[i][1])
+            out[i] = float(lp[k:k + n].sum())
+            k += n
+    return out
+
+
+# ---------------------------------------------------------------- generation
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_strings: list[str],
+                    batch_size: int = 8) -> list[str]:
+    """Greedy completions (text cut before the first stop string) from the inference engine."""
+    from ..inference import SamplingParams, generate_batch
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
+                            stop=tuple(stop_strings))
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        out += [g.text for g in generate_batch(model, prompts[s:s + batch_size], params, tokenizer=tokenizer)]
+    return out
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class EvalConfig:
+    limit: int | None = None
+    shots: int | None = None  # None: the task's default (0 for multiple choice, 5 for gsm8k)
+    chat: bool = False
+    batch_size: int = 32  # continuations per forward pass (packed into one row)
+    max_new_tokens: int = 256
+    gen_batch_size: int = 8  # prompts decoded together
+    chunk: int = 64  # examples scored (and cached) together
+
+
+def _chat(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def mean_stderr(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error sqrt(s² / n), s² the unbiased sample variance (as lm-eval)."""
+    n = len(xs)
+    if n == 0:
+        return float("nan"), None
+    m = sum(xs) / n
+    if n < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def mc_metrics(lls: list[float], ex: MCExample) -> dict:
+    """acc and acc_norm of one example (first maximum wins ties, as numpy's argmax)."""
+    best = max(range(len(lls)), key=lambda k: (lls[k], -k))
+    normed = [ll / max(1, n) for ll, n in zip(lls, ex.norm_lens)]
+    best_n = max(range(len(lls)), key=lambda k: (normed[k], -k))
+    return {"acc": float(best == ex.gold), "acc_norm": float(best_n == ex.gold)}
+
+
+def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, cache: ResultCache,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score one task -> (summary metrics with stderr, per-example records)."""
+    from tqdm import tqdm
+
+    k = task.default_shots if cfg.shots is None else cfg.shots
+    selected = task.select(cfg.limit)
+    n = len(selected)
+    C = model.cfg.max_seq_len
+    records: list[dict] = []
+    bar = tqdm(total=n, desc=task.name, unit="ex", file=sys.stderr, disable=not progress)
+    for c0 in range(0, n, cfg.chunk):
+        chunk = selected[c0:c0 + cfg.chunk]
+        exs = {i: task.to_example(task.docs[i], task.fewshot_prefix(i, k)) for i in chunk}
+        keys, todo = {}, []
+        for i, ex in exs.items():
+            if task.kind == "mc":
+                ctxs = [_chat(tokenizer, c.rstrip()) if cfg.chat else c for c in ex.contexts]
+                conts = [c.lstrip() if cfg.chat else c for c in ex.continuations]
+                ex.contexts, ex.continuations = ctxs, conts
+                keys[i] = example_key({"ctx": ctxs, "cont": conts})
+            else:
+                ex.prompt = _chat(tokenizer, ex.prompt) if cfg.chat else ex.prompt
+                keys[i] = example_key({"prompt": ex.prompt, "max_new": cfg.max_new_tokens})
+            if cache.get(fingerprint, task.name, keys[i]) is None:
+                todo.append(i)
+        results = {}
+        if task.kind == "mc":
+            pairs, owner = [], []
+            for i in todo:
+                for ctx, cont in zip(exs[i].contexts, exs[i].continuations):
+                    p = encode_pair(tokenizer, ctx, cont)
+                    if len(p[0]) + len(p[1]) > C:
+                        raise LLMKitError(f"task {task.name} example {i + 1}: {len(p[0]) + len(p[1])} tokens do not "
+                                          f"fit the model's context of {C} tokens (use fewer --shots; nothing is cut)")
+                    pairs.append(p)
+                    owner.append(i)
+            lls = continuation_logprobs(model, pairs, cfg.batch_size)
+            for i in todo:
+                results[i] = {"ll": [ll for ll, o in zip(lls, owner) if o == i]}
+        else:
+            prompts = []
+            for i in todo:
+                ids = tokenizer.encode(exs[i].prompt, add_bos=False)
+                if len(ids) + cfg.max_new_tokens > C:
+                    raise LLMKitError(f"task {task.name} example {i + 1}: the prompt has {len(ids)} tokens; with "
+                                      f"{cfg.max_new_tokens} new tokens that exceeds the model's context of {C} "
+                                      "(use fewer --shots; nothing is cut)")
+                prompts.append(ids)
+            outs = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, ["Question:", "\n\n\n"],
+                                   cfg.gen_batch_size)
+            for i, out in zip(todo, outs):
+                results[i] = {"output": out}
+        cache.put_many(fingerprint, task.name, [(keys[i], results[i]) for i in todo])
+        for i in chunk:
+            r = results.get(i) or cache.get(fingerprint, task.name, keys[i])
+            ex = exs[i]
+            if task.kind == "mc":
+                rec = {"index": i, "ll": r["ll"], "gold": ex.gold, **mc_metrics(r["ll"], ex)}
+            else:
+                pred = extract_number(r["output"])
+                rec = {"index": i, "output": r["output"], "pred": pred, "gold": ex.target,
+                       "exact_match": float(pred is not None and pred == ex.target)}
+            records.append(rec)
+        bar.update(len(chunk))
+    bar.close()
+    names = ["acc", "acc_norm"] if task.kind == "mc" else ["exact_match"]
+    if task.name == "winogrande":
+        names = ["acc"]  # one shared continuation: acc_norm is acc
+    summary = {"n": n, "shots": k}
+    for m in names:
+        v, se = mean_stderr([r[m] for r in records])
+        summary[m], summary[f"{m}_stderr"] = v, se
+    return summary, records
+
+
+def evaluate(model, tokenizer, tasks: list[Task], cfg: EvalConfig, cache_path: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Run every task; returns {"fingerprint", "config", "results": {task: summary}, "samples"}."""
+    fp = model_fingerprint(model)
+    cache = ResultCache(cache_path)
+    t0 = time.time()
+    results, samples = {}, {}
+    try:
+        for task in tasks:
+            results[task.name], samples[task.name] = run_task(model, tokenizer, task, cfg, fp, cache, progress)
+    finally:
+        cache.close()
+    return {"fingerprint": fp, "config": cfg.__dict__, "results": results, "samples": samples,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def to_markdown(report: dict) -> str:
+    """| task | n | shots | metric | value (%) | ± stderr (%) |"""
+    lines = ["| task | n | shots | metric | value (%) | ± stderr |", "|---|---:|---:|---|---:|---:|"]
+    for name, r in report["results"].items():
+        for m in ("acc", "acc_norm", "exact_match"):
+            if m in r:
+                se = r.get(f"{m}_stderr")
+                lines.append(f"| {name} | {r['n']} | {r['shots']} | {m} | {100 * r[m]:.2f} | "
+                             f"{'' if se is None else f'{100 * se:.2f}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,133 @@
+"""Cache layouts for the inference engine, beyond the plain `models.cache.KVCache`.
+
+Both speak the model's cache protocol: `mask(input_pos)` is called once per forward before the
+layers, then `update(layer, input_pos, k, v)` once per layer returns the keys/values to attend over.
+
+- `BatchKVCache`: slot j of row b holds position j of that row. Positions may differ per row
+  (input_pos of shape (B, T)), so prompts of different lengths decode together: right-padded
+  prompts need no padding mask, because a query at position i only sees slots j <= i and the pad
+  slots past a row's end are overwritten by its own next tokens before any query reaches them.
+  The same rule makes rollback free (speculative decoding, prefix reuse): stale slots past the
+  current position are never attended. Attention only reads slots 0..max position, not max_len.
+- `RollingKVCache`: Mistral's rolling buffer (Jiang et al. 2023, sec. 2) for sliding-window
+  models: W slots, position p lives in slot p mod W, so memory is W entries, not T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LLMKitError
+from ..models.cache import KVCache
+from ..models.config import ModelConfig
+
+
+class BatchKVCache(KVCache):
+    """k[l], v[l]: (B, K, S, D); per-row positions; attention reads only slots < `self.length`."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        if max_len > cfg.max_seq_len:
+            raise LLMKitError(f"cache of {max_len} tokens is longer than the model's context window "
+                              f"of {cfg.max_seq_len}")
+        super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
+        self.length = 0  # slots 0..length-1 are read by this forward
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """input_pos (T,) shared or (B, T) per row -> bool (1|B, 1, T, length), or None when every
+        slot read is visible (a single decode step with no window), which lets SDPA skip masking."""
+        hi = int(input_pos.max()) + 1
+        if hi > self.max_len:
+            raise LLMKitError(f"position {hi - 1} is past the cache's {self.max_len} slots")
+        self.length = hi
+        if input_pos.dim() == 1 and not self.window and (input_pos.numel() == 1 or int(input_pos[0]) == 0):
+            return None  # one decode step sees every slot read; a prefill from 0 is plain causal (T == length)
+        j = torch.arange(hi, device=input_pos.device)
+        i = input_pos[..., None]  # (T, 1) or (B, T, 1)
+        m = j <= i
+        if self.window:
+            m = m & (i - j < self.window)
+        return m[None, None] if input_pos.dim() == 1 else m[:, None]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) at input_pos; return this layer's (B, K, length, D) views."""
+        if input_pos.dim() == 1:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:  # per-row slots: scatter along the slot axis
+            idx = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    # ---------------------------------------------------------------- row / prefix management
+    def select_rows(self, rows: torch.Tensor) -> "BatchKVCache":
+        """A cache of the given rows (B',), e.g. n copies of a prompt's row for n samples."""
+        out = BatchKVCache.__new__(BatchKVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        return out
+
+    def read(self, n: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the K/V of positions 0..n-1 of one row: (L, K, n, D) each."""
+        return self.k[:, row, :, :n].clone(), self.v[:, row, :, :n].clone()
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, row: int | None = None):
+        """Put (L, K, n, D) K/V into positions 0..n-1 of one row (or every row)."""
+        n = k.size(2)
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.k[:, rows, :, :n] = k[:, None].to(self.k.dtype)
+        self.v[:, rows, :, :n] = v[:, None].to(self.v.dtype)
+
+
+class RollingKVCache:
+    """Rolling buffer of W = sliding_window slots: position p is stored in slot p mod W.
+
+    All rows share positions (input_pos (T,)). A forward attends over [buffer, this chunk's K/V]
+    so chunks longer than W still see their own keys; the buffer then keeps the last W.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, dtype=torch.float32, device=None):
+        if not cfg.sliding_window:
+            raise LLMKitError("a rolling-buffer cache needs a sliding-window model (sliding_window is unset)")
+        self.window = W = cfg.sliding_window
+        self.n_layer = cfg.n_layer
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, W, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_pos = torch.full((W,), -1, dtype=torch.long, device=device)  # position held, -1 empty
+        self.max_len = None  # unbounded: the model's context window is the only limit
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(1, 1, T, W + T) over [buffer slots, new keys]. Buffer slots holding positions >= the
+        chunk's first position are stale (rolled back) and hidden."""
+        if input_pos.dim() != 1:
+            raise LLMKitError("the rolling-buffer cache takes one shared position vector (T,), not per-row positions")
+        old = self.slot_pos
+        old = torch.where(old < input_pos[0], old, torch.full_like(old, -1))
+        kpos = torch.cat([old, input_pos])  # (W + T,)
+        i = input_pos[:, None]
+        m = (kpos >= 0) & (kpos <= i) & (i - kpos < self.window)
+        return m[None, None]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Return [buffer, k] (B, K, W + T, D) for attention, then keep the last W of the chunk."""
+        kk = torch.cat([self.k[layer], k.to(self.k.dtype)], dim=2)
+        vv = torch.cat([self.v[layer], v.to(self.v.dtype)], dim=2)
+        keep = input_pos[-self.window:]
+        slots = keep % self.window
+        self.k[layer].index_copy_(2, slots, k[:, :, -self.window:].to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v[:, :, -self.window:].to(self.v.dtype))
+        if layer == self.n_layer - 1:  # the last layer: the buffer now holds these positions
+            self.slot_pos.index_copy_(0, slots, keep)
+        return kk, vv
+
+    def select_rows(self, rows: torch.Tensor) -> "RollingKVCache":
+        out = RollingKVCache.__new__(RollingKVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        out.slot_pos = self.slot_pos.clone()
+        return out

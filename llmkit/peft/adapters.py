@@ -1,0 +1,81 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+A small residual MLP is inserted after the attention sub-layer and after the MLP sub-layer of every
+block, before they are added to the residual stream (fig. 2):
+
+    h = f(x);   h + up(act(down(h)))      down: C -> m, up: m -> C, m << C
+
+`up` starts at zero so the adapted model starts equal to the base model (the paper uses a
+near-identity init; exact zero makes that property testable). Only the adapters are trained.
+The sub-modules are wrapped in place (`AdapterWrapped.module` holds the original).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LLMKitError
+from .common import freeze
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, dim: int, bottleneck: int, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck, device=device, dtype=dtype)
+        self.up = nn.Linear(bottleneck, dim, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return h + self.up(F.gelu(self.down(h)))
+
+
+class AdapterWrapped(nn.Module):
+    """module(*args) followed by a bottleneck adapter on its output."""
+
+    def __init__(self, module: nn.Module, dim: int, bottleneck: int):
+        super().__init__()
+        self.module = module
+        p = next(module.parameters())
+        self.adapter = Bottleneck(dim, bottleneck, device=p.device, dtype=p.dtype)
+
+    def forward(self, *args, **kwargs):
+        return self.adapter(self.module(*args, **kwargs))
+
+
+def apply_adapters(model: nn.Module, bottleneck: int = 64, where=("self_attn", "mlp")) -> nn.Module:
+    """Wrap the attention and/or MLP sub-layer of every block; freeze everything else."""
+    if bottleneck <= 0:
+        raise LLMKitError(f"adapter bottleneck size must be positive, got {bottleneck}")
+    bad = [w for w in where if w not in ("self_attn", "mlp")]
+    if bad:
+        raise LLMKitError(f"adapters go after 'self_attn' and/or 'mlp' sub-layers, not {bad[0]!r}")
+    freeze(model)
+    dim = model.cfg.d_model
+    for layer in model.layers:
+        for w in where:
+            sub = getattr(layer, w)
+            if not isinstance(sub, AdapterWrapped):
+                setattr(layer, w, AdapterWrapped(sub, dim, bottleneck))
+    return model
+
+
+def unload_adapters(model: nn.Module) -> nn.Module:
+    for layer in model.layers:
+        for w in ("self_attn", "mlp"):
+            sub = getattr(layer, w)
+            if isinstance(sub, AdapterWrapped):
+                setattr(layer, w, sub.module)
+    return model
+
+
+def adapters_config(model: nn.Module) -> dict:
+    where = sorted({n.split(".")[2] for n, m in model.named_modules() if isinstance(m, AdapterWrapped)})
+    if not where:
+        raise LLMKitError("model has no bottleneck adapters to save")
+    first = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    # no peft type exists for Houlsby adapters: this file is read by llmkit only
+    return {"peft_type": "LLMKIT_BOTTLENECK", "task_type": "CAUSAL_LM", "bottleneck": first.down.out_features,
+            "where": where}

@@ -1,0 +1,187 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen linear W (out, in) gets a trainable update of rank r:
+
+    y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ        A: (r, in), B: (out, r)
+
+A is initialised like a linear layer (Kaiming uniform, as `peft` does) and B to zero, so the
+adapted model starts out exactly equal to the base model (sec. 4.1). After training the update
+folds into the weights, W' = W + (alpha/r) B A ("merge"), giving a model with no extra latency;
+"unmerge" subtracts it again. rsLoRA (Kalajdzievski 2023) scales by alpha/sqrt(r) instead.
+
+`LoRALinear` wraps any linear-like module (nn.Linear or `NF4Linear` for QLoRA) under the name
+`base_layer`, with `lora_A`/`lora_B` beside it: the same layout as `peft`, so adapter tensor
+names match theirs one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LLMKitError
+from .common import freeze, get_module, match_targets, set_module
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """The `lora:` section of a fine-tuning config (and the arguments of `apply_lora`)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
+
+
+class LoRALinear(nn.Module):
+    """base_layer(x) + scaling · lora_B(lora_A(dropout(x))). x: (..., in) -> (..., out)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise LLMKitError(f"LoRA rank r must be a positive integer, got {r!r}")
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_weight(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default init of A
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapted model starts as the base model
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha/r) · B A, shape (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        if not isinstance(w, nn.Parameter) or not w.is_floating_point():
+            raise LLMKitError("cannot merge LoRA into a quantized base layer; load the base model unquantized "
+                              "and apply the adapter there (llmkit merge does)")
+        with torch.no_grad():
+            w += self.delta_weight().to(w.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w -= self.delta_weight().to(w.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def base_weight(m: nn.Module) -> torch.Tensor:
+    """A tensor carrying the device of a linear-like module (its weight, or the packed NF4 data)."""
+    w = getattr(m, "weight", None)
+    return w if isinstance(w, torch.Tensor) else next(m.buffers())
+
+
+def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               rslora: bool = False, freeze_base: bool = True) -> nn.Module:
+    """Swap each target linear for a LoRALinear (in place) and freeze everything else.
+
+    targets: short names ("q_proj"), full names ("layers.0.mlp.up_proj") or "all-linear";
+    default the attention projections. Returns the model.
+    """
+    from .nf4 import NF4Linear
+
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise LLMKitError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not 0 <= dropout < 1:
+        raise LLMKitError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    names = match_targets(model, targets or DEFAULT_TARGETS, kinds=(nn.Linear, NF4Linear))
+    cfg = getattr(model, "cfg", None)
+    if "lm_head" in names and cfg is not None and cfg.tie_embeddings:
+        raise LLMKitError("lm_head shares its weight with embed_tokens in this model; LoRA on it would also change "
+                          "the embeddings when merged: target other modules")
+    if freeze_base:
+        freeze(model)
+    for name in names:
+        set_module(model, name, LoRALinear(get_module(model, name), r, alpha, dropout, rslora))
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight (outputs unchanged, no extra latency)."""
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Merge (optionally) and put the plain base layers back: the model is a plain Transformer again."""
+    for name, m in lora_layers(model):
+        if merge:
+            m.merge()
+        elif m.merged:
+            m.unmerge()
+        set_module(model, name, m.base_layer)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors: {"layers.0.self_attn.q_proj.lora_A.weight": (r, in), ...}."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def lora_peft_config(model: nn.Module, base_model_name: str | None = None) -> dict:
+    """adapter_config.json content for `peft` (LoraConfig fields)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LLMKitError("model has no LoRA layers to save")
+    _, first = layers[0]
+    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "use_rslora": first.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }

@@ -1,0 +1,1 @@
+"""Training recipes: explicit loops built from the shared pieces in llmkit.train."""

@@ -1,0 +1,353 @@
+"""Pretraining from scratch: the whole loop, written out.
+
+    cfg = load_config(PretrainConfig, "run.yaml", ["optim.lr=1e-3"])
+    summary = pretrain(cfg)
+
+Runs alone or under `torchrun --nproc_per_node=K` (train.strategy = ddp | fsdp). Global batch =
+micro_batch_size x accumulation steps x world size; each rank reads its own rows of every batch.
+Everything that decides the next step (weights, AdamW moments, step, data position, RNG) is in the
+step checkpoints, so `resume` continues the run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LLMKitError
+from ..models import ModelConfig, Transformer
+from ..models.flops import flops_per_token, num_params
+from ..train import checkpoint as ckpt
+from ..train.data import BatchLoader, TokenShards, eval_windows, read_manifest
+from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
+from ..train.loop import (MetricsLogger, autocast_context, evaluate, plot_metrics, progress_bar, read_metrics,
+                          sample_text, train_step)
+from ..train.mfu import device_peak_flops, mfu
+from ..train.optim import build_adamw
+from ..train.schedule import KINDS, decayed_lr, lr_at, set_lr
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a directory written by `llmkit data prepare`
+    seq_len: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/pretrain"
+    batch_size: int = 32  # global sequences per optimiser step
+    micro_batch_size: int | None = None  # per rank per forward; None = batch_size / world (no accumulation)
+    steps: int = 1000
+    max_tokens: int | None = None  # token budget: sets steps = max_tokens / (batch_size * seq_len)
+    time_budget_s: float | None = None  # wall-clock budget: stop then; the LR decays over the budget
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU
+    threads: int | None = None  # torch CPU threads (None: leave as is)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
+    log_every: int = 1
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 20  # batches of validation windows (None-like 0 = the whole val split)
+    sample_every: int = 0  # 0 = only at the end
+    sample_tokens: int = 64
+    sample_prompt: str = ""
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_last: int = 3
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "tiny-llama"  # a model preset; `model` overrides its fields
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """Preset + overrides; vocab follows the tokenizer and the context the sequence length unless set."""
+    over = dict(cfg.model)
+    over.setdefault("vocab_size", vocab_size)
+    over.setdefault("max_seq_len", cfg.data.seq_len)
+    mcfg = ModelConfig.from_preset(cfg.preset, **over)
+    if mcfg.vocab_size < vocab_size:
+        raise LLMKitError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    if mcfg.max_seq_len < cfg.data.seq_len:
+        raise LLMKitError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    return mcfg
+
+
+def coerce_numbers(dc) -> None:
+    """YAML reads `1e-3` (no dot) as a string: turn such values of float/int fields into numbers,
+    recursively, and name the field when a value is not a number."""
+    import typing
+
+    hints = typing.get_type_hints(type(dc))
+    for f in dataclasses.fields(dc):
+        v = getattr(dc, f.name)
+        if dataclasses.is_dataclass(v):
+            coerce_numbers(v)
+            continue
+        want = [t for t in (float, int) if t is hints[f.name] or t in typing.get_args(hints[f.name])]
+        if want and isinstance(v, str):
+            try:
+                setattr(dc, f.name, want[0](float(v)) if want[0] is int else float(v))
+            except ValueError:
+                raise LLMKitError(f"config {f.name}: {v!r} is not a number") from None
+
+
+def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
+    """Check the config; returns (micro batch, accumulation steps, total steps)."""
+    coerce_numbers(cfg)
+    t, o = cfg.train, cfg.optim
+    if not cfg.data.dir:
+        raise LLMKitError("data.dir is not set (a directory from `llmkit data prepare`)")
+    if o.schedule not in KINDS:
+        raise LLMKitError(f"optim.schedule {o.schedule!r} is not one of {', '.join(KINDS)}")
+    for name, v in (("train.batch_size", t.batch_size), ("data.seq_len", cfg.data.seq_len)):
+        if v <= 0:
+            raise LLMKitError(f"{name} must be positive, got {v}")
+    if not (o.lr > 0 and o.min_lr >= 0):
+        raise LLMKitError(f"optim.lr must be > 0 and optim.min_lr >= 0 (got {o.lr}, {o.min_lr})")
+    micro = t.micro_batch_size or t.batch_size // world
+    if micro <= 0 or t.batch_size % (micro * world):
+        raise LLMKitError(f"train.batch_size {t.batch_size} must be a multiple of micro_batch_size {micro} "
+                          f"x world size {world}")
+    steps = t.steps
+    if t.max_tokens:
+        steps = max(1, t.max_tokens // (t.batch_size * cfg.data.seq_len))
+    if steps <= 0:
+        raise LLMKitError(f"train.steps must be positive, got {steps}")
+    return micro, t.batch_size // (micro * world), steps
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in backward instead of storing them (Chen et al. 2016)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        fwd = layer.forward
+        layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None:
+    """A plain Transformer with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from ..train.checkpoint import _options
+
+    sd = get_model_state_dict(model, options=_options())
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    plain = Transformer(mcfg)
+    plain.load_state_dict(sd, strict=False)  # tied weights appear once in sd
+    return plain
+
+
+def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = False, tokenizer=None,
+             on_eval=None) -> dict:
+    """Train; returns a summary dict (also written to OUT/summary.json). `resume`: True for the
+    latest checkpoint in OUT/checkpoints, or a checkpoint directory."""
+    info: DistInfo = init_distributed(cfg.train.device)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    micro, accum, steps = validate(cfg, info.world)
+    out = Path(t.out_dir)
+    ckpt_root = out / "checkpoints"
+
+    # ---- decide where to start (rank 0 looks, everyone agrees)
+    start_ckpt = None
+    if info.is_main:
+        if resume:
+            start_ckpt = Path(resume) if isinstance(resume, (str, Path)) and resume is not True else \
+                ckpt.latest_checkpoint(ckpt_root)
+            if start_ckpt is None:
+                raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+        elif out.exists() and any(out.iterdir()) and not force:
+            raise LLMKitError(f"{out} already exists (pass --force to overwrite, or --resume to continue)")
+    start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)
+
+    # ---- data and tokenizer
+    manifest = read_manifest(cfg.data.dir)
+    if tokenizer is None:
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(Path(cfg.data.dir) / "tokenizer")
+    if tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
+        raise LLMKitError(f"the tokenizer does not match the one {cfg.data.dir} was prepared with")
+    train_shards, val_shards = TokenShards(cfg.data.dir, "train"), TokenShards(cfg.data.dir, "val")
+    loader = BatchLoader(train_shards, cfg.data.seq_len, t.batch_size, seed=t.seed, rank=info.rank, world=info.world)
+    has_val = val_shards.n_tokens >= cfg.data.seq_len + 1
+    val_reader = BatchLoader(val_shards, cfg.data.seq_len, 1, shuffle=False) if has_val else None
+    windows = eval_windows(val_shards, cfg.data.seq_len,
+                           t.eval_batches * micro if t.eval_batches else None) if has_val else []
+
+    # ---- model and optimiser (same seed on every rank: identical initial weights)
+    torch.manual_seed(t.seed)
+    mcfg = build_model_config(cfg, tokenizer.vocab_size)
+    model = Transformer(mcfg).to(info.device)
+    if t.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model = wrap_model(model, t.strategy, info)
+    fwd_model = torch.compile(model) if t.compile else model
+    optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2),
+                            cfg.optim.eps)
+    autocast = autocast_context(info.device, t.dtype)
+    aux_coef = mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0
+
+    start_step, elapsed_before = 0, 0.0
+    if start_ckpt:
+        state = ckpt.load_train_state(start_ckpt, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        elapsed_before = float(state["loader"].get("elapsed_s", 0.0))
+    run_config = dataclasses.asdict(cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    logger = MetricsLogger(out / "metrics.jsonl", enabled=info.is_main,
+                           resume_step=start_step if start_ckpt else None)
+
+    n_params = num_params(mcfg)
+    fpt = flops_per_token(mcfg, cfg.data.seq_len)
+    peak, peak_src = device_peak_flops(info.device)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    if info.is_main:
+        length = f"{t.time_budget_s:.0f} s" if t.time_budget_s else f"{steps} steps"
+        print(f"model: {n_params:,} params ({mcfg.n_layer} layers, d_model {mcfg.d_model}, vocab {mcfg.vocab_size}); "
+              f"{length} of {tokens_per_step:,}-token steps (batch {t.batch_size} = {micro} x {accum} accum "
+              f"x {info.world} ranks); peak {peak / 1e9:.0f} GFLOP/s ({peak_src})", flush=True)
+
+    def lr_for(step: int, elapsed: float) -> float:
+        o = cfg.optim
+        if t.time_budget_s and step >= o.warmup_steps:  # decay over the wall-clock budget
+            return decayed_lr(elapsed / t.time_budget_s, max_lr=o.lr, min_lr=o.min_lr, kind=o.schedule)
+        return lr_at(step, max_lr=o.lr, min_lr=o.min_lr, total_steps=steps, warmup_steps=o.warmup_steps,
+                     kind=o.schedule)
+
+    def run_eval(step: int) -> dict:
+        if not windows:
+            return {}
+        res = evaluate(fwd_model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
+                       info.rank, info.world, autocast)
+        logger.log({"step": step, **res})
+        if on_eval:
+            on_eval(step, res)
+        return res
+
+    def save(step: int, metrics: dict) -> Path | None:
+        return ckpt.save_train_state(ckpt_root, step, model, optimizer, {**loader.state_dict(), "elapsed_s": elapsed},
+                                     run_config, metrics,
+                                     keep=t.keep_last, is_main=info.is_main)
+
+    # a time-budgeted run shows a bar over seconds (its ETA is the budget), otherwise over steps
+    by_time = bool(t.time_budget_s)
+    bar = progress_bar(int(t.time_budget_s) if by_time else steps, int(elapsed_before) if by_time else start_step,
+                       enabled=t.progress and info.is_main, unit="s" if by_time else "step")
+    t_start = time.perf_counter()
+    elapsed = elapsed_before
+    step = start_step
+    last_saved = start_step if start_ckpt else None
+    last_val: dict = {}
+    tok_s_ema = None
+    samples: list[dict] = []
+    model.train()
+    while step < steps:
+        t0 = time.perf_counter()
+        lr = lr_for(step, elapsed)
+        set_lr(optimizer, lr)
+        x, y = loader.next_batch()  # this rank's rows: (micro * accum, T)
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        micro_batches = list(zip(x.split(micro), y.split(micro)))
+        res = train_step(fwd_model, optimizer, micro_batches, grad_clip=cfg.optim.grad_clip, autocast=autocast,
+                         aux_coef=aux_coef)
+        loss = res["loss"]
+        if info.enabled:  # the mean over the global batch, for the log (each rank had a slice)
+            loss = float(all_reduce_sum(torch.tensor([loss], dtype=torch.float64, device=info.device))[0]) / info.world
+        step += 1
+        dt = time.perf_counter() - t0
+        elapsed = elapsed_before + time.perf_counter() - t_start  # wall clock, evaluations included
+        if not math.isfinite(loss):
+            good = ckpt.latest_checkpoint(ckpt_root)
+            raise LLMKitError(f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+                              f"{good if good else 'none (none was saved yet)'}")
+        tok_s = tokens_per_step / dt
+        tok_s_ema = tok_s if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * tok_s
+        if step % t.log_every == 0 or step == steps:
+            logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": res["grad_norm"],
+                        "tokens": step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
+                        "elapsed_s": round(elapsed, 3)})
+        bar.update(min(int(elapsed), bar.total) - bar.n if by_time else 1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s_ema:,.0f}", **({"val": f"{last_val['val_loss']:.3f}"}
+                                                                          if last_val else {}))
+        out_of_time = bool(t.time_budget_s and elapsed >= t.time_budget_s)
+        if info.enabled:
+            out_of_time = bool(broadcast_object(out_of_time))
+        final = step == steps or out_of_time
+        if t.eval_every and step % t.eval_every == 0 and not final:
+            last_val = run_eval(step)
+        if t.sample_every and step % t.sample_every == 0 and not final:
+            text = sample_text(fwd_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+            samples.append({"step": step, "text": text})
+            if info.is_main:
+                bar.write(f"[step {step}] {text!r}")
+        if t.ckpt_every and step % t.ckpt_every == 0 and not final:
+            save(step, {"loss": loss, **last_val})
+            last_saved = step
+        if out_of_time:
+            break
+    bar.close()
+    train_wall = time.perf_counter() - t_start
+
+    # ---- end of run: evaluation, sample, checkpoints, plot, summary
+    last_val = run_eval(step) or last_val
+    text = sample_text(fwd_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+    samples.append({"step": step, "text": text})
+    if last_saved != step:
+        save(step, {"loss": loss, **last_val})
+    plain = _full_model(model, mcfg)
+    summary = {}
+    if info.is_main:
+        from ..checkpoint import save_checkpoint
+
+        final_dir = save_checkpoint(plain, out / "final", tokenizer, meta={"config": run_config}, force=True)
+        records = read_metrics(out / "metrics.jsonl")
+        plot_metrics(records, out / "loss.png", title=f"pretrain {mcfg.n_layer}L d{mcfg.d_model}")
+        train_recs = [r for r in records if "tokens_per_s" in r]
+        tail = train_recs[len(train_recs) // 10:] or train_recs  # skip warm-up steps in the averages
+        mean_tok_s = (len(tail) * tokens_per_step / sum(tokens_per_step / r["tokens_per_s"] for r in tail)
+                      if tail else 0.0)
+        summary = {"steps": step, "tokens": step * tokens_per_step, "params": n_params, "train_wall_s": train_wall,
+                   "elapsed_s": elapsed, "tokens_per_s": mean_tok_s, "mfu": mfu(fpt, mean_tok_s, peak),
+                   "peak_flops": peak, "peak_source": peak_src, "flops_per_token": fpt, "final_loss": loss,
+                   **last_val, "samples": samples, "final_checkpoint": str(final_dir), "world": info.world,
+                   "strategy": t.strategy if info.enabled else "none", "model_config": mcfg.to_dict()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.close()
+    return summary

@@ -1,0 +1,122 @@
+"""Resumable training state: everything needed to continue a run exactly where it stopped.
+
+    RUN/checkpoints/step_00000100/
+        model.safetensors   full (unsharded) weights, llmkit parameter names
+        train_state.pt      optimiser state (keyed by parameter name), step, data-loader position,
+                            torch RNG states, run config; read back with torch.load(weights_only=True)
+        info.json           step and metrics, for humans
+
+Full state dicts keyed by parameter name (torch.distributed.checkpoint.state_dict) make a checkpoint
+written under DDP, FSDP2 or one process load under any of them, at any world size. Each directory
+is written atomically (a crash or a full disk leaves the previous checkpoints intact) and only the
+last `keep` are kept. The schedule is a pure function of the step, so it needs no state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..errors import LLMKitError
+from ..io import atomic_dir
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _options(full: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=full, cpu_offload=True)
+
+
+def gather_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full model and optimiser state dicts (a collective under FSDP: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer, options=_options())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete step checkpoints under `ckpt_root`, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "train_state.pt").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimizer, loader_state: dict,
+                     config: dict, metrics: dict | None = None, keep: int = 3, is_main: bool = True) -> Path | None:
+    """Write RUN/checkpoints/step_XXXXXXXX atomically (rank 0 writes; all ranks must call), keep the last `keep`."""
+    model_sd, optim_sd = gather_state(model, optimizer)
+    root = Path(ckpt_root)
+    out = root / f"step_{step:08d}"
+    error = None
+    if is_main:
+        previous = latest_checkpoint(root)
+        try:
+            with atomic_dir(out, force=True) as tmp:
+                save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors",
+                          metadata={"format": "pt", "step": str(step)})
+                torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
+                            "config": config}, tmp / "train_state.pt")
+                (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
+        except OSError as e:
+            kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+            error = f"could not write checkpoint {out} ({e.strerror or e}){kept}"
+        else:
+            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise LLMKitError(error)
+    return out
+
+
+def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
+    """Load weights and optimiser state into (possibly wrapped/sharded) model and optimizer; every rank
+    reads the full files. Returns the rest of the state: step, loader, rng, config."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    d = Path(ckpt_dir)
+    if not (d / "model.safetensors").is_file() or not (d / "train_state.pt").is_file():
+        raise LLMKitError(f"{d} is not a training checkpoint (needs model.safetensors and train_state.pt)")
+    model_sd = load_file(d / "model.safetensors")
+    try:
+        state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise LLMKitError(f"cannot read {d / 'train_state.pt'}: {str(e).splitlines()[0]}") from None
+    try:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
+                       options=_options())
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise LLMKitError(f"checkpoint {d} does not fit this model/optimiser: {str(e).splitlines()[0]}") from None
+    return state

@@ -1,0 +1,309 @@
+"""Pretraining pieces: schedule, optimiser groups, data shards and loader, accumulation, overfitting,
+exact resume after SIGKILL, bad input (empty corpus, short corpus, tiny vocab, unknown key, NaN, disk full)."""
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit.config import load_config
+from llmkit.errors import LLMKitError
+from llmkit.models import ModelConfig, Transformer
+from llmkit.recipes.pretrain import PretrainConfig, pretrain
+from llmkit.tokenizer import Tokenizer
+from llmkit.train import checkpoint as ckpt
+from llmkit.train.data import BatchLoader, TokenShards, prepare
+from llmkit.train.loop import read_metrics, train_step
+from llmkit.train.optim import build_adamw, param_groups
+from llmkit.train.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "llmkit" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    text = CORPUS.read_text()[:40_000]
+    (d / "a.txt").write_text(text[:30_000])
+    (d / "b.txt").write_text(text[30_000:])
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(corpus) -> Tokenizer:
+    return Tokenizer.train([corpus / "a.txt"], 300)
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus, tok, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "d"
+    prepare([corpus / "a.txt"], tok, out, val_inputs=[corpus / "b.txt"], progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, oversubscribed CPU two OpenMP threads can be 40x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(data_dir, out, *over) -> PretrainConfig:
+    base = [f"data.dir={data_dir}", f"train.out_dir={out}", "data.seq_len=32", "train.batch_size=4",
+            "train.steps=12", "train.eval_every=0", "train.eval_batches=2", "train.ckpt_every=4",
+            "train.progress=false", "train.sample_tokens=4", "optim.warmup_steps=2", "train.device=cpu"]
+    return load_config(PretrainConfig, None, base + list(over))
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+# ---------------------------------------------------------------- schedule and optimiser
+def test_lr_schedule_values():
+    kw = dict(max_lr=1.0, min_lr=0.1, total_steps=110, warmup_steps=10)
+    assert lr_at(0, **kw) == pytest.approx(0.1)  # warm-up: (step+1)/warmup
+    assert lr_at(4, **kw) == pytest.approx(0.5)
+    assert lr_at(10, **kw) == pytest.approx(1.0)  # start of decay
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # cosine midpoint: min + (max-min)/2
+    assert lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, **kw) == pytest.approx(0.1) and lr_at(500, **kw) == pytest.approx(0.1)
+    assert lr_at(60, kind="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(35, kind="linear", **kw) == pytest.approx(1.0 - 0.9 * 0.25)
+    assert lr_at(90, kind="constant", **kw) == 1.0
+    with pytest.raises(LLMKitError, match="unknown lr schedule"):
+        lr_at(0, kind="step", **kw)
+
+
+def test_weight_decay_groups():
+    model = Transformer(ModelConfig.from_preset("tiny-gpt2"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())  # every parameter once (tied head too)
+
+
+# ---------------------------------------------------------------- data
+def test_shards_round_trip_corpus(tmp_path, tok):
+    docs = ["First document.\nWith two lines.", "Second: ünïcödé → ok", "third\n\n\nspaced  out", "4th", "fifth doc"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:]))
+    (tmp_path / "a.txt").write_text(docs[0])
+    m = prepare([tmp_path / "a.txt", tmp_path / "d.jsonl"], tok, tmp_path / "out", val_fraction=0.4,
+                shard_tokens=7, progress=False)
+    assert m["dtype"] == "uint16" and m["tokenizer_fingerprint"] == tok.fingerprint()
+    # exact document split: floor((i+1)*0.4) > floor(i*0.4) for i = 2 and 4
+    assert m["splits"]["train"]["documents"] == 3 and m["splits"]["val"]["documents"] == 2
+    assert len(m["splits"]["train"]["shards"]) > 1  # small shards: several files
+    got = {}
+    for split in ("train", "val"):
+        ids = TokenShards(tmp_path / "out", split).tokens().tolist()
+        assert ids[-1] == tok.eos_id
+        pieces, cur = [], []
+        for i in ids:  # EOS separates documents
+            if i == tok.eos_id:
+                pieces.append(tok.decode(cur))
+                cur = []
+            else:
+                cur.append(i)
+        got[split] = pieces
+        assert m["splits"][split]["bytes"] == sum(len(p.encode()) for p in pieces)
+    assert got["train"] == [docs[0], docs[1], docs[3]] and got["val"] == [docs[2], docs[4]]
+    with pytest.raises(LLMKitError, match="already exists"):
+        prepare([tmp_path / "a.txt"], tok, tmp_path / "out", progress=False)
+
+
+def test_parquet_input(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one doc", "two docs"]}), tmp_path / "x.parquet")
+    prepare([tmp_path], tok, tmp_path / "o", progress=False)
+    ids = TokenShards(tmp_path / "o", "train").tokens().tolist()
+    assert tok.decode(ids) == "one doc<|endoftext|>two docs<|endoftext|>"
+
+
+def test_loader_resume_and_rank_slices(data_dir):
+    shards = TokenShards(data_dir, "train")
+    a = BatchLoader(shards, 32, 6, seed=3)
+    seen = [a.next_global_indices() for _ in range(3)]
+    state = a.state_dict()
+    rest = [a.next_batch()[0] for _ in range(a.windows_per_epoch // 6 + 5)]  # crosses an epoch boundary
+    b = BatchLoader(shards, 32, 6, seed=3)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, b.next_batch()[0]) for x in rest)
+    c = BatchLoader(shards, 32, 6, seed=3)
+    assert c.next_global_indices() == seen[0]
+    # two ranks read disjoint halves whose concatenation is the global batch
+    g = BatchLoader(shards, 32, 6, seed=9).next_batch()
+    parts = [BatchLoader(shards, 32, 6, seed=9, rank=r, world=2).next_batch() for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), g[0]) and torch.equal(torch.cat([p[1] for p in parts]), g[1])
+    assert torch.equal(g[0][:, 1:], g[1][:, :-1])  # y is x shifted by one
+
+
+# ---------------------------------------------------------------- loop
+def test_grad_accumulation_equals_full_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-llama")
+    x = torch.randint(0, cfg.vocab_size, (8, 17))
+    results = []
+    for split in (8, 2):  # one batch of 8 vs 4 micro-batches of 2
+        torch.manual_seed(1)
+        model = Transformer(cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # params move by exactly the clipped gradient
+        micro = list(zip(x[:, :-1].split(split), x[:, 1:].split(split)))
+        res = train_step(model, opt, micro, grad_clip=1.0)
+        results.append((res, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (r1, p1), (r2, p2) = results
+    assert abs(r1["loss"] - r2["loss"]) < 1e-6 and abs(r1["grad_norm"] - r2["grad_norm"]) < 1e-6
+    assert (p1 - p2).abs().max() < 1e-6
+
+
+def test_tiny_model_overfits_short_text():
+    torch.manual_seed(0)
+    text = torch.tensor(list(b"To be, or not to be, that is the question: whether 'tis nobler in the mind."))
+    model = Transformer(ModelConfig.from_preset("tiny-llama"))
+    opt = build_adamw(model, 1e-2, weight_decay=0.0)
+    x, y = text[None, :-1], text[None, 1:]
+    first = None
+    for _ in range(150):
+        r = train_step(model, opt, [(x, y)])
+        first = first or r["loss"]
+    assert first > 5.0 and r["loss"] < 0.5  # memorised (the text's unigram entropy is ~2.9 nats)
+
+
+def test_pretrain_run_outputs_and_moe(data_dir, tmp_path):
+    s = pretrain(small_cfg(data_dir, tmp_path / "r", "train.steps=6", "train.eval_every=3", "train.keep_last=1",
+                           "train.ckpt_every=2", "preset=tiny-mixtral", "model.n_layer=1"))
+    out = tmp_path / "r"
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "final" / "llmkit.json").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000006"]  # keep last 1
+    recs = read_metrics(out / "metrics.jsonl")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(recs[0])
+    assert sum("val_bpb" in r for r in recs) == 2 and s["val_bpb"] > 0 and s["model_config"]["n_expert"] == 4
+    from llmkit.loading import load_model
+
+    model, t = load_model(str(out / "final"))
+    assert model.cfg.n_expert == 4 and t.vocab_size == 300
+    meta = json.loads((out / "final" / "llmkit.json").read_text())["meta"]
+    assert meta["config"]["train"]["steps"] == 6
+    with pytest.raises(LLMKitError, match="already exists"):
+        pretrain(small_cfg(data_dir, out))
+
+
+def test_sigkill_and_resume_reproduces_loss_curve(data_dir, tmp_path):
+    ref = tmp_path / "ref"
+    pretrain(small_cfg(data_dir, ref, "train.steps=120", "train.threads=1"))
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "llmkit", "pretrain", f"data.dir={data_dir}", f"train.out_dir={run}",
+            "data.seq_len=32", "train.batch_size=4", "train.steps=120", "train.eval_every=0", "train.eval_batches=2",
+            "train.ckpt_every=4", "train.progress=false", "train.sample_tokens=4", "optim.warmup_steps=2",
+            "train.device=cpu", "train.threads=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.list_checkpoints(run / "checkpoints") and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = ckpt.latest_checkpoint(run / "checkpoints")
+    assert killed_at is not None
+    pretrain(small_cfg(data_dir, run, "train.steps=120", "train.threads=1"), resume=True)
+    a, b = losses(ref), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 121))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-6
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs(tmp_path, tok, data_dir):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LLMKitError, match="empty"):
+        prepare([tmp_path / "empty.txt"], tok, tmp_path / "e", progress=False)
+    (tmp_path / "short.txt").write_text("too short")
+    prepare([tmp_path / "short.txt"], tok, tmp_path / "s", progress=False)
+    with pytest.raises(LLMKitError, match="shorter than one sequence"):
+        BatchLoader(TokenShards(tmp_path / "s", "train"), 32, 4)
+    with pytest.raises(LLMKitError, match="too small"):
+        Tokenizer.train([tmp_path / "short.txt"], 100)
+    with pytest.raises(LLMKitError, match=r"'optim.lrr'.*'lr'"):
+        load_config(PretrainConfig, None, ["optim.lrr=1e-3"])
+    with pytest.raises(LLMKitError, match="n_layr"):
+        pretrain(small_cfg(data_dir, tmp_path / "m", "model.n_layr=3"))
+    with pytest.raises(LLMKitError, match="multiple of micro_batch_size"):
+        pretrain(small_cfg(data_dir, tmp_path / "b", "train.micro_batch_size=3"))
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    import llmkit.recipes.pretrain as rp
+
+    real = rp.train_step
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        r = real(*a, **k)
+        return {**r, "loss": float("nan")} if len(calls) == 6 else r
+
+    monkeypatch.setattr(rp, "train_step", flaky)
+    with pytest.raises(LLMKitError, match=r"loss became nan at step 6.*step_00000004"):
+        pretrain(small_cfg(data_dir, tmp_path / "n"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "n" / "checkpoints")] == ["step_00000004"]
+
+
+def test_disk_full_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    real = ckpt.save_file
+    calls = []
+
+    def full_disk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(LLMKitError, match=r"No space left.*step_00000004 is intact"):
+        pretrain(small_cfg(data_dir, tmp_path / "f"))
+    left = ckpt.list_checkpoints(tmp_path / "f" / "checkpoints")
+    assert [p.name for p in left] == ["step_00000004"]
+    assert not [p for p in (tmp_path / "f" / "checkpoints").iterdir() if p.name.startswith(".")]  # no debris
+    model = Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=300, max_seq_len=32))
+    state = ckpt.load_train_state(left[0], model, build_adamw(model, 1e-3))
+    assert state["step"] == 4 and state["loader"]["cursor"] == 16
+
+
+def test_cli_data_prepare_and_plan(tmp_path, corpus, tok, capsys):
+    from llmkit.cli import main
+
+    tok.save(tmp_path / "tok")
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out",
+                 str(tmp_path / "o"), "--val-fraction", "0.5"]) == 0
+    assert "train 1 documents" in capsys.readouterr().out
+    assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["plan", "--params", "1.8M", "--tokens-per-s", "8000", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["tokens"] == 36e6 and p["flops"] == pytest.approx(6 * 1.8e6 * 36e6) and p["seconds"] == 4500
+    assert p["memory_bytes"]["fp32 AdamW"]["total"] == 16 * 1.8e6
+    assert main(["plan", "--preset", "tiny-llama", "--tokens-per-s", "1e4"]) == 0
+    assert "Chinchilla" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_same_losses(data_dir, tmp_path):
+    pretrain(small_cfg(data_dir, tmp_path / "plain", "train.steps=5", "train.ckpt_every=0"))
+    pretrain(small_cfg(data_dir, tmp_path / "ac", "train.steps=5", "train.ckpt_every=0",
+                       "train.activation_checkpointing=true"))
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert len(a) == 5 and max(abs(a[s] - b[s]) for s in a) < 1e-6

@@ -1,0 +1,53 @@
+"""`llmkit speedrun` end to end on a small slice and a small model: outputs, the held-out score equals
+`llmkit score` on the final checkpoint, refusing to overwrite, timestamped default directory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.cli import main
+from llmkit.recipes.speedrun import SpeedrunConfig, split_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_split_bytes_is_the_last_tenth():
+    raw = "abcdefghij".encode() * 10
+    train, held = split_bytes(raw, 0.1)
+    assert train.encode() == raw[:90] and held.encode() == raw[90:]
+    train, held = split_bytes("aaaaaaaaé".encode(), 0.1)  # cut inside 'é' moves to the boundary
+    assert train == "aaaaaaaaé" and held == ""
+    assert SpeedrunConfig().minutes == 10.0  # the README's no-argument run
+
+
+def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
+    n = torch.get_num_threads()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((REPO / "llmkit" / "data" / "tinyshakespeare.txt").read_text()[:60_000])
+    monkeypatch.chdir(tmp_path)
+    args = ["speedrun", "--minutes", "0.5", "--quiet", f"corpus={corpus}", "vocab_size=300", "seq_len=64",
+            "batch_size=8", "model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.n_kv_head=2",
+            "model.d_ff=128", "reserve_s=4", "threads=1", "eval_every=25", "sample_tokens=16"]
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert "held-out bits per byte" in out
+    runs = list(tmp_path.glob("speedrun-*"))
+    assert len(runs) == 1  # default: a fresh timestamped directory
+    run = runs[0]
+    r = json.loads((run / "speedrun.json").read_text())
+    assert (run / "loss.png").stat().st_size > 1000 and "held-out bits per byte" in (run / "report.md").read_text()
+    assert r["steps"] > 5 and 0 < r["heldout_bits_per_byte"] < 8 and r["wall_s"] < 30 + 20
+    held = run / "data" / "heldout.txt"
+    assert held.read_bytes() == corpus.read_bytes()[len(corpus.read_bytes()) * 9 // 10:]
+    # the reported number is what `llmkit score` says about the final checkpoint
+    assert main(["score", "--model", r["final_checkpoint"], "--file", str(held), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert abs(scored["bits_per_byte"] - r["heldout_bits_per_byte"]) < 1e-6
+    # refuses to overwrite an existing output directory
+    assert main(["speedrun", "--minutes", "0.5", "--out", str(run)]) == 2
+    assert "already exists" in capsys.readouterr().err
