@@ -36,6 +36,17 @@ def _dataclass_of(tp):
     return None
 
 
+def _coerce(value, tp, key: str):
+    """YAML 1.1 reads `1e-3` (no dot) as a string and `3` as an int: give float fields a float."""
+    wants_float = tp is float or (float in typing.get_args(tp) and int not in typing.get_args(tp))
+    if wants_float and not isinstance(value, bool) and isinstance(value, (str, int)):
+        try:
+            return float(value)
+        except ValueError:
+            raise LLMKitError(f"config key {key!r} must be a number, got {value!r}") from None
+    return value
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys raise LLMKitError."""
     if not isinstance(data, dict):
@@ -49,7 +60,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         sub = _dataclass_of(types[key])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, where=f"{full}.")
-        kwargs[key] = value
+        kwargs[key] = _coerce(value, types[key], full)
     try:
         return cls(**kwargs)
     except TypeError as e:

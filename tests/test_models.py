@@ -142,3 +142,16 @@ def test_context_window_error():
     m = Transformer(ModelConfig.from_preset("tiny-llama", max_seq_len=16))
     with pytest.raises(LLMKitError, match="context window of 16"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_preset("tiny-llama"))
+    drop = Transformer(ModelConfig.from_preset("tiny-llama", dropout=0.2))
+    drop.load_state_dict(plain.state_dict())  # dropout adds no weights
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(drop.eval()(x), plain.eval()(x))
+        assert not torch.allclose(drop.train()(x), plain(x))
+    with pytest.raises(LLMKitError, match="dropout"):
+        ModelConfig.from_preset("tiny-llama", dropout=1.0)

@@ -23,7 +23,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.data import BatchLoader, TokenShards, prepare
 from llmkit.train.loop import read_metrics, train_step
-from llmkit.train.optim import build_adamw, param_groups
+from llmkit.train.optim import MuonAdamW, build_adamw, build_muon, newton_schulz, param_groups
 from llmkit.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +94,43 @@ def test_weight_decay_groups():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # every parameter once (tied head too)
+
+
+def test_muon_equals_torch_muon_and_adamw():
+    """MuonAdamW's two rules against torch.optim.Muon (Moonshot's RMS-matched LR) and torch.optim.AdamW.
+    torch runs Newton-Schulz in bfloat16, llmkit in fp32: the Muon side agrees to bf16 precision."""
+    torch.manual_seed(0)
+    W, b = torch.randn(48, 160), torch.randn(160)
+    p1, p2, q1, q2 = (t.clone().requires_grad_() for t in (W, W, b, b))
+    ours = MuonAdamW([{"params": [p1], "muon": True}, {"params": [q1]}], lr=0.01, weight_decay=0.1)
+    ref_m = torch.optim.Muon([p2], lr=0.01, weight_decay=0.1, momentum=0.95, nesterov=True,
+                             adjust_lr_fn="match_rms_adamw")
+    ref_a = torch.optim.AdamW([q2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(5):
+        g, h = torch.randn(48, 160), torch.randn(160)
+        p1.grad, p2.grad, q1.grad, q2.grad = g.clone(), g.clone(), h.clone(), h.clone()
+        for o in (ours, ref_m, ref_a):
+            o.step()
+    step = 0.01 * 0.2 * 160 ** 0.5  # size of one Muon update entry ~ this
+    assert (p1 - p2).abs().max() < 0.05 * step and (p1 - W).abs().max() > step
+    assert (q1 - q2).abs().max() < 1e-6
+    sv = torch.linalg.svdvals(newton_schulz(torch.randn(64, 192)))
+    assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # all directions ~ the same size
+
+
+def test_muon_groups_and_pretrain_resume(data_dir, tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny-llama"))
+    opt = build_muon(model, 1e-3)
+    muon = {id(p) for g in opt.param_groups if g["muon"] for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon) == (p.dim() == 2 and name.startswith("layers.")), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    out = tmp_path / "m"
+    pretrain(small_cfg(data_dir, out, "train.steps=4", "train.ckpt_every=2", "optim.name=muon"))
+    s = pretrain(small_cfg(data_dir, out, "train.steps=6", "optim.name=muon"), resume=True)
+    assert s["steps"] == 6 and math.isfinite(s["val_loss"])
+    with pytest.raises(LLMKitError, match="optim.name"):
+        pretrain(small_cfg(data_dir, tmp_path / "x", "optim.name=lion"))
 
 
 # ---------------------------------------------------------------- data

@@ -34,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops filling a nargs='*' positional at the first option, so `--force lr=1e-3`
+        # leaves the override unparsed: hand such key=value words to the subcommand's overrides.
+        name = next((n for n in ("overrides", "override", "set") if isinstance(getattr(args, n, None), list)), None)
+        if name and all("=" in e and not e.startswith("-") for e in extra):
+            getattr(args, name).extend(extra)
+        else:
+            parser.parse_args(argv)  # prints the usual usage error and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

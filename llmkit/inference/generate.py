@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import LLMKitError
+from ..peft.prompt_tuning import has_soft_prompt
 from .cache import BatchKVCache, RollingKVCache
 from .prefix import PrefixCache
 from .sampling import History, SamplingParams, make_generator, probs_from_logits, process_logits, sample
@@ -112,9 +113,10 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache) -> 
     return model(tokens[:, None], input_pos=input_pos, cache=cache, last_only=True)[:, -1]
 
 
-def check_prompt(prompt: list[int], model, max_new_tokens: int, truncate: bool = False) -> list[int]:
-    """A prompt must fit the context window with room for one new token; cut its front only if asked."""
-    ctx = model.cfg.max_seq_len
+def check_prompt(prompt: list[int], model, max_new_tokens: int, truncate: bool = False, reserved: int = 0) -> list[int]:
+    """A prompt must fit the context window (less `reserved` positions, e.g. a soft prompt) with room
+    for one new token; cut its front only if asked."""
+    ctx = model.cfg.max_seq_len - reserved
     if not prompt:
         raise LLMKitError("empty prompt: give at least one token")
     bad = [t for t in prompt if not 0 <= t < model.cfg.vocab_size]
@@ -149,10 +151,15 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     """
     if params.stop and detok is None:
         raise LLMKitError("stop strings need a tokenizer")
-    prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate) for p in prompts]
+    # a prompt-tuning soft prompt (n_soft, C) sits in front of every prompt, at positions 0..n_soft-1
+    soft = model.soft_prompt.weight if has_soft_prompt(model) else None
+    n_soft = 0 if soft is None else soft.size(0)
+    if n_soft and prefix_cache is not None:
+        raise LLMKitError("prefix caching does not combine with a prompt-tuning soft prompt")
+    prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate, reserved=n_soft) for p in prompts]
     cfg = model.cfg
     P, n = len(prompts), params.n
-    lengths = torch.tensor([len(p) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts]) + n_soft  # positions taken, soft prompt included
     T = int(lengths.max())
     max_new = min(params.max_new_tokens, cfg.max_seq_len - T)
     timings = {} if timings is None else timings
@@ -163,6 +170,10 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     rolling = (cfg.sliding_window and P == 1 and prefix_cache is None and T + max_new > cfg.sliding_window)
     cache = (RollingKVCache(cfg, P, dtype=dtype) if rolling else BatchKVCache(cfg, P, T + max(max_new, 1), dtype=dtype))
     start = 0
+    if n_soft:  # the soft prompt's KV, like a shared prefix
+        model(None, embeds=soft[None].to(dtype).expand(P, -1, -1), input_pos=_positions(0, n_soft), cache=cache,
+              return_hidden=True, last_only=True)
+        start = n_soft
     if prefix_cache is not None:
         if P != 1:
             raise LLMKitError("prefix caching takes one prompt at a time")
@@ -170,14 +181,14 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
         stats["prefix_hit_tokens"] = start
     ids = torch.zeros(P, T - start, dtype=torch.long)  # right-padded with token 0 (never attended)
     for b, p in enumerate(prompts):
-        ids[b, : len(p) - start] = torch.tensor(p[start:])
+        ids[b, : len(p) + n_soft - start] = torch.tensor(p[start - n_soft:])
     ragged = bool((lengths != T).any())
     logits = prefill(model, ids, cache, start=start, chunk_size=chunk_size,
                      last_index=(lengths - 1 - start) if ragged else None)
     if prefix_cache is not None:
         prefix_cache.store(model, prompts[0], cache)
     timings["prefill_s"] = time.perf_counter() - t0
-    timings["prompt_tokens"] = int(lengths.sum())
+    timings["prompt_tokens"] = int(lengths.sum()) - P * n_soft
     rows = torch.arange(P).repeat_interleave(n)  # (R,)
     if n > 1:
         cache = cache.select_rows(rows)
@@ -390,6 +401,8 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     """
     params = params or SamplingParams()
     check_draft(target, draft)
+    if has_soft_prompt(target) or has_soft_prompt(draft):
+        raise LLMKitError("speculative decoding does not take a prompt-tuning soft prompt")
     if k < 1:
         raise LLMKitError(f"number of draft tokens must be >= 1, got {k}")
     if params.n != 1:

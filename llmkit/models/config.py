@@ -44,6 +44,7 @@ class ModelConfig:
     n_expert: int = 0  # >0 swaps the MLP for a sparse MoE of this many experts (Mixtral)
     n_expert_per_tok: int = 2
     router_aux_loss_coef: float = 0.02
+    dropout: float = 0.0  # on embeddings and each residual branch, training only (small-data pretraining)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -61,6 +62,8 @@ class ModelConfig:
                 raise LLMKitError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.n_expert and not 0 < self.n_expert_per_tok <= self.n_expert:
             raise LLMKitError(f"n_expert_per_tok={self.n_expert_per_tok} must be in 1..n_expert={self.n_expert}")
+        if not 0 <= self.dropout < 1:
+            raise LLMKitError(f"dropout={self.dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -205,7 +205,8 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))

@@ -24,6 +24,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # GPT-2: h0 = U·We + Wp (learned absolute positions); others rotate q/k instead
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -86,6 +87,7 @@ class Transformer(nn.Module):
                               f"context window of {self.cfg.max_seq_len}")
         if self.embed_positions is not None:
             x = x + self.embed_positions(input_pos)
+        x = self.dropout(x)
         rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
         if cache is not None:
             mask = cache.mask(input_pos)

@@ -30,7 +30,7 @@ from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distri
 from ..train.loop import (MetricsLogger, autocast_context, evaluate, plot_metrics, progress_bar, read_metrics,
                           sample_text, train_step)
 from ..train.mfu import device_peak_flops, mfu
-from ..train.optim import build_adamw
+from ..train.optim import build_adamw, build_muon
 from ..train.schedule import KINDS, decayed_lr, lr_at, set_lr
 
 
@@ -44,6 +44,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
+    name: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -120,12 +121,19 @@ def coerce_numbers(dc) -> None:
                 raise LLMKitError(f"config {f.name}: {v!r} is not a number") from None
 
 
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
+
+
 def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
     """Check the config; returns (micro batch, accumulation steps, total steps)."""
     coerce_numbers(cfg)
     t, o = cfg.train, cfg.optim
     if not cfg.data.dir:
         raise LLMKitError("data.dir is not set (a directory from `llmkit data prepare`)")
+    if o.name not in OPTIMIZERS:
+        raise LLMKitError(f"optim.name {o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if o.name == "muon" and world > 1 and t.strategy == "fsdp":
+        raise LLMKitError("optim.name=muon needs whole weight matrices: use train.strategy=ddp, not fsdp")
     if o.schedule not in KINDS:
         raise LLMKitError(f"optim.schedule {o.schedule!r} is not one of {', '.join(KINDS)}")
     for name, v in (("train.batch_size", t.batch_size), ("data.seq_len", cfg.data.seq_len)):
@@ -215,8 +223,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
     fwd_model = torch.compile(model) if t.compile else model
-    optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2),
-                            cfg.optim.eps)
+    optimizer = OPTIMIZERS[cfg.optim.name](model, cfg.optim.lr, cfg.optim.weight_decay,
+                                           (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
     aux_coef = mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0
 

@@ -339,8 +339,11 @@ class BatchLoader:
 
 
 def eval_windows(shards: TokenShards, seq_len: int, max_windows: int | None = None) -> list[tuple[int, int]]:
-    """The fixed, in-order windows used for validation (the first `max_windows`)."""
+    """The fixed windows used for validation: all of them, or `max_windows` spread evenly over the
+    split (the first few alone would be a biased sample: a text's opening is rarely typical)."""
     loader = BatchLoader(shards, seq_len, 1, shuffle=False)
     sid, off = loader._windows(0)
-    n = sid.size if max_windows is None else min(sid.size, max_windows)
-    return list(zip(sid[:n].tolist(), off[:n].tolist()))
+    if max_windows is not None and max_windows < sid.size:
+        pick = np.linspace(0, sid.size - 1, max_windows).round().astype(np.int64)
+        sid, off = sid[pick], off[pick]
+    return list(zip(sid.tolist(), off.tolist()))

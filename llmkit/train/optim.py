@@ -28,3 +28,88 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0
         fused = any(p.is_cuda for p in model.parameters())
     kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+# ---------------------------------------------------------------- Muon
+# Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"; used by the
+# modded-nanogpt and nanochat speedruns): SGD-momentum whose update for each hidden weight matrix is
+# replaced by the nearest semi-orthogonal matrix, so every direction of the update gets the same size.
+# Embeddings, the output head and the 1-D gains/biases keep AdamW. The update is scaled by
+# 0.2·sqrt(max(A, B)) (Liu et al. 2025, "Muon is Scalable for LLM Training") so its RMS matches
+# AdamW's and the AdamW learning rate and weight decay carry over.
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton–Schulz coefficients from Jordan et al.
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """≈ U Vᵀ for G = U S Vᵀ (A, B): the quintic iteration X ← aX + (bXXᵀ + c(XXᵀ)²)X pushes every
+    singular value of the normalised G towards 1 (into ~[0.7, 1.2], which is all Muon needs)."""
+    a, b, c = NS_COEFFS
+    X = G.float() / (G.float().norm() + eps)  # spectral norm ≤ Frobenius norm ≤ 1: inside the basin
+    wide = X.size(0) <= X.size(1)
+    if not wide:  # iterate on the smaller Gram matrix (A, A) with A ≤ B
+        X = X.T
+    for _ in range(steps):
+        M = X @ X.T
+        X = a * X + (b * M + c * M @ M) @ X
+    return (X if wide else X.T).to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimiser, two rules: groups with `muon=True` (hidden 2-D weights) take Muon with Nesterov
+    momentum; the others take AdamW. One optimiser, so checkpoints, LR schedules and
+    torch.distributed.checkpoint treat it like any other."""
+
+    def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        ns_steps=ns_steps, muon=False)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                p.mul_(1 - lr * wd)  # decoupled weight decay (both rules)
+                if group["muon"]:
+                    buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    upd = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    upd = newton_schulz(upd, group["ns_steps"])
+                    p.add_(upd, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+                else:
+                    b1, b2 = group["betas"]
+                    if not st:
+                        st["step"] = torch.zeros((), dtype=torch.float32)
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                    st["step"] += 1
+                    t = float(st["step"])
+                    st["exp_avg"].lerp_(p.grad, 1 - b1)
+                    st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+
+def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
+               momentum: float = 0.95) -> MuonAdamW:
+    """Muon for the 2-D weights inside the transformer blocks; AdamW (with `param_groups`' decay rule)
+    for embeddings, the output head, gains and biases."""
+    muon, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if p.dim() == 2 and ".layers." in f".{name}" else other).append(p)
+    muon_ids = {id(p) for p in muon}
+    adam_groups = []
+    for g in param_groups(model, weight_decay):
+        g = {**g, "params": [p for p in g["params"] if id(p) not in muon_ids]}
+        if g["params"]:
+            adam_groups.append(g)
+    return MuonAdamW([{"params": muon, "weight_decay": weight_decay, "muon": True}, *adam_groups], lr=lr,
+                     betas=betas, eps=eps, momentum=momentum)
