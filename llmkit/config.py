@@ -52,6 +52,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if not isinstance(data, dict):
         raise LLMKitError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
     types = _field_types(cls)
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING}
     kwargs = {}
     for key, value in data.items():
         full = f"{where}{key}"
@@ -60,6 +62,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         sub = _dataclass_of(types[key])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, where=f"{full}.")
+        elif isinstance(value, dict) and key in factories:
+            default = factories[key]()
+            if isinstance(default, dict):  # a dict field: `model.dropout=0` changes one key, keeps the rest
+                value = _merge(default, value)
         kwargs[key] = _coerce(value, types[key], full)
     try:
         return cls(**kwargs)

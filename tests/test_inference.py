@@ -319,10 +319,27 @@ def test_quantized_model_close_to_fp32(mode, tol):
     ref = logprobs()
     quantize(model, mode)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.mode == "int8"
-    assert model.layers[0].self_attn.q_proj.mode == mode
+    assert model.layers[0].self_attn.qkv_proj.mode == mode  # q/k/v fused, then quantised
     assert model.layers[0].mlp.down_proj.mode == "int8"  # out_features 64 ok for int4, in_features 176 not
     err = float((logprobs() - ref).abs().max() / ref.std())
     assert err < tol
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_projections_equal_separate(name):
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj (quantize's first step) change no output."""
+    from llmkit.inference.quant import fuse_projections
+
+    model = tiny(name)
+    seq = torch.tensor([ids(24, 3)])
+    with torch.no_grad():
+        ref = model(seq)
+    fuse_projections(model)
+    assert model.layers[0].self_attn.qkv_proj is not None and not hasattr(model.layers[0].self_attn, "q_proj")
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq), ref, atol=1e-5, rtol=1e-5)
+    assert generate(model, seq[0, :8].tolist(), SamplingParams(max_new_tokens=12)).tokens == \
+        full_greedy(model, seq[0, :8].tolist(), 12)
 
 
 def test_quantize_skips_shapes_no_kernel_takes():
@@ -330,6 +347,6 @@ def test_quantize_skips_shapes_no_kernel_takes():
 
     model = quantize(tiny(), "int8")  # d_ff=172: down_proj's in_features is not a multiple of 16
     assert type(model.layers[0].mlp.down_proj) is torch.nn.Linear
-    assert model.layers[0].mlp.up_proj.mode == "int8"
+    assert model.layers[0].mlp.gate_up_proj.mode == "int8"
     g = generate(model, ids(6, 19), SamplingParams(max_new_tokens=5, logprobs=1))
     assert all(lp == lp and lp > -1e4 for lp in g.completions[0].logprobs)  # finite, no garbage reads

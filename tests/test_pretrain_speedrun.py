@@ -22,6 +22,14 @@ def test_split_bytes_is_the_last_tenth():
     assert SpeedrunConfig().minutes == 10.0  # the README's no-argument run
 
 
+def test_override_of_one_model_key_keeps_the_other_defaults():
+    """`model.dropout=0` must not replace the whole default model dict (it once shrank the model)."""
+    from llmkit.config import load_config
+
+    cfg = load_config(SpeedrunConfig, None, ["model.dropout=0.0", "weight_decay=0.3"])
+    assert cfg.model == {**SpeedrunConfig().model, "dropout": 0.0} and cfg.weight_decay == 0.3
+
+
 def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
     n = torch.get_num_threads()
     corpus = tmp_path / "c.txt"

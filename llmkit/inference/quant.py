@@ -84,14 +84,24 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse q/k/v and gate/up linears (modules with a `fuse()` method) in place: fewer, larger
+    matmuls per decode step. Inference only (adapters and checkpoints name the separate projections)."""
+    for m in list(model.modules()):
+        if hasattr(m, "fuse"):
+            m.fuse()
+    return model
+
+
 def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Swap every nn.Linear of `model` (in place) for a QuantLinear; returns the model.
+    """Fuse q/k/v and gate/up (`fuse_projections`), then swap every nn.Linear of `model` (in place) for a QuantLinear; returns the model.
 
     The output head stays int8 under int4: its errors land directly on the logits (llama.cpp likewise
     keeps `output` at Q6_K/Q8_0 in its 4-bit files; SmolLM2's head is the Q8_0 embedding), and so
     does any linear whose shape the int4 kernel does not take; linears neither kernel takes stay fp32."""
     if mode not in MODES:
         raise LLMKitError(f"unknown quantisation {mode!r} (known: {', '.join(MODES)})")
+    fuse_projections(model)
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if type(child) is nn.Linear:

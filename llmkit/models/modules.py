@@ -108,22 +108,45 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.qkv_proj = None  # set by fuse(): q, k, v in one matmul (inference only)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one qkv_proj ((H + 2K) D, C): one weight read and one kernel call per
+        decode step instead of three (as gpt-fast's wqkv). Inference only: adapters target q/k/v."""
+        ps = (self.q_proj, self.k_proj, self.v_proj) if self.qkv_proj is None else ()
+        if not ps or any(type(p) is not nn.Linear for p in ps):  # already fused, or adapted/quantised
+            return
+        fused = nn.Linear(ps[0].in_features, sum(p.out_features for p in ps), bias=ps[0].bias is not None,
+                          device=ps[0].weight.device, dtype=ps[0].weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in ps]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in ps]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
         """x: (B, T, C); rope: (cos, sin) or None; mask: bool (.., T, S) True=attend, or None=causal."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.reshape(B, T, K, D).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = False
         if cache is not None:  # write this step's K/V, attend over the whole cache (B, K, S, D)
             k, v = cache.update(self.layer_idx, input_pos, k, v)
-        if self.n_kv_head != self.n_head:  # share each K/V head among H/K query heads
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            gqa = K != H  # SDPA shares the K/V heads itself: no (B, H, S, D) copy of the cache per step
+        elif K != H:  # share each K/V head among H/K query heads
+            k = k.repeat_interleave(H // K, dim=1)
+            v = v.repeat_interleave(H // K, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -138,8 +161,26 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate_up_proj = None  # set by fuse() (inference only)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one gate_up_proj (2F, C): one matmul per step instead of two."""
+        if self.gate_up_proj is not None or type(self.gate_proj) is not nn.Linear or type(self.up_proj) is not nn.Linear:
+            return  # already fused, or adapted/quantised
+        g, u = self.gate_proj, self.up_proj
+        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=g.bias is not None,
+                          device=g.weight.device, dtype=g.weight.dtype)
+        fused.weight.copy_(torch.cat([g.weight, u.weight]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([g.bias, u.bias]))
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
