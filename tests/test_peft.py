@@ -237,6 +237,10 @@ def test_soft_prompt_used_by_generate_and_score():
     with torch.no_grad():
         ref = torch.log_softmax(forward_with_prompt(model, x[None])[0, :-1], -1).gather(-1, x[1:, None])[:, 0]
     assert (token_logprobs(model, x) - ref).abs().max() < 1e-5
+    from llmkit.eval.harness import continuation_logprobs
+
+    with pytest.raises(LLMKitError, match="soft prompts"):  # the harness refuses rather than ignore it
+        continuation_logprobs(model, [([3, 4], [5])])
 
 
 def test_selective_freezing():

@@ -161,6 +161,11 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
     predicting positions go through the LM head, so a pass never holds (T, V) logits. The model
     must accept (idx, input_pos=, cache=, return_hidden=True) and have `lm_head`.
     """
+    from ..peft.prompt_tuning import has_soft_prompt
+
+    if has_soft_prompt(model):  # packed trees have no slot for the virtual tokens: refuse, never score without them
+        raise LLMKitError("llmkit eval does not apply prompt-tuning soft prompts; score such a model with "
+                          "`llmkit score` / `llmkit generate`, which do")
     groups: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
