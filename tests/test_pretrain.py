@@ -17,6 +17,7 @@ import torch
 
 from llmkit.config import load_config
 from llmkit.errors import LLMKitError
+from llmkit.loading import load_model
 from llmkit.models import ModelConfig, Transformer
 from llmkit.recipes.pretrain import PretrainConfig, pretrain
 from llmkit.tokenizer import Tokenizer
@@ -131,6 +132,24 @@ def test_muon_groups_and_pretrain_resume(data_dir, tmp_path):
     assert s["steps"] == 6 and math.isfinite(s["val_loss"])
     with pytest.raises(LLMKitError, match="optim.name"):
         pretrain(small_cfg(data_dir, tmp_path / "x", "optim.name=lion"))
+
+
+def test_tied_embeddings_checkpoint_and_resume(data_dir, tmp_path):
+    """A tied head is one Parameter under two names: stored once (safetensors refuses shared memory),
+    re-tied on load, and the resumed run continues the uninterrupted one exactly."""
+    import shutil
+
+    tie = ("model.tie_embeddings=true", "train.threads=1", "train.steps=6", "train.ckpt_every=2")
+    pretrain(small_cfg(data_dir, tmp_path / "full", *tie))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for d in ("checkpoints/step_00000004", "checkpoints/step_00000006", "final"):  # as if killed after step 2
+        shutil.rmtree(tmp_path / "cut" / d)
+    resumed = pretrain(small_cfg(data_dir, tmp_path / "cut", *tie), resume=True)
+    assert resumed["steps"] == 6
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert set(a) == set(b) and max(abs(a[k] - b[k]) for k in a) < 1e-6
+    model, _ = load_model(str(tmp_path / "cut" / "final"))
+    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 # ---------------------------------------------------------------- data

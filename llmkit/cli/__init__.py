@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unexpected: still one line unless debugging
         if os.environ.get("LLMKIT_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         print(f"llmkit: error: {type(e).__name__}: {msg} (set LLMKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 

@@ -64,7 +64,7 @@ class TrainConfig:
     time_budget_s: float | None = None  # wall-clock budget: stop then; the LR decays over the budget
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 on CPU uses AMX/AVX512-BF16
     threads: int | None = None  # torch CPU threads (None: leave as is)
     compile: bool = False
     activation_checkpointing: bool = False
@@ -136,6 +136,8 @@ def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
         raise LLMKitError("optim.name=muon needs whole weight matrices: use train.strategy=ddp, not fsdp")
     if o.schedule not in KINDS:
         raise LLMKitError(f"optim.schedule {o.schedule!r} is not one of {', '.join(KINDS)}")
+    if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise LLMKitError(f"train.dtype {t.dtype!r} is not one of auto, float32, bfloat16, float16")
     for name, v in (("train.batch_size", t.batch_size), ("data.seq_len", cfg.data.seq_len)):
         if v <= 0:
             raise LLMKitError(f"{name} must be positive, got {v}")
@@ -244,7 +246,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     n_params = num_params(mcfg)
     fpt = flops_per_token(mcfg, cfg.data.seq_len)
-    peak, peak_src = device_peak_flops(info.device)
+    peak, peak_src = device_peak_flops(info.device, t.dtype)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     if info.is_main:
         length = f"{t.time_budget_s:.0f} s" if t.time_budget_s else f"{steps} steps"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import LLMKitError
@@ -70,6 +71,21 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def split_aliases(state_dict: dict) -> tuple[dict, dict]:
+    """(tensors, aliases): safetensors refuses tensors that share memory (tied embeddings: the
+    embedding and the output head are one Parameter), so each shared tensor is stored once and the
+    other names are recorded as aliases {name: stored name}."""
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in state_dict.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = v.detach().contiguous()
+    return tensors, aliases
+
+
 def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimizer, loader_state: dict,
                      config: dict, metrics: dict | None = None, keep: int = 3, is_main: bool = True) -> Path | None:
     """Write RUN/checkpoints/step_XXXXXXXX atomically (rank 0 writes; all ranks must call), keep the last `keep`."""
@@ -80,9 +96,10 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
     if is_main:
         previous = latest_checkpoint(root)
         try:
+            tensors, aliases = split_aliases(model_sd)
             with atomic_dir(out, force=True) as tmp:
-                save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors",
-                          metadata={"format": "pt", "step": str(step)})
+                save_file(tensors, tmp / "model.safetensors",
+                          metadata={"format": "pt", "step": str(step), "aliases": json.dumps(aliases)})
                 torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
                             "config": config}, tmp / "train_state.pt")
                 (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
@@ -110,6 +127,10 @@ def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
     if not (d / "model.safetensors").is_file() or not (d / "train_state.pt").is_file():
         raise LLMKitError(f"{d} is not a training checkpoint (needs model.safetensors and train_state.pt)")
     model_sd = load_file(d / "model.safetensors")
+    with safe_open(d / "model.safetensors", framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for name, stored in aliases.items():  # tied weights were stored once
+        model_sd[name] = model_sd[stored]
     try:
         state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which

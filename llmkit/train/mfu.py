@@ -1,7 +1,8 @@
 """Model FLOPs utilisation (PaLM, Chowdhery et al. 2022, appendix B): achieved model FLOP/s / peak.
 
-Peak on CUDA: the datasheet dense bf16 rate of the GPU; on CPU: a measured fp32 matmul rate with
-the threads this process uses (a datasheet peak would say nothing about a shared 2-core box).
+Peak on CUDA: the datasheet dense bf16 rate of the GPU; on CPU: a measured matmul rate in the dtype
+the matmuls run in (fp32, or bf16 under autocast) with the threads this process uses (a datasheet
+peak would say nothing about a shared 2-core box).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ CUDA_PEAKS = {
 _measured: dict[tuple, float] = {}
 
 
-def measure_cpu_matmul_flops(n: int = 512, seconds: float = 0.5) -> float:
-    """fp32 FLOP/s of an n x n matmul on this CPU with the current torch thread count (cached)."""
-    key = (n, torch.get_num_threads())
+def measure_cpu_matmul_flops(n: int = 512, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n matmul in `dtype` on this CPU with the current torch thread count (cached)."""
+    key = (n, torch.get_num_threads(), dtype)
     if key in _measured:
         return _measured[key]
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     reps, t0 = 0, time.perf_counter()
@@ -36,8 +37,15 @@ def measure_cpu_matmul_flops(n: int = 512, seconds: float = 0.5) -> float:
     return _measured[key]
 
 
-def device_peak_flops(device: torch.device | str = "cpu") -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for `device`."""
+def cpu_has_fast_bf16(min_speedup: float = 1.5) -> bool:
+    """Whether bf16 matmuls beat fp32 ones by `min_speedup` here (AMX or AVX512-BF16 units); without
+    them torch emulates bf16 and it is slower than fp32."""
+    return measure_cpu_matmul_flops(dtype=torch.bfloat16, seconds=0.2) >= min_speedup * measure_cpu_matmul_flops(
+        seconds=0.2)
+
+
+def device_peak_flops(device: torch.device | str = "cpu", dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for `device`, the matmuls running in `dtype`."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -45,7 +53,9 @@ def device_peak_flops(device: torch.device | str = "cpu") -> tuple[float, str]:
             if key in name:
                 return peak, f"{name} datasheet bf16 peak"
         return 0.0, f"{name} (peak unknown)"
-    return measure_cpu_matmul_flops(), f"measured fp32 matmul, {torch.get_num_threads()} threads"
+    dt = getattr(torch, dtype) if dtype in ("bfloat16", "float16") else torch.float32
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+    return measure_cpu_matmul_flops(dtype=dt), f"measured {name} matmul, {torch.get_num_threads()} threads"
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
