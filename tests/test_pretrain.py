@@ -119,6 +119,32 @@ def test_muon_equals_torch_muon_and_adamw():
     assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # all directions ~ the same size
 
 
+def test_muon_batches_same_shape_matrices():
+    """Same-shape (and transposed-shape) weights are orthogonalised as one stack: the result equals
+    torch.optim.Muon run on each weight alone (both in bfloat16)."""
+    torch.manual_seed(0)
+    Ws = [torch.randn(48, 160), torch.randn(160, 48), torch.randn(48, 160), torch.randn(32, 32)]
+    ours = [W.clone().requires_grad_() for W in Ws]
+    refs = [W.clone().requires_grad_() for W in Ws]
+    opt = MuonAdamW([{"params": ours, "muon": True}], lr=0.01, weight_decay=0.1, ns_dtype="bfloat16")
+    ref_opts = [torch.optim.Muon([r], lr=0.01, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                 adjust_lr_fn="match_rms_adamw") for r in refs]
+    for _ in range(3):
+        for p, r in zip(ours, refs):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        opt.step()
+        for o in ref_opts:
+            o.step()
+    for p, r, W in zip(ours, refs, Ws):
+        step = 0.01 * 0.2 * max(W.shape) ** 0.5
+        assert (p - r).abs().max() < 0.05 * step and (p - W).abs().max() > 0.5 * step  # agree; moved
+    G = torch.randn(3, 64, 192)
+    stacked = newton_schulz(G)
+    for g, o in zip(G, stacked):
+        assert torch.allclose(newton_schulz(g), o, atol=1e-5)
+
+
 def test_muon_groups_and_pretrain_resume(data_dir, tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny-llama"))
     opt = build_muon(model, 1e-3)

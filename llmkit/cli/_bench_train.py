@@ -31,21 +31,26 @@ def add_train(bsub) -> None:
     p.add_argument("--compare", default="hf", help="'hf' (transformers) or '' for llmkit only")
     p.add_argument("--compile", action="store_true", help="torch.compile llmkit's model (train.compile=true); "
                    "compile time is excluded, transformers stays eager")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="autocast dtype for both engines (bfloat16: what the speedrun uses on AMX CPUs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
 
 
-def _step_fn(model, forward, vocab):
+def _step_fn(model, forward, vocab, dtype="float32"):
     """One AdamW step (the optimiser llmkit trains with) on a fixed random batch; returns a closure."""
     import torch
 
     from ..losses import cross_entropy
+    from ..train.loop import autocast_context
     from ..train.optim import build_adamw
 
     opt = build_adamw(model, 1e-3)
 
     def step(x):
-        loss = cross_entropy(forward(x[:, :-1]), x[:, 1:])
+        with autocast_context(torch.device("cpu"), dtype):
+            logits = forward(x[:, :-1])
+        loss = cross_entropy(logits, x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -67,7 +72,8 @@ def run_train(args) -> int:
                       d_model=args.d_model, d_ff=args.d_ff, max_seq_len=args.seq_len)
     torch.manual_seed(0)
     ours = Transformer(cfg)
-    engines = {"llmkit": _step_fn(ours, torch.compile(ours) if args.compile else ours, args.vocab)}
+    engines = {"llmkit": _step_fn(ours, torch.compile(ours) if args.compile else ours, args.vocab,
+                                  args.dtype)}
     skipped = {}
     if "hf" in args.compare.split(","):
         try:
@@ -82,7 +88,8 @@ def run_train(args) -> int:
             hc._attn_implementation = "sdpa"
             hf = LlamaForCausalLM(hc)
             hf.load_state_dict({k: v for k, v in _hf_names(ours).items()})  # same weights
-            engines["hf"] = _step_fn(hf, lambda x: hf(input_ids=x, use_cache=False).logits, args.vocab)
+            engines["hf"] = _step_fn(hf, lambda x: hf(input_ids=x, use_cache=False).logits, args.vocab,
+                                     args.dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
     for step in engines.values():  # warm-up (allocator, kernels)
@@ -100,14 +107,15 @@ def run_train(args) -> int:
     from ..models.flops import flops_per_token, num_params
     from ..train.mfu import device_peak_flops
 
-    peak, src = device_peak_flops("cpu")
+    peak, src = device_peak_flops("cpu", args.dtype)
     fpt = flops_per_token(cfg, args.seq_len)
     for r in res.values():
         r["mfu"] = fpt * r["tokens_per_s"] / peak
     info = {"shape": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads, "kv_heads": kv,
                       "d_ff": args.d_ff, "vocab": args.vocab, "params": num_params(cfg)},
             "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "repeat": args.repeat,
-            "threads": args.threads, "compile": args.compile, "load_avg": list(os.getloadavg()), "peak_flops": peak, "peak_source": src,
+            "threads": args.threads, "compile": args.compile, "dtype": args.dtype,
+            "load_avg": list(os.getloadavg()), "peak_flops": peak, "peak_source": src,
             "results": res, "skipped": skipped}
     if "hf" in res:
         info["ratio_llmkit_over_hf"] = res["llmkit"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
@@ -115,7 +123,7 @@ def run_train(args) -> int:
         print(json.dumps(info))
         return 0
     print(f"train step (fwd+bwd+clip+AdamW), {info['shape']['params']:,} params, batch {args.batch}x{args.seq_len}, "
-          f"{args.threads} threads, median of {args.repeat}x{args.steps} steps, load avg {info['load_avg'][0]:.2f}")
+          f"{args.threads} threads, {args.dtype}, median of {args.repeat}x{args.steps} steps, load avg {info['load_avg'][0]:.2f}")
     for name, r in res.items():
         print(f"{name:<8}{r['tokens_per_s']:>10,.0f} tokens/s   MFU {r['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s")
     if "ratio_llmkit_over_hf" in info:

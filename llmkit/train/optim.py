@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .mfu import cpu_has_fast_bf16
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (linear and embedding weights, dim >= 2); never biases or norm gains.
@@ -41,18 +43,22 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton–Schulz coefficients from Jordan et al.
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """≈ U Vᵀ for G = U S Vᵀ (A, B): the quintic iteration X ← aX + (bXXᵀ + c(XXᵀ)²)X pushes every
-    singular value of the normalised G towards 1 (into ~[0.7, 1.2], which is all Muon needs)."""
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """≈ U Vᵀ for G = U S Vᵀ, G (A, B) or a stack (N, A, B): the quintic iteration
+    X ← aX + (bXXᵀ + c(XXᵀ)²)X pushes every singular value of the normalised G towards 1 (into
+    ~[0.7, 1.2], which is all Muon needs). `dtype` bfloat16 is what Jordan et al. and torch.optim.Muon
+    use: the iteration is self-correcting, so bf16 rounding does not accumulate."""
     a, b, c = NS_COEFFS
-    X = G.float() / (G.float().norm() + eps)  # spectral norm ≤ Frobenius norm ≤ 1: inside the basin
-    wide = X.size(0) <= X.size(1)
+    norm = G.float().norm(dim=(-2, -1), keepdim=True)  # spectral ≤ Frobenius: inside the basin
+    X = (G.float() / (norm + eps)).to(dtype)
+    wide = X.size(-2) <= X.size(-1)
     if not wide:  # iterate on the smaller Gram matrix (A, A) with A ≤ B
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        M = X @ X.T
+        M = X @ X.mT
         X = a * X + (b * M + c * M @ M) @ X
-    return (X if wide else X.T).to(G.dtype)
+    return (X if wide else X.mT).to(G.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -61,14 +67,17 @@ class MuonAdamW(torch.optim.Optimizer):
     torch.distributed.checkpoint treat it like any other."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_dtype: str = "float32"):
+        # ns_dtype lives in the param groups, so a resumed run reads it back from the checkpoint
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        ns_steps=ns_steps, muon=False)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, muon=False)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        muon = {}  # (ns dtype, ns steps) -> [(param, Nesterov update, lr)], orthogonalised below
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -79,9 +88,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["muon"]:
                     buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    upd = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    upd = newton_schulz(upd, group["ns_steps"])
-                    p.add_(upd, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+                    muon.setdefault((group.get("ns_dtype", "float32"), group["ns_steps"]), []).append(
+                        (p, p.grad.add(buf, alpha=group["momentum"]), lr))  # Nesterov
                 else:
                     b1, b2 = group["betas"]
                     if not st:
@@ -94,13 +102,31 @@ class MuonAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                     p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        for (ns_dtype, ns_steps), items in muon.items():
+            # Same-shape matrices (q/k/v/o; gate/up; down) are orthogonalised as one batched stack: a
+            # few (N, A, B) matmuls instead of one small matmul per weight, the cost that dominates
+            # a small model's step on CPU. Tall matrices are transposed first (UVᵀ of Gᵀ is (UVᵀ)ᵀ).
+            by_shape = {}
+            for p, upd, lr in items:
+                tall = p.size(0) > p.size(1)
+                by_shape.setdefault((tuple(p.shape[::-1]) if tall else tuple(p.shape)), []).append(
+                    (p, upd.T if tall else upd, lr, tall))
+            for group_items in by_shape.values():
+                O = newton_schulz(torch.stack([u for _, u, _, _ in group_items]), ns_steps,
+                                  dtype=getattr(torch, ns_dtype))
+                for (p, _, lr, tall), o in zip(group_items, O):
+                    p.add_(o.T if tall else o, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
         return loss
 
 
 def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
-               momentum: float = 0.95) -> MuonAdamW:
+               momentum: float = 0.95, ns_dtype: str | None = None) -> MuonAdamW:
     """Muon for the 2-D weights inside the transformer blocks; AdamW (with `param_groups`' decay rule)
-    for embeddings, the output head, gains and biases."""
+    for embeddings, the output head, gains and biases. Newton–Schulz runs in bfloat16 where bf16
+    matmuls are fast (CUDA; CPUs with AMX / AVX512-BF16), else in float32 (ns_dtype=None: decide)."""
+    if ns_dtype is None:
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        ns_dtype = "bfloat16" if on_cuda or cpu_has_fast_bf16() else "float32"
     muon, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -112,4 +138,4 @@ def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.
         if g["params"]:
             adam_groups.append(g)
     return MuonAdamW([{"params": muon, "weight_decay": weight_decay, "muon": True}, *adam_groups], lr=lr,
-                     betas=betas, eps=eps, momentum=momentum)
+                     betas=betas, eps=eps, momentum=momentum, ns_dtype=ns_dtype)
