@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import LLMKitError
 from ..io import atomic_dir
@@ -126,8 +126,8 @@ def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
     d = Path(ckpt_dir)
     if not (d / "model.safetensors").is_file() or not (d / "train_state.pt").is_file():
         raise LLMKitError(f"{d} is not a training checkpoint (needs model.safetensors and train_state.pt)")
-    model_sd = load_file(d / "model.safetensors")
-    with safe_open(d / "model.safetensors", framework="pt") as f:
+    with safe_open(d / "model.safetensors", framework="pt") as f:  # one pass: tensors and metadata
+        model_sd = {k: f.get_tensor(k) for k in f.keys()}
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     for name, stored in aliases.items():  # tied weights were stored once
         model_sd[name] = model_sd[stored]

@@ -53,8 +53,8 @@ def device_peak_flops(device: torch.device | str = "cpu", dtype: str = "float32"
             if key in name:
                 return peak, f"{name} datasheet bf16 peak"
         return 0.0, f"{name} (peak unknown)"
-    dt = getattr(torch, dtype) if dtype in ("bfloat16", "float16") else torch.float32
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+    name = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")  # auto on CPU = fp32
+    dt = getattr(torch, dtype) if name != "fp32" else torch.float32
     return measure_cpu_matmul_flops(dtype=dt), f"measured {name} matmul, {torch.get_num_threads()} threads"
 
 

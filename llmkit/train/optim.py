@@ -77,7 +77,10 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        muon = {}  # (ns dtype, ns steps) -> [(param, Nesterov update, lr)], orthogonalised below
+        # Same-shape matrices (q/k/v/o; gate/up; down) are orthogonalised below as one batched stack: a
+        # few (N, A, B) matmuls instead of one small matmul per weight, the cost that dominates a small
+        # model's step on CPU. Tall matrices are transposed first (UVᵀ of Gᵀ is (UVᵀ)ᵀ).
+        stacks = {}  # (ns dtype, ns steps, wide shape) -> [(param, wide Nesterov update, lr, tall)]
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -88,8 +91,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["muon"]:
                     buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    muon.setdefault((group.get("ns_dtype", "float32"), group["ns_steps"]), []).append(
-                        (p, p.grad.add(buf, alpha=group["momentum"]), lr))  # Nesterov
+                    upd = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    tall = p.size(0) > p.size(1)
+                    upd = upd.T if tall else upd
+                    key = (group.get("ns_dtype", "float32"), group["ns_steps"], tuple(upd.shape))
+                    stacks.setdefault(key, []).append((p, upd, lr, tall))
                 else:
                     b1, b2 = group["betas"]
                     if not st:
@@ -102,20 +108,10 @@ class MuonAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                     denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                     p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
-        for (ns_dtype, ns_steps), items in muon.items():
-            # Same-shape matrices (q/k/v/o; gate/up; down) are orthogonalised as one batched stack: a
-            # few (N, A, B) matmuls instead of one small matmul per weight, the cost that dominates
-            # a small model's step on CPU. Tall matrices are transposed first (UVᵀ of Gᵀ is (UVᵀ)ᵀ).
-            by_shape = {}
-            for p, upd, lr in items:
-                tall = p.size(0) > p.size(1)
-                by_shape.setdefault((tuple(p.shape[::-1]) if tall else tuple(p.shape)), []).append(
-                    (p, upd.T if tall else upd, lr, tall))
-            for group_items in by_shape.values():
-                O = newton_schulz(torch.stack([u for _, u, _, _ in group_items]), ns_steps,
-                                  dtype=getattr(torch, ns_dtype))
-                for (p, _, lr, tall), o in zip(group_items, O):
-                    p.add_(o.T if tall else o, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+        for (ns_dtype, ns_steps, _), items in stacks.items():
+            O = newton_schulz(torch.stack([u for _, u, _, _ in items]), ns_steps, dtype=getattr(torch, ns_dtype))
+            for (p, _, lr, tall), o in zip(items, O):
+                p.add_(o.T if tall else o, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
         return loss
 
 
