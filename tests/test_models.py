@@ -155,3 +155,47 @@ def test_dropout_only_in_training():
         assert not torch.allclose(drop.train()(x), plain(x))
     with pytest.raises(LLMKitError, match="dropout"):
         ModelConfig.from_preset("tiny-llama", dropout=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_matches_inverted_dropout(dtype):
+    """llmkit's CPU dropout (four 16-bit mask lanes per 64-bit random) behaves like nn.Dropout: each
+    element is kept with probability 1-p, independently, and scaled by 1/(1-p); the gradient is the
+    same mask times the scale; eval mode is the identity."""
+    from llmkit.models.modules import Dropout
+
+    torch.manual_seed(0)
+    p, n = 0.1, 1_000_003  # odd size: the last 64-bit draw is only partly used
+    d = Dropout(p)
+    assert abs(d.scale - 1 / (1 - p)) < 1e-4
+    x = torch.ones(n, dtype=dtype, requires_grad=True)
+    y = d(x)
+    keep = (y != 0).float()
+    # binomial std of the kept fraction at n=1e6 is 3e-4: 5 sigma
+    assert abs(keep.mean().item() - (1 - p)) < 1.5e-3
+    for lane in range(4):  # no 16-bit lane of the 64-bit draws is biased
+        assert abs(keep[: n - n % 4].view(-1, 4)[:, lane].mean().item() - (1 - p)) < 3e-3
+    lag1 = torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()
+    assert abs(lag1) < 5e-3  # neighbouring elements are independent
+    assert torch.allclose(y[y != 0].float(), torch.tensor(d.scale), rtol=1e-2)
+    assert abs(y.float().mean().item() - 1.0) < 2e-3  # unbiased: E[y] = x
+    y.float().sum().backward()
+    assert torch.equal(x.grad != 0, y != 0)
+    assert torch.allclose(x.grad[x.grad != 0].float(), torch.tensor(d.scale), rtol=1e-2)
+    assert not torch.equal(d(x), y)  # a fresh mask every call
+    d.eval()
+    assert d(x) is x
+    with pytest.raises(ValueError):
+        Dropout(1.0)
+
+
+def test_training_forward_traces_as_one_graph():
+    """torch.compile sees the training forward as one graph: the context-window check must not read a
+    tensor (.item() breaks the graph, and each break costs a recompile and a slower step)."""
+    torch._dynamo.reset()
+    m = Transformer(ModelConfig.from_preset("tiny-llama", dropout=0.1)).train()
+    compiled = torch.compile(m, backend="eager", fullgraph=True)  # dynamo only: fullgraph raises on a break
+    x = torch.randint(0, 256, (2, 16))
+    assert compiled(x).shape == (2, 16, 256)
+    with pytest.raises(Exception, match="context window"):
+        compiled(torch.zeros(1, 300, dtype=torch.long))

@@ -244,6 +244,40 @@ def make_mlp(cfg: ModelConfig) -> nn.Module:
     return MoE(cfg) if cfg.n_expert > 0 else MLPS[cfg.mlp](cfg)
 
 
+# ---------------------------------------------------------------- dropout
+class Dropout(nn.Module):
+    """Inverted dropout (Srivastava et al. 2014): in training, zero each element with probability p and
+    scale the rest by 1/(1-p); identity in eval mode. Same semantics as nn.Dropout.
+
+    Why not nn.Dropout on CPU: torch draws one Bernoulli float per element from a sequential
+    generator, ~3.5 ms for a (8, 256, 192) activation at 2 threads, 15-20% of a speedrun training step.
+    Here one 64-bit random integer gives four 16-bit lanes, each kept iff lane >= p·2^16 (as signed
+    int16), so p is used rounded to a multiple of 2^-16 (0.1 -> 0.099991) and the scale is
+    1/(1 - that p): ~0.5 ms for the same mask. Other devices (CUDA's fused kernel is fast) use F.dropout.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout p={p} must be in [0, 1)")
+        self.p = p
+        self.lanes = round(p * 65536)  # dropped lanes of 2^16
+        self.scale = 1.0 / (1.0 - self.lanes / 65536)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.lanes - 32768  # P(keep) = 1 - lanes/2^16
+        return x * (keep.to(x.dtype) * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 # ---------------------------------------------------------------- block
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -254,7 +288,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
+        self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos))

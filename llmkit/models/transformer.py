@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..errors import LLMKitError
 from ..losses import load_balancing_loss
 from .config import ModelConfig
-from .modules import MoE, Block, make_norm, rope_cache
+from .modules import MoE, Block, Dropout, make_norm, rope_cache
 
 
 class Transformer(nn.Module):
@@ -24,7 +24,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # GPT-2: h0 = U·We + Wp (learned absolute positions); others rotate q/k instead
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -82,8 +82,11 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("input_pos is required when decoding with a cache")
             input_pos = torch.arange(T, device=x.device)
-        if int(input_pos.max()) >= self.cfg.max_seq_len:
-            raise LLMKitError(f"sequence of {int(input_pos.max()) + 1} tokens is longer than the model's "
+            last = T - 1  # known without reading a tensor (.item() would break a torch.compile graph)
+        else:
+            last = int(input_pos.max())
+        if last >= self.cfg.max_seq_len:
+            raise LLMKitError(f"sequence of {last + 1} tokens is longer than the model's "
                               f"context window of {self.cfg.max_seq_len}")
         if self.embed_positions is not None:
             x = x + self.embed_positions(input_pos)

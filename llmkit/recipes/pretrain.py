@@ -264,7 +264,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     def run_eval(step: int) -> dict:
         if not windows:
             return {}
-        res = evaluate(fwd_model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
+        # the eager model: a compiled one would recompile for eval mode, no_grad and a short last batch
+        res = evaluate(model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
                        info.rank, info.world, autocast)
         logger.log({"step": step, **res})
         if on_eval:
@@ -323,7 +324,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         if t.eval_every and step % t.eval_every == 0 and not final:
             last_val = run_eval(step)
         if t.sample_every and step % t.sample_every == 0 and not final:
-            text = sample_text(fwd_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+            text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             samples.append({"step": step, "text": text})
             if info.is_main:
                 bar.write(f"[step {step}] {text!r}")
@@ -337,7 +338,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     # ---- end of run: evaluation, sample, checkpoints, plot, summary
     last_val = run_eval(step) or last_val
-    text = sample_text(fwd_model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+    text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
     samples.append({"step": step, "text": text})
     if last_saved != step:
         save(step, {"loss": loss, **last_val})

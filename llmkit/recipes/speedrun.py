@@ -62,7 +62,9 @@ class SpeedrunConfig:
     # auto: bf16 autocast when this CPU's bf16 matmuls are >= 1.5x its fp32 ones (AMX / AVX512-BF16),
     # else fp32. Weights, optimiser state and attention stay fp32 either way.
     dtype: str = "auto"  # auto | float32 | bfloat16
-    compile: bool = False  # torch.compile: ~20% faster steps on CPU, but compiling takes 30-100 s of the budget
+    # torch.compile: 15-35% faster steps on CPU, but a cold compile takes ~45 s of the budget; net ~8% more
+    # steps and no better score in a 10-minute run (2.012 vs 1.995-2.008, BENCHMARKS.md)
+    compile: bool = False
     eval_every: int = 400
     eval_batches: int = 4
     sample_tokens: int = 120
