@@ -2,34 +2,54 @@
 
     python benchmarks/dropout_ab.py
 
-Same model (the speedrun default: 4 layers, d_model 192, dropout 0.1), bf16 autocast, Muon, batch 8x256,
-2 threads; median ms/step of 7 rounds of 5 steps per engine. Results: BENCHMARKS.md.
+The speedrun's default model (SpeedrunConfig, vocab 512), bf16 autocast, Muon, batch 8x256, 2 threads;
+median ms/step of 7 rounds of 5 steps per engine. Results: BENCHMARKS.md.
 """
-import torch, time, statistics
+import statistics
+import time
+
+import torch
 import torch.nn as nn
-from llmkit.models import Transformer, ModelConfig
+
+from llmkit.models import Transformer
 from llmkit.models.modules import Dropout
+from llmkit.recipes.speedrun import SpeedrunConfig, _model_config
+from llmkit.train.loop import autocast_context, train_step
 from llmkit.train.optim import build_muon
-from llmkit.train.loop import train_step, autocast_context
-torch.set_num_threads(2); torch.manual_seed(0)
-cfg = ModelConfig.from_preset("tiny-llama", vocab_size=512, max_seq_len=256, n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512, dropout=0.1)
-def make(kind):
-    m = Transformer(cfg).train()
-    if kind == "torch":
-        for mod in m.modules():
-            for name, ch in mod.named_children():
-                if isinstance(ch, Dropout): setattr(mod, name, nn.Dropout(ch.p))
-    return m, build_muon(m, lr=6e-3, weight_decay=0.5)
-ac = autocast_context(torch.device("cpu"), "bfloat16")
-x = torch.randint(0,512,(8,256)); y = torch.randint(0,512,(8,256))
-eng = {k: make(k) for k in ("torch", "llmkit")}
-res = {k: [] for k in eng}
-for k,(m,o) in eng.items():
-    for _ in range(3): train_step(m, o, [(x,y)], autocast=ac)
-for r in range(7):
-    for k,(m,o) in eng.items():
-        t=time.perf_counter()
-        for _ in range(5): train_step(m, o, [(x,y)], autocast=ac)
-        res[k].append((time.perf_counter()-t)/5*1e3)
-med = {k: statistics.median(v) for k,v in res.items()}
-print({k: round(v,1) for k,v in med.items()}, "ms/step; speedup", round(med["torch"]/med["llmkit"],3))
+
+
+def make(cfg, sr: SpeedrunConfig, torch_dropout: bool):
+    model = Transformer(cfg).train()
+    if torch_dropout:  # swap each llmkit Dropout for torch's, same p
+        for mod in list(model.modules()):
+            for name, child in mod.named_children():
+                if isinstance(child, Dropout):
+                    setattr(mod, name, nn.Dropout(child.p))
+    return model, build_muon(model, lr=sr.lr, weight_decay=sr.weight_decay)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    sr = SpeedrunConfig()
+    cfg = _model_config(sr, sr.vocab_size)
+    autocast = autocast_context(torch.device("cpu"), "bfloat16")
+    x = torch.randint(0, sr.vocab_size, (sr.batch_size, sr.seq_len))
+    y = torch.randint(0, sr.vocab_size, (sr.batch_size, sr.seq_len))
+    engines = {"torch": make(cfg, sr, True), "llmkit": make(cfg, sr, False)}
+    times = {k: [] for k in engines}
+    for model, opt in engines.values():  # warm-up
+        for _ in range(3):
+            train_step(model, opt, [(x, y)], autocast=autocast)
+    for _ in range(7):
+        for k, (model, opt) in engines.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                train_step(model, opt, [(x, y)], autocast=autocast)
+            times[k].append((time.perf_counter() - t0) / 5 * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print({k: round(v, 1) for k, v in med.items()}, "ms/step; speedup", round(med["torch"] / med["llmkit"], 3))
+
+
+if __name__ == "__main__":
+    main()

@@ -50,8 +50,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     ~[0.7, 1.2], which is all Muon needs). `dtype` bfloat16 is what Jordan et al. and torch.optim.Muon
     use: the iteration is self-correcting, so bf16 rounding does not accumulate."""
     a, b, c = NS_COEFFS
-    norm = G.float().norm(dim=(-2, -1), keepdim=True)  # spectral ≤ Frobenius: inside the basin
-    X = (G.float() / (norm + eps)).to(dtype)
+    X = G.float()
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)  # spectral ≤ Frobenius: inside the basin
     wide = X.size(-2) <= X.size(-1)
     if not wide:  # iterate on the smaller Gram matrix (A, A) with A ≤ B
         X = X.mT
