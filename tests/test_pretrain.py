@@ -389,3 +389,46 @@ def test_activation_checkpointing_same_losses(data_dir, tmp_path):
                        "train.activation_checkpointing=true"))
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "ac")
     assert len(a) == 5 and max(abs(a[s] - b[s]) for s in a) < 1e-6
+
+
+# ---------------------------------------------------------------- tail averaging
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    """A step checkpoint's tensors, or an exported checkpoint's (`final`) under the same names."""
+    from safetensors.torch import load_file
+
+    if (d / "train_state.pt").is_file():
+        return load_file(str(d / "model.safetensors"))
+    return {k: v.detach() for k, v in load_model(str(d))[0].state_dict().items()}
+
+
+def test_tail_average_is_the_mean_of_the_last_steps_and_resumes(data_dir, tmp_path):
+    """average_tail=0.5 of 12 steps: the final checkpoint holds the mean of the weights after steps
+    7..12 (read from a run that saved every step), the step checkpoint keeps step 12's own weights,
+    and a run killed after step 8 resumes the same mean."""
+    import shutil
+
+    common = ("train.steps=12", "train.threads=1", "model.tie_embeddings=true")
+    pretrain(small_cfg(data_dir, tmp_path / "every", *common, "train.ckpt_every=1", "train.keep_last=12"))
+    raw = {s: _weights(tmp_path / "every" / "checkpoints" / f"step_{s:08d}") for s in range(1, 13)}
+    s = pretrain(small_cfg(data_dir, tmp_path / "avg", *common, "train.average_tail=0.5"))
+    assert s["averaged_steps"] == 6
+    final = _weights(tmp_path / "avg" / "final")
+    assert raw[12].keys() <= final.keys()
+    for k in raw[12]:
+        mean = torch.stack([raw[i][k] for i in range(7, 13)]).mean(0)
+        assert torch.allclose(final[k], mean, atol=1e-6), k
+        assert not torch.allclose(final[k], raw[12][k], atol=1e-6) or raw[7][k].equal(raw[12][k]), k
+    step12 = _weights(tmp_path / "avg" / "checkpoints" / "step_00000012")
+    assert all(step12[k].equal(raw[12][k]) for k in step12)  # a resume continues from the raw weights
+
+    shutil.copytree(tmp_path / "avg", tmp_path / "cut")
+    for d in ("checkpoints/step_00000012", "final"):  # as if killed after step 8 (its checkpoint has n=2)
+        shutil.rmtree(tmp_path / "cut" / d)
+    assert (tmp_path / "cut" / "checkpoints" / "step_00000008" / "average.safetensors").is_file()
+    assert not (tmp_path / "cut" / "checkpoints" / "step_00000004" / "average.safetensors").exists()
+    resumed = pretrain(small_cfg(data_dir, tmp_path / "cut", *common, "train.average_tail=0.5"), resume=True)
+    assert resumed["averaged_steps"] == 6
+    again = _weights(tmp_path / "cut" / "final")
+    assert max((again[k] - final[k]).abs().max().item() for k in raw[12]) < 1e-6
+    with pytest.raises(LLMKitError, match="average_tail"):
+        pretrain(small_cfg(data_dir, tmp_path / "bad", "train.average_tail=1"))

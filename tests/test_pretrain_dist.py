@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo): 2-process DDP and FSDP2 give the loss of one process with the
-same global batch, and a checkpoint written by FSDP resumes in a single process."""
+same global batch (tail weight averaging included), and a checkpoint written by FSDP (weights, optimiser
+state and the running weight mean) resumes in a single process."""
 
 import json
 import os
@@ -25,7 +26,10 @@ def _cfg(data_dir, out, strategy="ddp", *extra):
         f"data.dir={data_dir}", f"train.out_dir={out}", f"train.steps={STEPS}", "train.batch_size=8",
         "train.micro_batch_size=2", "data.seq_len=32", "train.eval_every=2", "train.eval_batches=2",
         "train.ckpt_every=2", f"train.strategy={strategy}", "train.progress=false", "optim.warmup_steps=1",
-        "optim.lr=1e-2", "train.device=cpu", "train.threads=1", "train.sample_tokens=4", *extra])
+        "optim.lr=1e-2", "train.device=cpu", "train.threads=1", "train.sample_tokens=4",
+        # steps 2-4 are averaged: the last val_loss scores the (FSDP-sharded) mean, and the step-2
+        # checkpoint carries a mean gathered from the shards that a resumed run must continue
+        "train.average_tail=0.7", *extra])
 
 
 def _worker(rank, world, port, data_dir, out, strategy):
@@ -91,7 +95,9 @@ def test_fsdp_checkpoint_resumes_in_one_process(setup):
         pretrain(_cfg(setup / "tokens", out), resume=str(fsdp_ckpt))
     finally:
         torch.set_num_threads(n)
-    single, _ = _curve(setup / "single")
-    resumed, _ = _curve(out)
+    single, single_val = _curve(setup / "single")
+    resumed, resumed_val = _curve(out)
     assert len(resumed) == STEPS - 2
     assert max(abs(a - b) for a, b in zip(single[2:], resumed)) < 1e-5
+    assert (setup / "fsdp" / "checkpoints" / "step_00000002" / "average.safetensors").is_file()
+    assert abs(single_val[-1] - resumed_val[-1]) < 1e-5  # the final weights: the same 3-step mean

@@ -50,6 +50,8 @@ def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
     r = json.loads((run / "speedrun.json").read_text())
     assert (run / "loss.png").stat().st_size > 1000 and "held-out bits per byte" in (run / "report.md").read_text()
     assert r["steps"] > 5 and 0 < r["heldout_bits_per_byte"] < 8 and r["wall_s"] < 30 + 20
+    assert 0 < r["averaged_steps"] < r["steps"]  # the final weights are the mean over the last 20%
+    assert f"mean of the last {r['averaged_steps']:,} steps" in (run / "report.md").read_text()
     held = run / "data" / "heldout.txt"
     assert held.read_bytes() == corpus.read_bytes()[len(corpus.read_bytes()) * 9 // 10:]
     # the reported number is what `llmkit score` says about the final checkpoint

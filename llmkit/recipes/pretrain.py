@@ -5,8 +5,8 @@
 
 Runs alone or under `torchrun --nproc_per_node=K` (train.strategy = ddp | fsdp). Global batch =
 micro_batch_size x accumulation steps x world size; each rank reads its own rows of every batch.
-Everything that decides the next step (weights, AdamW moments, step, data position, RNG) is in the
-step checkpoints, so `resume` continues the run exactly.
+Everything that decides the next step (weights, AdamW moments, step, data position, RNG, the running
+weight mean of train.average_tail) is in the step checkpoints, so `resume` continues the run exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..errors import LLMKitError
 from ..models import ModelConfig, Transformer
 from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
+from ..train.average import TailAverage, in_tail
 from ..train.data import BatchLoader, TokenShards, eval_windows, read_manifest
 from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
 from ..train.loop import (MetricsLogger, autocast_context, evaluate, plot_metrics, progress_bar, read_metrics,
@@ -67,6 +68,9 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 on CPU uses AMX/AVX512-BF16
     threads: int | None = None  # torch CPU threads (None: leave as is)
     compile: bool = False
+    # the final weights are the mean of the weights over this last fraction of the run (steps or wall
+    # clock); 0 = the last weights. Tail/SWA averaging: train/average.py
+    average_tail: float = 0.0
     activation_checkpointing: bool = False
     strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
     log_every: int = 1
@@ -143,6 +147,8 @@ def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
             raise LLMKitError(f"{name} must be positive, got {v}")
     if not (o.lr > 0 and o.min_lr >= 0):
         raise LLMKitError(f"optim.lr must be > 0 and optim.min_lr >= 0 (got {o.lr}, {o.min_lr})")
+    if not 0 <= t.average_tail < 1:
+        raise LLMKitError(f"train.average_tail must be in [0, 1), got {t.average_tail}")
     micro = t.micro_batch_size or t.batch_size // world
     if micro <= 0 or t.batch_size % (micro * world):
         raise LLMKitError(f"train.batch_size {t.batch_size} must be a multiple of micro_batch_size {micro} "
@@ -230,9 +236,11 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     autocast = autocast_context(info.device, t.dtype)
     aux_coef = mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0
 
+    averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0
     if start_ckpt:
         state = ckpt.load_train_state(start_ckpt, model, optimizer)
+        averager.load(start_ckpt)
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         start_step = int(state["step"])
@@ -274,8 +282,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     def save(step: int, metrics: dict) -> Path | None:
         return ckpt.save_train_state(ckpt_root, step, model, optimizer, {**loader.state_dict(), "elapsed_s": elapsed},
-                                     run_config, metrics,
-                                     keep=t.keep_last, is_main=info.is_main)
+                                     run_config, metrics, keep=t.keep_last, is_main=info.is_main,
+                                     average=averager.state() if averager.n else None)
 
     # a time-budgeted run shows a bar over seconds (its ETA is the budget), otherwise over steps
     by_time = bool(t.time_budget_s)
@@ -308,6 +316,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
             good = ckpt.latest_checkpoint(ckpt_root)
             raise LLMKitError(f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
                               f"{good if good else 'none (none was saved yet)'}")
+        if in_tail(elapsed / t.time_budget_s if t.time_budget_s else step / steps, t.average_tail):
+            averager.update()
         tok_s = tokens_per_step / dt
         tok_s_ema = tok_s if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * tok_s
         if step % t.log_every == 0 or step == steps:
@@ -337,6 +347,11 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     train_wall = time.perf_counter() - t_start
 
     # ---- end of run: evaluation, sample, checkpoints, plot, summary
+    if averager.n:  # the step checkpoint keeps the last weights (a resume continues from them); the rest use the mean
+        if last_saved != step:
+            save(step, {"loss": loss, **last_val})
+            last_saved = step
+        averager.copy_to_model()
     last_val = run_eval(step) or last_val
     text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
     samples.append({"step": step, "text": text})
@@ -358,6 +373,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                    "elapsed_s": elapsed, "tokens_per_s": mean_tok_s, "mfu": mfu(fpt, mean_tok_s, peak),
                    "peak_flops": peak, "peak_source": peak_src, "flops_per_token": fpt, "final_loss": loss,
                    **last_val, "samples": samples, "final_checkpoint": str(final_dir), "world": info.world,
+                   "averaged_steps": averager.n,
                    "strategy": t.strategy if info.enabled else "none", "model_config": mcfg.to_dict()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()

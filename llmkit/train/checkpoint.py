@@ -87,8 +87,10 @@ def split_aliases(state_dict: dict) -> tuple[dict, dict]:
 
 
 def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimizer, loader_state: dict,
-                     config: dict, metrics: dict | None = None, keep: int = 3, is_main: bool = True) -> Path | None:
-    """Write RUN/checkpoints/step_XXXXXXXX atomically (rank 0 writes; all ranks must call), keep the last `keep`."""
+                     config: dict, metrics: dict | None = None, keep: int = 3, is_main: bool = True,
+                     average: tuple[dict, int] | None = None) -> Path | None:
+    """Write RUN/checkpoints/step_XXXXXXXX atomically (rank 0 writes; all ranks must call), keep the last `keep`.
+    `average`: (tensors, n) of a running weight mean (train.average.TailAverage.state()), stored beside."""
     model_sd, optim_sd = gather_state(model, optimizer)
     root = Path(ckpt_root)
     out = root / f"step_{step:08d}"
@@ -102,6 +104,10 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
                           metadata={"format": "pt", "step": str(step), "aliases": json.dumps(aliases)})
                 torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
                             "config": config}, tmp / "train_state.pt")
+                if average and average[1]:
+                    from .average import FILE
+
+                    save_file(average[0], tmp / FILE, metadata={"n": json.dumps(average[1])})
                 (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
         except OSError as e:
             kept = f"; the previous checkpoint {previous} is intact" if previous else ""
