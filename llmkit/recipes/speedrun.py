@@ -66,7 +66,7 @@ class SpeedrunConfig:
     # steps and no better score in a 10-minute run (2.012 vs 1.995-2.008, BENCHMARKS.md)
     compile: bool = False
     # the final weights are the mean over the last 20% of the wall-clock budget (train/average.py):
-    # 1.983-1.999 held-out bits/byte in 4 runs, 0.010-0.014 better than the same runs' last weights
+    # 1.983-1.999 held-out bits/byte in 5 runs, 0.010-0.019 better than the same runs' last weights
     average_tail: float = 0.2
     eval_every: int = 400
     eval_batches: int = 4

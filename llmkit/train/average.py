@@ -3,7 +3,7 @@
 Averaging the iterates along the end of an optimiser's trajectory (Polyak & Juditsky 1992; SWA,
 Izmailov et al. 2018; LAWA, Sanyal et al. 2023) lands nearer the middle of the low-loss region
 the run circles than any single iterate does. In the 10-minute speedrun the mean over the last 20%
-scored 0.010-0.014 held-out bits/byte better than the same run's last weights (4 runs, BENCHMARKS.md);
+scored 0.010-0.019 held-out bits/byte better than the same run's last weights (5 runs, BENCHMARKS.md);
 longer tails, reaching into the high-LR part of the schedule, made it worse.
 
 The mean is kept as a running one, a_n = a_{n-1} + (p - a_{n-1}) / n, so it costs one copy of the
