@@ -240,7 +240,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     start_step, elapsed_before = 0, 0.0
     if start_ckpt:
         state = ckpt.load_train_state(start_ckpt, model, optimizer)
-        averager.load(start_ckpt)
+        averager.load_state(state["average"])
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         start_step = int(state["step"])
@@ -280,10 +280,16 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
             on_eval(step, res)
         return res
 
-    def save(step: int, metrics: dict) -> Path | None:
-        return ckpt.save_train_state(ckpt_root, step, model, optimizer, {**loader.state_dict(), "elapsed_s": elapsed},
-                                     run_config, metrics, keep=t.keep_last, is_main=info.is_main,
-                                     average=averager.state() if averager.n else None)
+    last_saved = start_step if start_ckpt else None
+
+    def save(step: int, metrics: dict) -> None:
+        """The step checkpoint, once per step."""
+        nonlocal last_saved
+        if last_saved != step:
+            ckpt.save_train_state(ckpt_root, step, model, optimizer, {**loader.state_dict(), "elapsed_s": elapsed},
+                                  run_config, metrics, keep=t.keep_last, is_main=info.is_main,
+                                  average=averager.state())
+            last_saved = step
 
     # a time-budgeted run shows a bar over seconds (its ETA is the budget), otherwise over steps
     by_time = bool(t.time_budget_s)
@@ -292,7 +298,6 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     t_start = time.perf_counter()
     elapsed = elapsed_before
     step = start_step
-    last_saved = start_step if start_ckpt else None
     last_val: dict = {}
     tok_s_ema = None
     samples: list[dict] = []
@@ -340,7 +345,6 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                 bar.write(f"[step {step}] {text!r}")
         if t.ckpt_every and step % t.ckpt_every == 0 and not final:
             save(step, {"loss": loss, **last_val})
-            last_saved = step
         if out_of_time:
             break
     bar.close()
@@ -348,15 +352,12 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     # ---- end of run: evaluation, sample, checkpoints, plot, summary
     if averager.n:  # the step checkpoint keeps the last weights (a resume continues from them); the rest use the mean
-        if last_saved != step:
-            save(step, {"loss": loss, **last_val})
-            last_saved = step
+        save(step, {"loss": loss, **last_val})
         averager.copy_to_model()
     last_val = run_eval(step) or last_val
     text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
     samples.append({"step": step, "text": text})
-    if last_saved != step:
-        save(step, {"loss": loss, **last_val})
+    save(step, {"loss": loss, **last_val})
     plain = _full_model(model, mcfg)
     summary = {}
     if info.is_main:

@@ -7,23 +7,17 @@ scored 0.010-0.019 held-out bits/byte better than the same run's last weights (5
 longer tails, reaching into the high-LR part of the schedule, made it worse.
 
 The mean is kept as a running one, a_n = a_{n-1} + (p - a_{n-1}) / n, so it costs one copy of the
-weights and one lerp per step. Step checkpoints store it beside the raw weights (average.safetensors),
-so a resumed run continues the same mean.
+weights and one lerp per step. Step checkpoints store it beside the raw weights
+(train/checkpoint.py: AVERAGE_FILE), so a resumed run continues the same mean.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import LLMKitError
 from .dist import unwrap
-
-FILE = "average.safetensors"
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -53,31 +47,32 @@ class TailAverage:
         for name, p in self.params:
             p.copy_(self.avg[name])
 
-    def state(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(full tensors by parameter name, n) for a checkpoint; all ranks call (FSDP shards are gathered)."""
+    def state(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        """(full tensors by parameter name, n) for a checkpoint, None before the first update; all ranks
+        call (FSDP shards are gathered)."""
+        if not self.n:
+            return None
         return {name: _full(a).detach().cpu().contiguous() for name, a in self.avg.items()}, self.n
 
     @torch.no_grad()
-    def load(self, directory: Path) -> None:
-        """Continue the mean stored in DIR (a step checkpoint); no file there: the mean had not started."""
-        f = Path(directory) / FILE
+    def load_state(self, state: tuple[dict[str, torch.Tensor], int] | None) -> None:
+        """Continue a mean from state() (full tensors; FSDP2 ranks keep their shard); None: not started."""
         self.avg, self.n = {}, 0
-        if not f.is_file():
+        if state is None:
             return
-        with safe_open(f, framework="pt") as sf:
-            names = set(sf.keys())
-            want = {name for name, _ in self.params}
-            if names != want:
-                raise LLMKitError(f"{f} does not fit this model (parameters differ: "
-                                  f"{sorted(names ^ want)[:3]})")
-            for name, p in self.params:
-                t = sf.get_tensor(name).to(device=p.device, dtype=p.dtype)
-                if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this rank's piece
-                    from torch.distributed.tensor import distribute_tensor
+        tensors, n = state
+        want = {name for name, _ in self.params}
+        if tensors.keys() != want:
+            raise LLMKitError(f"the stored weight mean does not fit this model (parameters differ: "
+                              f"{sorted(tensors.keys() ^ want)[:3]})")
+        for name, p in self.params:
+            t = tensors[name].to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this rank's piece
+                from torch.distributed.tensor import distribute_tensor
 
-                    t = distribute_tensor(t, p.device_mesh, p.placements)
-                self.avg[name] = t
-            self.n = int(json.loads(sf.metadata()["n"]))
+                t = distribute_tensor(t, p.device_mesh, p.placements)
+            self.avg[name] = t
+        self.n = n
 
 
 def in_tail(progress: float, tail: float) -> bool:

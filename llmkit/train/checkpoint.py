@@ -29,6 +29,7 @@ from ..errors import LLMKitError
 from ..io import atomic_dir
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+AVERAGE_FILE = "average.safetensors"  # a running weight mean (train.average.TailAverage), when one had started
 
 
 def _options(full: bool = True):
@@ -104,10 +105,8 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
                           metadata={"format": "pt", "step": str(step), "aliases": json.dumps(aliases)})
                 torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
                             "config": config}, tmp / "train_state.pt")
-                if average and average[1]:
-                    from .average import FILE
-
-                    save_file(average[0], tmp / FILE, metadata={"n": json.dumps(average[1])})
+                if average:
+                    save_file(average[0], tmp / AVERAGE_FILE, metadata={"n": json.dumps(average[1])})
                 (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
         except OSError as e:
             kept = f"; the previous checkpoint {previous} is intact" if previous else ""
@@ -126,7 +125,8 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
 
 def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
     """Load weights and optimiser state into (possibly wrapped/sharded) model and optimizer; every rank
-    reads the full files. Returns the rest of the state: step, loader, rng, config."""
+    reads the full files. Returns the rest of the state: step, loader, rng, config, and "average":
+    (full tensors, n) of the running weight mean, or None if the run had not started one."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     d = Path(ckpt_dir)
@@ -146,4 +146,8 @@ def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
                        options=_options())
     except (RuntimeError, KeyError, ValueError) as e:
         raise LLMKitError(f"checkpoint {d} does not fit this model/optimiser: {str(e).splitlines()[0]}") from None
+    state["average"] = None
+    if (d / AVERAGE_FILE).is_file():
+        with safe_open(d / AVERAGE_FILE, framework="pt") as f:
+            state["average"] = {k: f.get_tensor(k) for k in f.keys()}, int(json.loads(f.metadata()["n"]))
     return state
