@@ -12,12 +12,23 @@ The sub-modules are wrapped in place (`AdapterWrapped.module` holds the original
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMKitError
-from .common import freeze
+from .common import freeze, load_trainable
+from .registry import PeftMethod, register
+
+
+@dataclass
+class AdapterSection:
+    """The `adapter:` section of a fine-tuning config."""
+
+    bottleneck: int = 64
+    where: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
 
 
 class Bottleneck(nn.Module):
@@ -62,7 +73,12 @@ def apply_adapters(model: nn.Module, bottleneck: int = 64, where=("self_attn", "
     return model
 
 
-def unload_adapters(model: nn.Module) -> nn.Module:
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, AdapterWrapped) for m in model.modules())
+
+
+def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the wrapped sub-layers back (a bottleneck is non-linear: it cannot be merged)."""
     for layer in model.layers:
         for w in ("self_attn", "mlp"):
             sub = getattr(layer, w)
@@ -79,3 +95,23 @@ def adapters_config(model: nn.Module) -> dict:
     # no peft type exists for Houlsby adapters: this file is read by llmkit only
     return {"peft_type": "LLMKIT_BOTTLENECK", "task_type": "CAUSAL_LM", "bottleneck": first.down.out_features,
             "where": where}
+
+
+def adapters_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bottleneck tensors under llmkit's names (layers.0.mlp.adapter.down.weight (m, C), ...)."""
+    return {k: v for k, v in model.state_dict().items() if ".adapter." in k}
+
+
+def adapters_from_config(model: nn.Module, cfg: dict) -> None:
+    apply_adapters(model, bottleneck=int(cfg["bottleneck"]), where=tuple(cfg.get("where", ("self_attn", "mlp"))))
+
+
+def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
+    return apply_adapters(model, cfg.adapter.bottleneck, tuple(cfg.adapter.where))
+
+
+ADAPTER = register(PeftMethod(
+    name="adapter", default_lr=1e-3, apply=_apply, sections={"adapter": AdapterSection},
+    peft_type="LLMKIT_BOTTLENECK", is_applied=has_adapters, state=adapters_state, load_state=load_trainable,
+    peft_config=lambda model, base: adapters_config(model), from_peft_config=adapters_from_config,
+    unload=unload_adapters))

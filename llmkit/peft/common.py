@@ -13,6 +13,7 @@ name, so an adapter tensor `layers.0.self_attn.q_proj.lora_A.weight` is stored u
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..errors import LLMKitError
@@ -32,11 +33,6 @@ def from_peft_key(key: str) -> str:
     if key.startswith("model."):
         key = key[len("model."):]
     return key.replace(".default.", ".").removesuffix(".default")
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Names of every nn.Linear in the model (the candidates for LoRA / QLoRA)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def match_targets(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
@@ -69,6 +65,27 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new.train(parent.training))
+
+
+def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (llmkit parameter names) into the model's parameters. They must cover exactly
+    the trainable ones (the fresh adapter's) with the same shapes: anything else means the file was
+    made for another base model or another adapter configuration (LLMKitError)."""
+    own = dict(model.named_parameters())
+    expected = {n for n, p in own.items() if p.requires_grad}
+    missing = sorted(expected - weights.keys())
+    if missing:
+        raise LLMKitError(f"lacks tensor {missing[0]!r} (and {len(missing) - 1} more): "
+                          "it was made for another base model or another adapter configuration")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if k not in own:
+                raise LLMKitError(f"has tensor {k!r} that this model does not have: it was made for another base model")
+            p = own[k]
+            if p.shape != v.shape:
+                raise LLMKitError(f"was made for another base model: {k} has shape {tuple(v.shape)}, "
+                                  f"this model needs {tuple(p.shape)}")
+            p.copy_(v.to(p.dtype))
 
 
 def freeze(model: nn.Module) -> None:

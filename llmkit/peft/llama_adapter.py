@@ -15,6 +15,7 @@ the same parameter names `adaption_prompt` (1, L_a, C) and `adaption_gate` (1,))
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,16 @@ import torch.nn.functional as F
 
 from ..errors import LLMKitError
 from ..models.modules import Attention, apply_rope
-from .common import freeze
+from .common import freeze, from_peft_key, load_trainable, to_peft_key
+from .registry import PeftMethod, register
+
+
+@dataclass
+class LlamaAdapterSection:
+    """The `llama_adapter:` section of a fine-tuning config."""
+
+    adapter_len: int = 10  # L_a prompt vectors per layer
+    n_layers: int = 8  # adapted layers, counted from the top
 
 
 class AdaptedAttention(nn.Module):
@@ -75,7 +85,12 @@ def adapted_layers(model: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(model.layers) if isinstance(layer.self_attn, AdaptedAttention)]
 
 
-def unload_llama_adapter(model: nn.Module) -> nn.Module:
+def has_llama_adapter(model: nn.Module) -> bool:
+    return bool(adapted_layers(model))
+
+
+def unload_llama_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the plain Attention modules back (the gated prompt attention cannot be merged)."""
     for layer in model.layers:
         if isinstance(layer.self_attn, AdaptedAttention):
             layer.self_attn = layer.self_attn.model
@@ -89,3 +104,27 @@ def llama_adapter_peft_config(model: nn.Module, base_model_name: str | None = No
     return {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
             "adapter_len": model.layers[layers[0]].self_attn.adapter_len, "adapter_layers": len(layers),
             "target_modules": "self_attn", "inference_mode": True}
+
+
+def llama_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """adaption_prompt (1, L_a, C) and adaption_gate (1,) of each adapted layer, under peft's keys."""
+    return {to_peft_key(k): v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1].startswith("adaption_")}
+
+
+def load_llama_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    load_trainable(model, {from_peft_key(k): v for k, v in tensors.items()})
+
+
+def llama_adapter_from_config(model: nn.Module, cfg: dict) -> None:
+    apply_llama_adapter(model, adapter_len=int(cfg["adapter_len"]), n_layers=int(cfg["adapter_layers"]))
+
+
+def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
+    return apply_llama_adapter(model, cfg.llama_adapter.adapter_len, cfg.llama_adapter.n_layers)
+
+
+LLAMA_ADAPTER = register(PeftMethod(
+    name="llama-adapter", default_lr=1e-2, apply=_apply, sections={"llama_adapter": LlamaAdapterSection},
+    peft_type="ADAPTION_PROMPT", is_applied=has_llama_adapter, state=llama_adapter_state,
+    load_state=load_llama_adapter_state, peft_config=llama_adapter_peft_config,
+    from_peft_config=llama_adapter_from_config, unload=unload_llama_adapter))

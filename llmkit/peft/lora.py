@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMKitError
-from .common import freeze, get_module, match_targets, set_module
+from .common import freeze, from_peft_key, get_module, load_trainable, match_targets, set_module, to_peft_key
+from .registry import PeftMethod, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -153,11 +154,6 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors: {"layers.0.self_attn.q_proj.lora_A.weight": (r, in), ...}."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-
-
 def lora_peft_config(model: nn.Module, base_model_name: str | None = None) -> dict:
     """adapter_config.json content for `peft` (LoraConfig fields)."""
     layers = lora_layers(model)
@@ -185,3 +181,43 @@ def lora_peft_config(model: nn.Module, base_model_name: str | None = None) -> di
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under peft's keys: {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+    (r, in), ...lora_B.weight: (out, r)}."""
+    return {to_peft_key(k): v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    load_trainable(model, {from_peft_key(k): v for k, v in tensors.items()})
+
+
+def lora_from_peft_config(model: nn.Module, cfg: dict) -> None:
+    """Apply the LoRA swaps an adapter_config.json (llmkit's or peft's LoraConfig) describes."""
+    targets = cfg.get("target_modules") or None
+    if isinstance(targets, str) and targets != "all-linear":
+        raise LLMKitError(f"regex target_modules {targets!r} are not supported; list the module names")
+    apply_lora(model, targets=targets, r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
+               dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)))
+
+
+def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
+    c = cfg.lora
+    return apply_lora(model, c.targets, c.r, c.alpha, c.dropout, c.rslora)
+
+
+def _validate(cfg) -> None:
+    r = cfg.lora.r
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise LLMKitError(f"LoRA rank r must be a positive integer, got {r!r}")
+
+
+LORA = register(PeftMethod(
+    name="lora", default_lr=2e-4, apply=_apply, sections={"lora": LoRAConfig}, validate=_validate,
+    peft_type="LORA", is_applied=has_lora, state=lora_state, load_state=load_lora_state,
+    peft_config=lora_peft_config, from_peft_config=lora_from_peft_config, unload=unload_lora, mergeable=True))

@@ -10,12 +10,15 @@ Saved as `prompt_embeddings` (n, C), the key `peft` uses for PROMPT_TUNING.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMKitError
-from .common import freeze
+from .common import freeze, load_trainable
+from .registry import PeftMethod, register
 
 
 class SoftPrompt(nn.Module):
@@ -81,15 +84,71 @@ def nearest_tokens(model: nn.Module, tokenizer=None) -> list[tuple[int, int, str
     return out
 
 
-def unload_prompt(model: nn.Module) -> nn.Module:
-    if has_soft_prompt(model):
-        del model.soft_prompt
-    return model
-
-
 def prompt_peft_config(model: nn.Module, base_model_name: str | None = None) -> dict:
     cfg = model.cfg
     return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
             "num_virtual_tokens": model.soft_prompt.n_tokens, "token_dim": cfg.d_model,
             "num_transformer_submodules": 1, "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer,
             "prompt_tuning_init": "RANDOM", "inference_mode": True}
+
+
+# ---------------------------------------------------------------- the record's interface
+# The prompt-tuning record below calls only these functions (and apply_prompt_tuning,
+# prompt_peft_config, nearest_tokens above), whatever object holds the soft prompt.
+def has_prompt(model: nn.Module) -> bool:
+    return has_soft_prompt(model)
+
+
+def prompt_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"prompt_embeddings": P (n, C)}: peft's key for PROMPT_TUNING."""
+    return {"prompt_embeddings": model.soft_prompt.weight.detach()}
+
+
+def load_prompt_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy a saved P (n, C) into the model's (freshly applied) soft prompt."""
+    if "prompt_embeddings" not in weights:
+        raise LLMKitError("has no prompt_embeddings tensor")
+    load_trainable(model, {"soft_prompt.weight": weights["prompt_embeddings"]})
+
+
+def unload_prompt_tuning(model: nn.Module) -> nn.Module:
+    if has_soft_prompt(model):
+        del model.soft_prompt
+    return model
+
+
+@dataclass
+class PromptSection:
+    """The `prompt:` section of a fine-tuning config."""
+
+    n_tokens: int = 20
+    init_text: str | None = None  # initialise from this text's token embeddings (else random tokens)
+
+
+def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
+    p = cfg.prompt
+    init = tokenizer.encode(p.init_text, add_bos=False) if p.init_text and tokenizer is not None else None
+    return apply_prompt_tuning(model, p.n_tokens, init_ids=init, seed=getattr(cfg, "seed", 0))
+
+
+def _from_peft_config(model: nn.Module, cfg: dict) -> None:
+    if int(cfg.get("token_dim", model.cfg.d_model)) != model.cfg.d_model:
+        raise LLMKitError(f"soft prompt width {cfg['token_dim']} != model width {model.cfg.d_model}")
+    unload_prompt_tuning(model)  # one prompt per task: a loaded prompt replaces the current one
+    apply_prompt_tuning(model, n_tokens=int(cfg["num_virtual_tokens"]))
+
+
+def _unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    unload_prompt_tuning(model)
+    return model
+
+
+def _summary(model: nn.Module, tokenizer) -> dict:
+    return {"prompt_nearest_tokens": [t for _, _, t, _ in nearest_tokens(model, tokenizer)]}
+
+
+PROMPT = register(PeftMethod(
+    name="prompt", default_lr=3e-2, apply=_apply, sections={"prompt": PromptSection},
+    supports_packing=False,  # the soft prompt is prepended to each row, not to each packed document
+    peft_type="PROMPT_TUNING", is_applied=has_prompt, state=prompt_state, load_state=load_prompt_state,
+    peft_config=prompt_peft_config, from_peft_config=_from_peft_config, unload=_unload, summary=_summary))

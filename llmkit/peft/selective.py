@@ -8,10 +8,22 @@ ones nearest the output, the usual choice since lower layers hold more general f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch.nn as nn
 
 from ..errors import LLMKitError
 from .common import freeze
+from .registry import PeftMethod, register
+
+
+@dataclass
+class SelectiveSection:
+    """The `selective:` section of a fine-tuning config (the arguments of `select_trainable`)."""
+
+    modules: list[str] = field(default_factory=list)
+    top_n_layers: int = 0
+    attention_only: bool = False
 
 
 def select_trainable(model: nn.Module, modules: list[str] | None = None, top_n_layers: int = 0,
@@ -45,3 +57,13 @@ def select_trainable(model: nn.Module, modules: list[str] | None = None, top_n_l
 def _contains(name: str, part: str) -> bool:
     """True if `part` occurs in `name` as whole dotted components ("layers.1" is not in "layers.11.x")."""
     return f".{part}." in f".{name}."
+
+
+def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
+    s = cfg.selective
+    return select_trainable(model, s.modules, s.top_n_layers, s.attention_only)
+
+
+# trains the model's own parameters: the result is a checkpoint, not an adapter
+SELECTIVE = register(PeftMethod(name="selective", default_lr=5e-5, apply=_apply,
+                                sections={"selective": SelectiveSection}, saves_adapter=False))

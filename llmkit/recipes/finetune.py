@@ -27,51 +27,15 @@ from ..errors import LLMKitError
 from ..finetune.data import DocumentMask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
-from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
-                    memory_report, nearest_tokens, quantize_model_nf4, save_adapter, select_trainable,
-                    trainable_summary)
+from ..peft import METHODS  # noqa: F401  (the CLI's choices)
+from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
+                    forward_with_prompt, get_method, memory_report, save_adapter, trainable_summary)
+from ..peft import apply_method as apply_peft_method
 from ..peft.lora import LoRAConfig
 from ..peft.prompt_tuning import has_soft_prompt
 from ..train.loop import MetricsLogger, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import build_adamw
 from ..train.schedule import lr_at, set_lr
-
-METHODS = ("full", "selective", "lora", "qlora", "adapter", "prompt", "llama-adapter")
-DEFAULT_LR = {"full": 2e-5, "selective": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prompt": 3e-2,
-              "llama-adapter": 1e-2}
-
-
-@dataclass
-class QLoRASection:
-    blocksize: int = 64
-    double_quant: bool = True
-    quantize: str = "all-linear"  # which linears are stored in NF4 (lm_head stays: tied to the embedding)
-
-
-@dataclass
-class SelectiveSection:
-    modules: list[str] = field(default_factory=list)
-    top_n_layers: int = 0
-    attention_only: bool = False
-
-
-@dataclass
-class AdapterSection:
-    bottleneck: int = 64
-    where: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
-
-
-@dataclass
-class PromptSection:
-    n_tokens: int = 20
-    init_text: str | None = None  # initialise from this text's token embeddings (else random tokens)
-
-
-@dataclass
-class LlamaAdapterSection:
-    adapter_len: int = 10
-    n_layers: int = 8
-
 
 @dataclass
 class FinetuneConfig:
@@ -85,7 +49,7 @@ class FinetuneConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 100
-    lr: float | None = None  # None: the method's default (DEFAULT_LR)
+    lr: float | None = None  # None: the method's default (llmkit.peft.default_lr)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     schedule: str = "cosine"
@@ -117,11 +81,7 @@ class FinetuneConfig:
                     setattr(sec, name, float(v))
                 except ValueError:
                     raise LLMKitError(f"{name} must be a number, got {v!r}") from None
-        if self.method not in METHODS:
-            from ..errors import closest
-
-            raise LLMKitError(f"unknown method {self.method!r}{closest(self.method, METHODS)}; "
-                              f"choose one of {', '.join(METHODS)}")
+        method = get_method(self.method)  # an unknown name raises, naming the close spelling
         if not self.model:
             raise LLMKitError("no model given (--model)")
         if not self.data:
@@ -131,35 +91,16 @@ class FinetuneConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) <= 0:
                 raise LLMKitError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.method in ("lora", "qlora") and (not isinstance(self.lora.r, int) or self.lora.r <= 0):
-            raise LLMKitError(f"LoRA rank r must be a positive integer, got {self.lora.r!r}")
-        if self.method == "prompt" and self.packing:
-            raise LLMKitError("prompt tuning prepends the soft prompt to each sequence: use packing=false")
+        if method.validate is not None:
+            method.validate(self)
+        if self.packing and not method.supports_packing:
+            raise LLMKitError(f"method {self.method} cannot train on packed rows: use packing=false")
 
 
 # ------------------------------------------------------------------ methods
 def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Module:
-    """Apply the module swaps / freezing of cfg.method to `model` (in place)."""
-    m = cfg.method
-    if m == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif m == "selective":
-        s = cfg.selective
-        select_trainable(model, s.modules, s.top_n_layers, s.attention_only)
-    elif m in ("lora", "qlora"):
-        if m == "qlora":
-            quantize_model_nf4(model, cfg.qlora.quantize, cfg.qlora.blocksize, cfg.qlora.double_quant)
-        lc = cfg.lora
-        apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
-    elif m == "adapter":
-        apply_adapters(model, cfg.adapter.bottleneck, tuple(cfg.adapter.where))
-    elif m == "prompt":
-        init = tokenizer.encode(cfg.prompt.init_text, add_bos=False) if cfg.prompt.init_text and tokenizer else None
-        apply_prompt_tuning(model, cfg.prompt.n_tokens, init_ids=init, seed=cfg.seed)
-    elif m == "llama-adapter":
-        apply_llama_adapter(model, cfg.llama_adapter.adapter_len, cfg.llama_adapter.n_layers)
-    return model
+    """Apply the module swaps / freezing of cfg.method to `model` (in place), reading its sections of cfg."""
+    return apply_peft_method(model, cfg.method, cfg, tokenizer)
 
 
 # ------------------------------------------------------------------ loss
@@ -225,7 +166,8 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     model.train()
     params = trainable_summary(model)
     mem_after = memory_report(model)
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    method = get_method(cfg.method)
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
     optimizer = build_adamw(model, lr=lr, weight_decay=cfg.weight_decay)
     stream = example_stream(data.train, data.weights, cfg.seed)
     carry: list = []
@@ -273,16 +215,15 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
         "val_loss_before": val_before, "val_loss_after": last_val,
         "train_seconds": elapsed, "completion_tokens": tokens,
     }
-    if cfg.method == "prompt":
-        summary["prompt_nearest_tokens"] = [t for _, _, t, _ in nearest_tokens(model, tokenizer)]
+    if method.summary is not None:
+        summary.update(method.summary(model, tokenizer))
     resolved = dataclasses.asdict(cfg)
-    if cfg.method in ("full", "selective"):
+    if method.saves_adapter:
+        save_adapter(model, out, base_model=cfg.model, force=True, extra={"finetune": resolved}, method=cfg.method)
+    else:
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(model, out, tokenizer=tokenizer, meta={"finetune": resolved}, force=True)
-    else:
-        save_adapter(model, out, base_model=cfg.model, force=True,
-                     extra={"finetune": resolved, "nf4_base": cfg.method == "qlora"})
     os.replace(metrics_tmp, out / "metrics.jsonl")
     plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"fine-tuning ({cfg.method})")
     atomic_write_json(out / "finetune.json", {"config": resolved, "summary": summary})
