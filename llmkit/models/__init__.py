@@ -1,8 +1,11 @@
-"""Model zoo: one decoder class, a config dataclass with named presets, swappable modules."""
+"""Model zoo: one decoder class, a config dataclass with named presets, swappable modules; and a
+BERT-style bidirectional encoder (encoder.py)."""
 
 from .cache import KVCache
 from .config import PRESETS, ModelConfig
+from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from .flops import flops_per_token, num_params
 from .transformer import Transformer
 
-__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "num_params"]
+__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "num_params", "Encoder",
+           "EncoderConfig", "ENCODER_PRESETS"]

@@ -1,0 +1,193 @@
+"""A BERT-style bidirectional encoder (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding"), e.g. for BERTScore's token embeddings.
+
+It differs from the decoder (transformer.py) where BERT does:
+  - embeddings: token + learned absolute position + token type (segment), then LayerNorm;
+  - attention is bidirectional: every token sees every other non-padding token (no causal mask);
+  - post-norm blocks (Vaswani et al. 2017): x = LN(x + Attn(x)); x = LN(x + MLP(x)), biases everywhere.
+The MLP is the decoder's `GeluMLP` (exact erf GELU for BERT's "gelu").
+
+`Encoder.from_dir(path)` loads a Hugging Face BERT folder (config.json + model.safetensors), e.g.
+all-MiniLM-L6-v2 (`llmkit pull minilm-l6-v2`), without `transformers`; the outputs equal
+transformers' BertModel hidden states (tests/test_models_encoder.py).
+
+Shapes: B batch, T tokens, C d_model, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LLMKitError, closest
+from .modules import GeluMLP
+
+# Hugging Face `hidden_act` -> the key of modules.ACTIVATIONS
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int = 30522
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    max_seq_len: int = 512  # learned absolute positions
+    type_vocab_size: int = 2  # segments (sentence A / B)
+    norm_eps: float = 1e-12
+    activation: str = "gelu"  # key of modules.ACTIVATIONS
+    bias: bool = True  # BERT has biases on every linear (read by GeluMLP)
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise LLMKitError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "EncoderConfig":
+        if name not in ENCODER_PRESETS:
+            raise LLMKitError(f"unknown encoder preset {name!r}{closest(name, ENCODER_PRESETS)}; "
+                              f"choose one of {', '.join(ENCODER_PRESETS)}")
+        return dataclasses.replace(ENCODER_PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "EncoderConfig":
+        """From a Hugging Face BERT config.json (absolute positions only)."""
+        if hf.get("model_type", "bert") != "bert" or hf.get("position_embedding_type", "absolute") != "absolute":
+            raise LLMKitError("the encoder supports BERT with absolute positions, got model_type="
+                              f"{hf.get('model_type')!r}, position_embedding_type={hf.get('position_embedding_type')!r}")
+        act = hf.get("hidden_act", "gelu")
+        if act not in _HF_ACTIVATIONS:
+            raise LLMKitError(f"unsupported encoder activation {act!r} (supported: {', '.join(_HF_ACTIVATIONS)})")
+        return cls(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                   d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+                   max_seq_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                   norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_HF_ACTIVATIONS[act],
+                   pad_token_id=hf.get("pad_token_id") or 0)
+
+
+ENCODER_PRESETS = {
+    "bert-base": EncoderConfig(),
+    "minilm-l6": EncoderConfig(n_layer=6, d_model=384, d_ff=1536),  # all-MiniLM-L6-v2 (Wang et al. 2020)
+    "tiny-bert": EncoderConfig(vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=128),
+}
+
+
+class BidirectionalAttention(nn.Module):
+    """Multi-head self-attention without a causal mask; `keep` masks padding keys only."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        C = cfg.d_model
+        self.n_head = cfg.n_head
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.o_proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); keep (B, 1, 1, T) bool, False at padding keys (None: no padding)."""
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for lin in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=False)  # (B, H, T, D)
+        return self.o_proj(a.transpose(1, 2).reshape(B, T, C))
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm block: x = LN(x + Attn(x)); x = LN(x + W2·act(W1·x))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.self_attn = BidirectionalAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = GeluMLP(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.self_attn(x, keep))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.d_model
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, C)
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, C)
+        self.embed_types = nn.Embedding(cfg.type_vocab_size, C)
+        self.embed_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, num_layers: int | None = None,
+                token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T), mask (B, T) 1 at real tokens, 0 at padding -> hidden states (B, T, C) after the
+        first `num_layers` blocks (default all; 0 = the embeddings). token_types (B, T), default 0."""
+        L = self.cfg.n_layer if num_layers is None else num_layers
+        if not 0 <= L <= self.cfg.n_layer:
+            raise LLMKitError(f"num_layers must be in 0..{self.cfg.n_layer}, got {L}")
+        T = ids.size(1)
+        if T > self.cfg.max_seq_len:
+            raise LLMKitError(f"input of {T} tokens is longer than the encoder's {self.cfg.max_seq_len} positions")
+        pos = torch.arange(T, device=ids.device)
+        types = self.embed_types.weight[0] if token_types is None else self.embed_types(token_types)
+        x = self.embed_norm(self.embed_tokens(ids) + self.embed_positions(pos) + types)
+        keep = None if mask is None else mask.bool()[:, None, None, :]
+        for layer in self.layers[:L]:
+            x = layer(x, keep)
+        return x
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Encoder":
+        """Load a Hugging Face BERT folder (config.json + model.safetensors), in eval mode."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        for f in ("config.json", "model.safetensors"):
+            if not (p / f).is_file():
+                raise LLMKitError(f"{p} is not a BERT folder: {f} is missing")
+        model = cls(EncoderConfig.from_hf(json.loads((p / "config.json").read_text())))
+        sd = from_hf_bert_state(load_file(p / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise LLMKitError(f"{p / 'model.safetensors'} does not fit its config.json: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()
+
+
+# Hugging Face BertModel name -> llmkit name (after "bert." and "encoder.layer.i." are taken off)
+_HF_LAYER_KEYS = {
+    "attention.self.query": "self_attn.q_proj", "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj", "attention.output.dense": "self_attn.o_proj",
+    "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "mlp.up_proj",
+    "output.dense": "mlp.down_proj", "output.LayerNorm": "mlp_norm",
+}
+_HF_EMBED_KEYS = {"word_embeddings": "embed_tokens", "position_embeddings": "embed_positions",
+                  "token_type_embeddings": "embed_types", "LayerNorm": "embed_norm"}
+
+
+def from_hf_bert_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face BERT state dict -> the Encoder's names; drops the pooler, the pretraining heads
+    and the position_ids buffer. Old checkpoints' LayerNorm gamma/beta become weight/bias."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("bert.")
+        if k.startswith(("pooler.", "cls.")) or k == "embeddings.position_ids":
+            continue
+        k = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k))
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", k)
+        if m and m.group(2) in _HF_LAYER_KEYS:
+            k = f"layers.{m.group(1)}.{_HF_LAYER_KEYS[m.group(2)]}.{m.group(3)}"
+        else:
+            m = re.fullmatch(r"embeddings\.(\w+)\.(weight|bias)", k)
+            if m and m.group(1) in _HF_EMBED_KEYS:
+                k = f"{_HF_EMBED_KEYS[m.group(1)]}.{m.group(2)}"
+        out[k] = v
+    return out
