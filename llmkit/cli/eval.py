@@ -41,7 +41,7 @@ def run(args) -> int:
     from ..devices import resolve_device
     from ..errors import LLMKitError
     from ..eval.harness import EvalConfig, default_cache_path, evaluate, to_markdown
-    from ..eval.tasks import get_task, task_from_file
+    from ..eval.tasks import get_task, packaged_data_dir, task_from_file
     from ..io import atomic_dir, check_overwrite
 
     for name, v, lo in (("--limit", args.limit, 1), ("--shots", args.shots, 0), ("--batch-size", args.batch_size, 1),
@@ -66,7 +66,8 @@ def run(args) -> int:
                      max_new_tokens=args.max_new_tokens)
     cache = None if args.no_cache else (args.cache or default_cache_path())
     report = evaluate(model, tok, tasks, cfg, cache_path=cache, progress=True)
-    report = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), **report}
+    report = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), **report,
+              "data": {t.name: t.source for t in tasks}}
     table = to_markdown(report)
     if args.out:
         with atomic_dir(args.out, force=args.force) as d:
@@ -82,4 +83,8 @@ def run(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     else:
         sys.stdout.write(f"model {args.model} (fingerprint {report['fingerprint']}), {report['seconds']} s\n\n{table}")
+        packaged = [t.name for t in tasks if t.source.startswith(str(packaged_data_dir()))]
+        if packaged:  # scores on a subset are not the published full-set numbers
+            print(f"\n{', '.join(packaged)}: the subset packaged with llmkit (llmkit/eval/data/SOURCE.md); "
+                  "set LLMKIT_SHARED_DATA to a folder with the full sets")
     return 0
