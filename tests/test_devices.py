@@ -61,6 +61,10 @@ def test_resolve_device_names_and_auto_order(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(LLMKitError, match=r"^--device cuda: CUDA is not available on this machine$"):
         resolve_device("cuda")
+    from llmkit.train.dist import pick_device  # pretraining's train.device goes through the same resolver
+
+    with pytest.raises(LLMKitError, match="CUDA is not available"):
+        pick_device("cuda")
     with pytest.raises(LLMKitError, match="MPS .* not available"):
         resolve_device("mps")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
