@@ -35,7 +35,8 @@ def add_decode(bsub) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median is reported")
-    p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp")
+    p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp "
+                   "(on the CPU: compare with --device cpu)")
     p.add_argument("--quant", choices=["int8", "int4"], help="llmkit with weight-only quantised linears for decode "
                    "and bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
