@@ -12,6 +12,7 @@ import os
 import statistics
 import time
 
+from ..devices import add_device_arg
 from ..errors import LLMKitError
 
 
@@ -34,10 +35,11 @@ def add_train(bsub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="autocast dtype for both engines (bfloat16: what the speedrun uses on AMX CPUs)")
     p.add_argument("--json", action="store_true")
+    add_device_arg(p)
     p.set_defaults(func=run_train)
 
 
-def _step_fn(model, forward, vocab, dtype="float32"):
+def _step_fn(model, forward, vocab, dtype="float32", device=None):
     """One AdamW step (the optimiser llmkit trains with) on a fixed random batch; returns a closure."""
     import torch
 
@@ -48,7 +50,7 @@ def _step_fn(model, forward, vocab, dtype="float32"):
     opt = build_adamw(model, 1e-3)
 
     def step(x):
-        with autocast_context(torch.device("cpu"), dtype):
+        with autocast_context(device or torch.device("cpu"), dtype):
             logits = forward(x[:, :-1])
         loss = cross_entropy(logits, x[:, 1:])
         loss.backward()
@@ -61,19 +63,21 @@ def _step_fn(model, forward, vocab, dtype="float32"):
 def run_train(args) -> int:
     import torch
 
+    from ..devices import resolve_device, synchronize
     from ..models import ModelConfig, Transformer
 
     for name in ("d_model", "layers", "heads", "d_ff", "vocab", "batch", "seq_len", "steps", "repeat", "threads"):
         if getattr(args, name) <= 0:
             raise LLMKitError(f"--{name.replace('_', '-')} must be positive")
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     kv = args.kv_heads or args.heads
     cfg = ModelConfig(family="llama", vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, n_kv_head=kv,
                       d_model=args.d_model, d_ff=args.d_ff, max_seq_len=args.seq_len)
     torch.manual_seed(0)
-    ours = Transformer(cfg)
+    ours = Transformer(cfg).to(device)
     engines = {"llmkit": _step_fn(ours, torch.compile(ours) if args.compile else ours, args.vocab,
-                                  args.dtype)}
+                                  args.dtype, device)}
     skipped = {}
     if "hf" in args.compare.split(","):
         try:
@@ -86,12 +90,12 @@ def run_train(args) -> int:
                              max_position_embeddings=args.seq_len, rms_norm_eps=cfg.norm_eps,
                              tie_word_embeddings=False, attention_dropout=0.0)
             hc._attn_implementation = "sdpa"
-            hf = LlamaForCausalLM(hc)
+            hf = LlamaForCausalLM(hc).to(device)
             hf.load_state_dict({k: v for k, v in _hf_names(ours).items()})  # same weights
             engines["hf"] = _step_fn(hf, lambda x: hf(input_ids=x, use_cache=False).logits, args.vocab,
-                                     args.dtype)
+                                     args.dtype, device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g).to(device)
     for step in engines.values():  # warm-up (allocator, kernels)
         step(x)
     times = {k: [] for k in engines}
@@ -100,6 +104,7 @@ def run_train(args) -> int:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step(x)
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq_len * args.steps
     res = {k: {"tokens_per_s": tokens / statistics.median(v), "runs_tokens_per_s": [tokens / t for t in v]}
@@ -107,14 +112,14 @@ def run_train(args) -> int:
     from ..models.flops import flops_per_token, num_params
     from ..train.mfu import device_peak_flops
 
-    peak, src = device_peak_flops("cpu", args.dtype)
+    peak, src = device_peak_flops(device, args.dtype)
     fpt = flops_per_token(cfg, args.seq_len)
     for r in res.values():
         r["mfu"] = fpt * r["tokens_per_s"] / peak
     info = {"shape": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads, "kv_heads": kv,
                       "d_ff": args.d_ff, "vocab": args.vocab, "params": num_params(cfg)},
             "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "repeat": args.repeat,
-            "threads": args.threads, "compile": args.compile, "dtype": args.dtype,
+            "threads": args.threads, "device": str(device), "compile": args.compile, "dtype": args.dtype,
             "load_avg": list(os.getloadavg()), "peak_flops": peak, "peak_source": src,
             "results": res, "skipped": skipped}
     if "hf" in res:

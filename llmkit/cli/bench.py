@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 
+from ..devices import add_device_arg
 from ..errors import LLMKitError
 
 
@@ -34,10 +35,12 @@ def add_decode(bsub) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median is reported")
-    p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp")
+    p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp "
+                   "(on the CPU: compare with --device cpu)")
     p.add_argument("--quant", choices=["int8", "int4"], help="llmkit with weight-only quantised linears for decode "
                    "and bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_arg(p)
     p.set_defaults(func=run_decode)
 
 
@@ -138,7 +141,8 @@ def _llama(llm, prompt, n_new):
 def run_decode(args) -> int:
     import torch
 
-    from ..loading import load_model, resolve
+    from ..loading import resolve
+    from .generate import load
 
     for name in ("prompt_tokens", "new_tokens", "threads", "repeat"):
         if getattr(args, name) < 1:
@@ -149,11 +153,7 @@ def run_decode(args) -> int:
         raise LLMKitError(f"unknown --compare engine {bad[0]!r} (known: hf, llama.cpp)")
     torch.set_num_threads(args.threads)
     kind, path = resolve(args.model)
-    model, tok = load_model(args.model)
-    if args.quant:
-        from ..inference.quant import quantize
-
-        quantize(model, args.quant)
+    model, tok = load(args.model, args, need_tokenizer=False)
     prompt = _workload(tok, model.cfg.vocab_size, args.prompt_tokens)
     if args.prompt_tokens + args.new_tokens > model.cfg.max_seq_len:
         raise LLMKitError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from ..devices import add_device_arg
 from .generate import add_sampling_args, chat_ids, load, sampling_params
 
 
@@ -17,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="adapter directory applied on top of the model")
     p.add_argument("--system", help="system message")
     add_sampling_args(p)
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 

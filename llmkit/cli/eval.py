@@ -7,6 +7,7 @@ import sys
 
 
 def register(sub) -> None:
+    from ..devices import add_device_arg
     from ..eval.tasks import BUILTIN
 
     p = sub.add_parser("eval", help="benchmark a model (arc, piqa, winogrande, boolq, mmlu, gsm8k, ...)",
@@ -14,6 +15,7 @@ def register(sub) -> None:
                        "and generative tasks by greedy decoding; results cached per model/task/example. "
                        f"Built-in tasks: {', '.join(BUILTIN)} (mmlu:SUBJECT / mmlu_cloze:SUBJECT for one subject).")
     p.add_argument("--model", required=True, help="registry name, GGUF file, HF dir or llmkit checkpoint")
+    p.add_argument("--adapter", help="PEFT/llmkit adapter directory applied on top of the model")
     p.add_argument("--tasks", default="", help="comma-separated task names")
     p.add_argument("--task-file", action="append", default=[], metavar="FILE.jsonl",
                    help='extra multiple-choice task: one {"query","choices","gold"} a line (repeatable)')
@@ -29,21 +31,24 @@ def register(sub) -> None:
     p.add_argument("--cache", default=None, help="result cache file (default ~/.cache/llmkit/eval/results.sqlite)")
     p.add_argument("--no-cache", action="store_true", help="score everything again, store nothing")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
 
+    from ..devices import resolve_device
     from ..errors import LLMKitError
     from ..eval.harness import EvalConfig, default_cache_path, evaluate, to_markdown
-    from ..eval.tasks import get_task, task_from_file
+    from ..eval.tasks import get_task, packaged_data_dir, task_from_file
     from ..io import atomic_dir, check_overwrite
 
     for name, v, lo in (("--limit", args.limit, 1), ("--shots", args.shots, 0), ("--batch-size", args.batch_size, 1),
                         ("--max-new-tokens", args.max_new_tokens, 1)):
         if v is not None and v < lo:
             raise LLMKitError(f"{name} must be >= {lo}, got {v}")
+    device = resolve_device(args.device)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names and not args.task_file:
         raise LLMKitError("no tasks: give --tasks LIST and/or --task-file FILE.jsonl")
@@ -51,17 +56,18 @@ def run(args) -> int:
         check_overwrite(args.out, args.force)
     # tasks first: a typo fails before the model loads
     tasks = [get_task(n) for n in names] + [task_from_file(f, args.delimiter) for f in args.task_file]
-    torch.set_num_threads(max(1, args.threads))
     from ..loading import load_model
 
-    model, tok = load_model(args.model)
+    torch.set_num_threads(max(1, args.threads))
+    model, tok = load_model(args.model, adapter=args.adapter, device=device)
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer")
     cfg = EvalConfig(limit=args.limit, shots=args.shots, chat=args.chat, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens)
     cache = None if args.no_cache else (args.cache or default_cache_path())
     report = evaluate(model, tok, tasks, cfg, cache_path=cache, progress=True)
-    report = {"model": args.model, **report}
+    report = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), **report,
+              "data": {t.name: t.source for t in tasks}}
     table = to_markdown(report)
     if args.out:
         with atomic_dir(args.out, force=args.force) as d:
@@ -77,4 +83,8 @@ def run(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     else:
         sys.stdout.write(f"model {args.model} (fingerprint {report['fingerprint']}), {report['seconds']} s\n\n{table}")
+        packaged = [t.name for t in tasks if t.source.startswith(str(packaged_data_dir()))]
+        if packaged:  # scores on a subset are not the published full-set numbers
+            print(f"\n{', '.join(packaged)}: the subset packaged with llmkit (llmkit/eval/data/SOURCE.md); "
+                  "set LLMKIT_SHARED_DATA to a folder with the full sets")
     return 0

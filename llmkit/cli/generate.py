@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..devices import add_device_arg
 from ..errors import LLMKitError
 
 
@@ -47,16 +48,24 @@ def sampling_params(args, tok, **over):
     return SamplingParams(**kw)
 
 
-def load(spec: str, args):
+def load(spec: str, args, need_tokenizer: bool = True):
+    """The model (on --device, with --adapter and --quant applied) and its tokenizer."""
+    from ..devices import resolve_device
     from ..loading import load_model
 
-    model, tok = load_model(spec, adapter=getattr(args, "adapter", None))
-    if tok is None:
+    quant = getattr(args, "quant", None)
+    # the int8/int4 kernels are CPU kernels: auto means the CPU with --quant
+    name = getattr(args, "device", "auto")
+    device = resolve_device("cpu" if quant and name == "auto" else name)
+    if quant and device.type != "cpu":
+        raise LLMKitError(f"--quant {quant} runs on the CPU only (CPU int8/int4 kernels): drop --device {name}")
+    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device)
+    if tok is None and need_tokenizer:
         raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
-    if getattr(args, "quant", None):
+    if quant:
         from ..inference.quant import quantize
 
-        quantize(model, args.quant)
+        quantize(model, quant)
     return model, tok
 
 
@@ -73,6 +82,7 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--system", help="system message (with --chat)")
     add_sampling_args(p)
+    add_device_arg(p)
     p.add_argument("--n", type=int, default=1, help="number of samples")
     p.add_argument("--best-of", type=int, default=0, metavar="N",
                    help="sample N candidates and print the one with the best mean log-prob")

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..devices import add_device_arg
 from ..errors import LLMKitError
 
 
@@ -19,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, help="sliding-window stride for texts longer than the context "
                    "(default: half the context)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_device_arg(p)
     p.set_defaults(func=run)
 
 
@@ -37,13 +39,14 @@ def read_text(args) -> str:
 
 
 def run(args) -> int:
+    from ..devices import resolve_device
     from ..loading import load_model
     from ..scoring import score_text
 
     text = read_text(args)
     if not text.strip():
         raise LLMKitError("empty text: nothing to score")
-    model, tok = load_model(args.model, adapter=args.adapter)
+    model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer (tokenizer.json) to encode the text with")
     res = score_text(model, tok, text, stride=args.stride, progress=not args.json and len(text) > 20000)

@@ -11,6 +11,13 @@ the harness scores log p(continuation | context). Prompts follow lm-evaluation-h
 - gsm8k: generative, "Question: ...\\nAnswer: <chain of thought> #### N", k-shot from train.
 Tasks without a dev split draw k-shot examples from the same file, never the example itself.
 --limit N takes the first N documents (of each subject for mmlu).
+
+Where the data comes from, per file: the full copy in the shared data folder ($LLMKIT_SHARED_DATA,
+or ../shared/data beside a source checkout) when it has the file, else the small subset packaged in
+llmkit/eval/data (the first rows of each file; SOURCE.md there names sources and licenses), so a
+pip-installed llmkit evaluates out of the box. The subset's first N documents are the full set's
+first N, so zero-shot scores with --limit <= N agree; k-shot examples drawn from a smaller pool differ.
+Tasks whose license does not allow redistribution (piqa, openbook_qa) are not packaged.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from ..errors import LLMKitError, closest
@@ -31,10 +39,27 @@ FEWSHOT_SEED = 1234
 
 
 def data_dir() -> Path:
-    """../shared/data beside the checkout, or $LLMKIT_SHARED_DATA."""
+    """The shared data folder: $LLMKIT_SHARED_DATA, or ../shared/data beside the checkout."""
     env = os.environ.get("LLMKIT_SHARED_DATA")
     p = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
     return p
+
+
+def packaged_data_dir() -> Path:
+    """The task subsets shipped inside the package (llmkit/eval/data, see its SOURCE.md)."""
+    return Path(str(resources.files("llmkit.eval").joinpath("data")))
+
+
+def find_data(rel: str, task: str, root: Path | None = None) -> Path:
+    """The file or folder `rel` (e.g. multiple_choice/arc_easy.jsonl) of a task: in `root` if given,
+    else the shared folder's full copy, else the packaged subset."""
+    roots = [root] if root is not None else [data_dir(), packaged_data_dir()]
+    for r in roots:
+        if (r / rel).exists():
+            return r / rel
+    where = " or ".join(str(r) for r in roots)
+    raise LLMKitError(f"no data for task {task}: {rel} is not in {where} (set LLMKIT_SHARED_DATA to a folder "
+                      "that has it, or give the examples with --task-file FILE.jsonl)")
 
 
 @dataclass
@@ -62,6 +87,7 @@ class Task:
     default_shots: int = 0
     description: str = ""  # prepended once before the shots (mmlu)
     subjects: list[str] = field(default_factory=list)
+    source: str = ""  # the file or folder the documents were read from
 
     def select(self, limit: int | None) -> list[int]:
         """Indices of the documents to score: the first `limit` (per subject for mmlu, as lm-eval)."""
@@ -150,7 +176,7 @@ def mc_jsonl_task(name: str, path: Path, delimiter: str | None = None) -> Task:
             return d["context_options"][d["gold"]] + " " + d["continuation"]
         return d["query"].rstrip() + delim + d["choices"][d["gold"]]
 
-    return Task(name, "mc", docs, to_example, shot_text)
+    return Task(name, "mc", docs, to_example, shot_text, source=str(path))
 
 
 def _read_mmlu(path: Path) -> list[dict]:
@@ -160,9 +186,9 @@ def _read_mmlu(path: Path) -> list[dict]:
             for r in rows]
 
 
-def mmlu_task(root: Path, style: str, subjects: list[str] | None = None) -> Task:
-    """All subjects concatenated; each doc carries its subject (its description and dev shots)."""
-    folder = root / "multiple_choice" / "mmlu"
+def mmlu_task(folder: Path, style: str, subjects: list[str] | None = None) -> Task:
+    """All subjects concatenated; each doc carries its subject (its description and dev shots).
+    folder: the one holding SUBJECT_{dev,test}.csv."""
     all_subjects = sorted(p.name[:-len("_test.csv")] for p in folder.glob("*_test.csv"))
     if not all_subjects:
         raise LLMKitError(f"no MMLU csv files in {folder}")
@@ -193,7 +219,7 @@ def mmlu_task(root: Path, style: str, subjects: list[str] | None = None) -> Task
         return MCExample([ctx] * 4, conts, d["gold"], [len(c) for c in conts])
 
     task = Task("mmlu" if style == "letter" else "mmlu_cloze", "mc", docs, to_example,
-                lambda d: body(d) + " " + answer(d, d["gold"]), subjects=subjects)
+                lambda d: body(d) + " " + answer(d, d["gold"]), subjects=subjects, source=str(folder))
     # shots and description depend on the doc's subject: replace the generic prefix builder
     def prefix(i, k):
         pool = dev[docs[i]["subject"]]
@@ -207,9 +233,10 @@ def mmlu_task(root: Path, style: str, subjects: list[str] | None = None) -> Task
 
 
 # ---------------------------------------------------------------- gsm8k
-def gsm8k_task(root: Path) -> Task:
-    test = read_jsonl(root / "math" / "gsm8k_test.jsonl")
-    train = read_jsonl(root / "math" / "gsm8k_train.jsonl")
+def gsm8k_task(root: Path | None = None) -> Task:
+    path = find_data("math/gsm8k_test.jsonl", "gsm8k", root)
+    test = read_jsonl(path)
+    train = read_jsonl(find_data("math/gsm8k_train.jsonl", "gsm8k", root))
 
     def to_example(d, prefix):
         return GenExample(prefix + "Question: " + d["question"].strip() + "\nAnswer:",
@@ -217,7 +244,7 @@ def gsm8k_task(root: Path) -> Task:
 
     return Task("gsm8k", "gen", test, to_example,
                 lambda d: "Question: " + d["question"].strip() + "\nAnswer: " + d["answer"].strip(),
-                fewshot_pool=train, default_shots=5)
+                fewshot_pool=train, default_shots=5, source=str(path))
 
 
 def extract_number(text: str) -> str | None:
@@ -246,24 +273,25 @@ BUILTIN = ["arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "commonse
 
 
 def get_task(name: str, root: Path | None = None) -> Task:
-    root = root or data_dir()
+    """A built-in task; its data from `root` if given, else as the module docstring says."""
     if name not in BUILTIN and not name.startswith(("mmlu_cloze:", "mmlu:")):
         raise LLMKitError(f"unknown task {name!r}{closest(name, BUILTIN)}; known tasks: {', '.join(BUILTIN)} "
                           "(mmlu:SUBJECT and mmlu_cloze:SUBJECT pick one subject; or use --task-file)")
-    if not root.is_dir():
+    if root is not None and not root.is_dir():
         raise LLMKitError(f"data folder not found: {root} (set LLMKIT_SHARED_DATA)")
     if name == "gsm8k":
         return gsm8k_task(root)
     if name.startswith("mmlu"):
         style = "cloze" if name.startswith("mmlu_cloze") else "letter"
         subject = name.split(":", 1)[1] if ":" in name else None
-        if subject and not (root / "multiple_choice" / "mmlu" / f"{subject}_test.csv").is_file():
-            subs = sorted(p.name[:-9] for p in (root / "multiple_choice" / "mmlu").glob("*_test.csv"))
+        folder = find_data("multiple_choice/mmlu", name, root)
+        if subject and not (folder / f"{subject}_test.csv").is_file():
+            subs = sorted(p.name[:-9] for p in folder.glob("*_test.csv"))
             raise LLMKitError(f"unknown MMLU subject {subject!r}{closest(subject, subs)}")
-        t = mmlu_task(root, style, [subject] if subject else None)
+        t = mmlu_task(folder, style, [subject] if subject else None)
         t.name = name
         return t
-    return mc_jsonl_task(name, root / "multiple_choice" / f"{name}.jsonl")
+    return mc_jsonl_task(name, find_data(f"multiple_choice/{name}.jsonl", name, root))
 
 
 def task_from_file(path: str | Path, delimiter: str = " ") -> Task:

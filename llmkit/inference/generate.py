@@ -10,6 +10,10 @@
 
 Shapes: B rows, T tokens, V vocab. Log-probs reported are those of the raw model distribution
 (log_softmax of the logits before any sampling processor), as `llmkit score` computes them.
+
+Devices: the forwards and the cache live on the model's device; prefill/decode_step hand their
+(B, V) logits back on the CPU, where sampling runs with a CPU generator, so a seed gives the same
+sample on any device (the copy is one row of logits per step, small next to a forward).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..devices import model_device
 from ..errors import LLMKitError
 from ..peft.prompt_tuning import has_soft_prompt
 from .cache import BatchKVCache, RollingKVCache
@@ -68,8 +73,8 @@ class TokenEvent:
 
 
 # ---------------------------------------------------------------- model steps
-def _positions(start: int, end: int) -> torch.Tensor:
-    return torch.arange(start, end, dtype=torch.long)
+def _positions(start: int, end: int, device=None) -> torch.Tensor:
+    return torch.arange(start, end, dtype=torch.long, device=device)
 
 
 @torch.inference_mode()
@@ -77,9 +82,12 @@ def prefill(model, ids: torch.Tensor, cache, start: int = 0, chunk_size: int | N
             last_index: torch.Tensor | None = None) -> torch.Tensor:
     """Feed ids (B, T) at positions start..start+T-1 into the cache; return logits (B, V) of the
     last token, or of token `last_index[b]` of each row (right-padded prompts of different lengths).
+    The logits come back on the CPU (see the module docstring).
 
     chunk_size: feed C tokens per forward (bounded activation memory; same result).
     """
+    dev = model_device(model)
+    ids = ids.to(dev)
     B, T = ids.shape
     C = chunk_size or T
     if C <= 0:
@@ -88,29 +96,30 @@ def prefill(model, ids: torch.Tensor, cache, start: int = 0, chunk_size: int | N
     for s in range(0, T, C):
         e = min(T, s + C)
         if last_index is None and e < T:  # only the final chunk's last logits are needed
-            model(ids[:, s:e], input_pos=_positions(start + s, start + e), cache=cache, return_hidden=True,
+            model(ids[:, s:e], input_pos=_positions(start + s, start + e, dev), cache=cache, return_hidden=True,
                   last_only=True)
             continue
-        hidden.append(model(ids[:, s:e], input_pos=_positions(start + s, start + e), cache=cache,
+        hidden.append(model(ids[:, s:e], input_pos=_positions(start + s, start + e, dev), cache=cache,
                             return_hidden=True, last_only=last_index is None))
     h = torch.cat(hidden, dim=1)  # (B, T or 1, C)
     if last_index is not None:
-        h = h[torch.arange(B), last_index]
+        h = h[torch.arange(B, device=dev), last_index.to(dev)]
     else:
         h = h[:, -1]
-    return model.lm_head(h)  # (B, V)
+    return model.lm_head(h).cpu()  # (B, V)
 
 
 @torch.inference_mode()
 def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache) -> torch.Tensor:
-    """tokens (B,) at positions pos (int, or (B,) per row) -> next-token logits (B, V)."""
+    """tokens (B,) at positions pos (int, or (B,) per row) -> next-token logits (B, V) on the CPU."""
+    dev = model_device(model)
     if isinstance(pos, int):
         input_pos = torch.tensor([pos])
     elif bool((pos == pos[0]).all()):  # shared position: the cheaper (T,) path
         input_pos = pos[:1]
     else:
         input_pos = pos[:, None]
-    return model(tokens[:, None], input_pos=input_pos, cache=cache, last_only=True)[:, -1]
+    return model(tokens[:, None].to(dev), input_pos=input_pos.to(dev), cache=cache, last_only=True)[:, -1].cpu()
 
 
 def check_prompt(prompt: list[int], model, max_new_tokens: int, truncate: bool = False, reserved: int = 0) -> list[int]:
@@ -165,13 +174,14 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     timings = {} if timings is None else timings
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
-    dtype = next(model.parameters()).dtype
+    dtype, dev = next(model.parameters()).dtype, model_device(model)
     # a rolling buffer only where it saves memory and rows share positions; prefix reuse needs full slots
     rolling = (cfg.sliding_window and P == 1 and prefix_cache is None and T + max_new > cfg.sliding_window)
-    cache = (RollingKVCache(cfg, P, dtype=dtype) if rolling else BatchKVCache(cfg, P, T + max(max_new, 1), dtype=dtype))
+    cache = (RollingKVCache(cfg, P, dtype=dtype, device=dev) if rolling
+             else BatchKVCache(cfg, P, T + max(max_new, 1), dtype=dtype, device=dev))
     start = 0
     if n_soft:  # the soft prompt's KV, like a shared prefix
-        model(None, embeds=soft[None].to(dtype).expand(P, -1, -1), input_pos=_positions(0, n_soft), cache=cache,
+        model(None, embeds=soft[None].to(dtype).expand(P, -1, -1), input_pos=_positions(0, n_soft, dev), cache=cache,
               return_hidden=True, last_only=True)
         start = n_soft
     if prefix_cache is not None:
@@ -191,7 +201,7 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     timings["prompt_tokens"] = int(lengths.sum()) - P * n_soft
     rows = torch.arange(P).repeat_interleave(n)  # (R,)
     if n > 1:
-        cache = cache.select_rows(rows)
+        cache = cache.select_rows(rows.to(dev))
         logits = logits[rows]
     R = P * n
     pos = lengths[rows].clone()  # (R,) position of each row's next token
@@ -416,8 +426,8 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     dtype = next(target.parameters()).dtype
     # full caches (not rolling): rejected drafts are rolled back by position, which a ring would lose
     size = min(ctx, T + max_new + k + 1)
-    tcache = BatchKVCache(target.cfg, 1, size, dtype=dtype)
-    dcache = BatchKVCache(draft.cfg, 1, size, dtype=next(draft.parameters()).dtype)
+    tcache = BatchKVCache(target.cfg, 1, size, dtype=dtype, device=model_device(target))
+    dcache = BatchKVCache(draft.cfg, 1, size, dtype=next(draft.parameters()).dtype, device=model_device(draft))
     gen = make_generator(params.seed)
     stop_ids = set(params.stop_ids)
     t0 = time.perf_counter()
@@ -473,8 +483,9 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
             if i < kk - 1:
                 d_logits = decode_step(draft, d, n + 1 + i, dcache)
         # target: score [tok, d1..dk] at positions n..n+k in one forward
-        block = torch.tensor([[tok] + drafts])
-        logits = target(block, input_pos=_positions(n, n + kk + 1), cache=tcache)[0]  # (k+1, V)
+        dev = model_device(target)
+        block = torch.tensor([[tok] + drafts], device=dev)
+        logits = target(block, input_pos=_positions(n, n + kk + 1, dev), cache=tcache)[0].cpu()  # (k+1, V)
         forwards += 1
         th = history.clone()
         ps = []

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..devices import resolve_device
 from ..errors import LLMKitError
 
 STRATEGIES = ("none", "ddp", "fsdp")
@@ -39,11 +40,7 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMKitError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    return resolve_device(name)  # the one resolver every command shares (auto: CUDA, MPS, CPU)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -8,13 +8,18 @@ Memory per parameter for weights + gradients + optimiser states (activations exc
   8-bit Adam (Dettmers 2022) 4 + 4 + 2 (m, v in 8 bit)             = 10 bytes
   LoRA (Hu et al. 2021)      2 (frozen bf16 base); trainable adapters ~1% at 16 bytes
   QLoRA (Dettmers et al. 2023) ~0.5 + double-quantised scales ≈ 0.52 (4-bit NF4 base); adapters as LoRA
+
+Mixture-of-Experts (Mixtral, Jiang et al. 2024): a token runs only n_expert_per_tok of the n_expert
+experts, so compute (FLOPs, throughput) and the Chinchilla token budget use the *active* parameters
+N_active, while memory holds every expert and uses the total N. Dense models: N_active = N.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LLMKitError
+from ..errors import LLMKitError, closest
+from .mfu import CUDA_PEAKS
 
 TOKENS_PER_PARAM = 20.0
 LORA_FRACTION = 0.01  # trainable share of parameters typical for rank-16 adapters on all linears
@@ -29,15 +34,37 @@ REGIMES = {
 }
 
 
+def gpu_peak_flops(name: str) -> tuple[float, str]:
+    """(dense bf16 peak FLOP/s, the GPU's name) for `--gpu NAME`: 'H100', 'h100-sxm', 'rtx4090', ...
+
+    The peaks are train/mfu.py's CUDA_PEAKS, the vendors' datasheet dense (no 2:4 sparsity) bf16
+    tensor-core rates, e.g. NVIDIA A100 datasheet: 312 TFLOP/s; H100 SXM / H200: 989; L4: 121;
+    GeForce RTX 4090 (Ada whitepaper, fp32 accumulate): 165."""
+    def key(s: str) -> str:
+        return "".join(c for c in s.lower() if c.isalnum())
+
+    table = {key(k): (v, k) for k, v in CUDA_PEAKS.items()}
+    hit = table.get(key(name))
+    if hit is None:
+        raise LLMKitError(f"--gpu {name}: unknown GPU; known: {', '.join(CUDA_PEAKS)} (or give --peak-tflops)"
+                          f"{closest(name, CUDA_PEAKS)}")
+    return hit
+
+
 @dataclass
 class Plan:
-    params: int
+    params: int  # total: what memory holds
     tokens: float
     flops: float
     gpus: int
     tokens_per_s: float | None  # aggregate throughput the time estimate uses
     throughput_source: str
     memory: dict[str, tuple[float, float, float, float]]  # regime -> (weights, grads, optim, total) bytes
+    active_params: int | None = None  # per token (MoE: the routed experts only); None = params
+
+    @property
+    def compute_params(self) -> int:
+        return self.active_params or self.params
 
     @property
     def seconds(self) -> float | None:
@@ -45,24 +72,29 @@ class Plan:
 
 
 def make_plan(params: int, tokens: float | None = None, gpus: int = 1, tokens_per_s: float | None = None,
-              peak_flops: float | None = None, mfu: float = 0.4, source: str = "") -> Plan:
-    """Plan for N params: D (default Chinchilla 20·N), 6·N·D FLOPs, memory table, time.
+              peak_flops: float | None = None, mfu: float = 0.4, source: str = "",
+              active_params: int | None = None) -> Plan:
+    """Plan for N params (N_active of them used per token, default all): D (default Chinchilla
+    20·N_active), 6·N_active·D FLOPs, memory table over all N, time.
 
-    Throughput: given tokens/s (per device) or, failing that, peak_flops · mfu / (6·N) per device."""
+    Throughput: given tokens/s (per device) or, failing that, peak_flops · mfu / (6·N_active) per device."""
     if params <= 0:
         raise LLMKitError(f"--params must be positive, got {params}")
+    if active_params is not None and not 0 < active_params <= params:
+        raise LLMKitError(f"active parameters must be in 1..{params}, got {active_params}")
+    n = active_params or params
     if gpus <= 0:
         raise LLMKitError(f"--gpus must be positive, got {gpus}")
-    D = float(tokens) if tokens else TOKENS_PER_PARAM * params
+    D = float(tokens) if tokens else TOKENS_PER_PARAM * n
     if D <= 0:
         raise LLMKitError(f"--tokens must be positive, got {tokens}")
-    flops = 6.0 * params * D
+    flops = 6.0 * n * D
     if tokens_per_s is None and peak_flops:
-        tokens_per_s = peak_flops * mfu / (6.0 * params)
+        tokens_per_s = peak_flops * mfu / (6.0 * n)
         source = source or f"{peak_flops / 1e12:.1f} TFLOP/s peak at {mfu:.0%} MFU"
     agg = tokens_per_s * gpus if tokens_per_s else None
     mem = {name: (w * params, g * params, o * params, (w + g + o) * params) for name, (w, g, o) in REGIMES.items()}
-    return Plan(params, D, flops, gpus, agg, source or "measured", mem)
+    return Plan(params, D, flops, gpus, agg, source or "measured", mem, active_params)
 
 
 def _human(x: float, unit: str = "") -> str:
@@ -91,11 +123,13 @@ def _duration(s: float) -> str:
 
 def plan_markdown(p: Plan) -> str:
     """The plan as Markdown tables (used by `llmkit plan` and the speedrun report)."""
-    lines = ["| quantity | value |", "|---|---|",
-             f"| parameters N | {_human(p.params)} ({p.params:,}) |",
-             f"| training tokens D | {_human(p.tokens)} ({p.tokens / p.params:.1f} per parameter; Chinchilla ≈ 20) |",
-             f"| training FLOPs ≈ 6·N·D | {p.flops:.3g} |",
-             f"| devices | {p.gpus} |"]
+    n = p.compute_params
+    lines = ["| quantity | value |", "|---|---|", f"| parameters N | {_human(p.params)} ({p.params:,}) |"]
+    if n != p.params:
+        lines.append(f"| active parameters per token | {_human(n)} ({n:,}); FLOPs and tokens use these |")
+    lines += [f"| training tokens D | {_human(p.tokens)} ({p.tokens / n:.1f} per parameter; Chinchilla ≈ 20) |",
+              f"| training FLOPs ≈ 6·N·D | {p.flops:.3g} |",
+              f"| devices | {p.gpus} |"]
     if p.seconds is not None:
         lines.append(f"| throughput | {p.tokens_per_s:,.0f} tokens/s ({p.throughput_source}) |")
         lines.append(f"| time | {_duration(p.seconds)} |")
