@@ -30,8 +30,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import LLMKitError
-from .io import atomic_write_json, atomic_write_text
+from ..errors import LLMKitError
+from ..io import atomic_write_json, atomic_write_text
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -477,7 +477,7 @@ class Tokenizer:
         if int(vocab_size) < need:
             raise LLMKitError(f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least "
                               f"256 byte tokens + {len(specials)} special tokens = {need}")
-        from .train.data import iter_documents, list_inputs  # the corpus reader `llmkit data prepare` uses
+        from ..train.data import iter_documents, list_inputs  # the corpus reader `llmkit data prepare` uses
 
         paths = list_inputs([files] if isinstance(files, (str, Path)) else list(files))
         if all(p.stat().st_size == 0 for p in paths):
