@@ -47,10 +47,6 @@ def local_path(name: str) -> Path:
     return cache_dir() / "models" / name / Path(entry.member).name
 
 
-def is_pulled(name: str) -> bool:
-    return name in REGISTRY and local_path(name).exists()
-
-
 def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
     """Make registry model `name` available locally; return its path (a file or folder)."""
     if name not in REGISTRY:

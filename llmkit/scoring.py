@@ -51,9 +51,9 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
     starts = list(range(0, n - 1, stride))
     it = starts
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        it = tqdm(starts, desc="scoring", unit="window")
+        it = progress_bar(iterable=starts, desc="scoring", unit="window")
     for start in it:
         end = min(start + C, n)
         if end <= scored:

@@ -1,5 +1,7 @@
 """Read GGUF files (llama.cpp's format): config from metadata, tensors dequantised to fp32.
 
+Files are opened and their metadata read by `llmkit.gguf_io`, the reader the tokenizer shares.
+
 Dequantisation is done by the `gguf` package (the reference Python implementation that ships
 with llama.cpp). llama.cpp's converter permutes the rows of attn_q/attn_k of LLaMA models from
 HF's rotate-half rope layout to its interleaved one; we permute them back.
@@ -13,35 +15,11 @@ import numpy as np
 import torch
 
 from ..errors import LLMKitError
+from ..gguf_io import metadata, open_gguf
 from ..models import ModelConfig, Transformer
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 SUPPORTED_ARCHS = ("llama", "qwen2")
-
-
-def open_gguf(path: str | Path):
-    """GGUFReader over `path`, with a plain error for files that are not (valid) GGUF."""
-    from gguf import GGUFReader
-
-    p = Path(path)
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LLMKitError(f"{p} is not a GGUF file (bad magic)")
-    try:
-        return GGUFReader(str(p))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt files
-        raise LLMKitError(f"{p} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-
-
-def metadata(reader) -> dict:
-    """All scalar/string/list metadata fields as Python values (tokens/merges included)."""
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # pragma: no cover - exotic field types
-            continue
-    return out
 
 
 def config_from_gguf(meta: dict, where: str) -> ModelConfig:

@@ -17,8 +17,8 @@ from ..errors import LLMKitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: tokenize, pretrain, fine-tune, align, "
-                                     "compress, run, serve and evaluate language models.")
+    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: train tokenizers, pretrain, fine-tune "
+                                     "(PEFT), generate, chat, score, evaluate and benchmark language models.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"llmkit {__version__}")

@@ -45,12 +45,12 @@ def _read(path: str, fields: list[str], limit: int | None) -> list[dict]:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from ..errors import LLMKitError, closest
     from ..eval.harness import mean_stderr
     from ..eval.judge import CRITERIA, Judge
     from ..io import atomic_path, check_overwrite
+    from ..progress import progress_bar
 
     if args.limit is not None and args.limit < 1:
         raise LLMKitError(f"--limit must be >= 1, got {args.limit}")
@@ -71,7 +71,7 @@ def run(args) -> int:
     results = []
     if args.mode == "geval":
         steps = {c: judge.evaluation_steps(c) for c in criteria}
-        for row in tqdm(rows, desc="judge", unit="ex", file=sys.stderr):
+        for row in progress_bar(iterable=rows, desc="judge", unit="ex", file=sys.stderr):
             r = {c: judge.geval(c, row[args.source_field], row[args.summary_field], steps[c]) for c in criteria}
             results.append({c: v["score"] for c, v in r.items()} | {"detail": r})
         summary = {"n": len(rows), "steps": steps}
@@ -79,7 +79,7 @@ def run(args) -> int:
             m, se = mean_stderr([r[c] for r in results])
             summary[c], summary[f"{c}_stderr"] = m, se
     else:
-        for row in tqdm(rows, desc="judge", unit="pair", file=sys.stderr):
+        for row in progress_bar(iterable=rows, desc="judge", unit="pair", file=sys.stderr):
             results.append(judge.pairwise(row[args.question_field], row[args.a_field], row[args.b_field]))
         wins = [r["winner"] for r in results]
         summary = {"n": len(rows), "a_wins": wins.count("A"), "b_wins": wins.count("B"), "ties": wins.count("tie"),

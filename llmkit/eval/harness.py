@@ -252,14 +252,14 @@ def mc_metrics(lls: list[float], ex: MCExample) -> dict:
 def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, cache: ResultCache,
              progress: bool = True) -> tuple[dict, list[dict]]:
     """Score one task -> (summary metrics with stderr, per-example records)."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     k = task.default_shots if cfg.shots is None else cfg.shots
     selected = task.select(cfg.limit)
     n = len(selected)
     C = model.cfg.max_seq_len
     records: list[dict] = []
-    bar = tqdm(total=n, desc=task.name, unit="ex", file=sys.stderr, disable=not progress)
+    bar = progress_bar(n, desc=task.name, unit="ex", file=sys.stderr, enabled=progress)
     for c0 in range(0, n, cfg.chunk):
         chunk = selected[c0:c0 + cfg.chunk]
         exs = {i: task.to_example(task.docs[i], task.fewshot_prefix(i, k)) for i in chunk}

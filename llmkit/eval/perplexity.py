@@ -25,9 +25,9 @@ def perplexity(model, tokenizer, texts: list[str], context: int | None = None, s
     nll, n_tok, n_bytes, used = 0.0, 0, 0, 0
     it = texts
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        it = tqdm(texts, desc="perplexity", unit="text")
+        it = progress_bar(iterable=texts, desc="perplexity", unit="text")
     for text in it:
         ids = tokenizer.encode(text)
         if len(ids) < 2:

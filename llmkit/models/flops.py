@@ -14,7 +14,7 @@ def _layer_params(cfg: ModelConfig, active: bool) -> int:
     if cfg.bias:
         attn += C
     n_mats = 3 if cfg.mlp == "swiglu" else 2
-    expert = n_mats * C * cfg.d_ff + ((2 if n_mats == 2 else 3) * 0)
+    expert = n_mats * C * cfg.d_ff
     if cfg.bias:
         expert += (n_mats - 1) * cfg.d_ff + C
     if cfg.n_expert:

@@ -7,8 +7,7 @@ Steps: split the shipped text by bytes (first 90% train, last 10% held out, neve
 train a byte-level BPE tokenizer on the train part; tokenise into shards; pretrain with the LR
 decaying over the remaining wall-clock budget; score the held-out text with the final checkpoint
 exactly as `llmkit score --model OUT/final --file OUT/data/heldout.txt` does (bits per byte, so fair
-for any tokenizer); write report.md + loss.png. Later stages (SFT, alignment, ...) append sections
-to the report with `append_report_section`.
+for any tokenizer); write report.md + loss.png.
 """
 
 from __future__ import annotations
@@ -293,12 +292,3 @@ For scale: nanoGPT's char-level model on the same split reaches 1.47 nats/char â
 
 {plan_md}
 """
-
-
-def append_report_section(out_dir: str | Path, title: str, markdown: str) -> Path:
-    """For later stages (SFT, alignment, quantisation, evaluation): add a section to report.md."""
-    p = Path(out_dir) / "report.md"
-    if not p.is_file():
-        raise LLMKitError(f"{p} does not exist (run `llmkit speedrun` first)")
-    atomic_write_text(p, p.read_text().rstrip() + f"\n\n## {title}\n\n{markdown.strip()}\n")
-    return p

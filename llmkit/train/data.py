@@ -161,11 +161,10 @@ def prepare(inputs: list[str | Path], tokenizer, out_dir: str | Path, val_fracti
     files = list_inputs(inputs)
     val_files = list_inputs(val_inputs) if val_inputs else []
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     total_bytes = sum(p.stat().st_size for p in files + val_files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total_bytes, unit="B", unit_scale=True, desc="tokenising", enabled=progress)
     with atomic_dir(out_dir, force=force) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
 

@@ -5,7 +5,7 @@
     sample_text    a short generated sample to watch progress
     MetricsLogger  JSONL (+ TensorBoard when installed), truncated on resume so curves stay exact
     plot_metrics   loss-curve PNG
-    progress_bar   tqdm on stderr with ETA, on rank 0 only
+    progress_bar   llmkit.progress's bar (tqdm on a terminal, a plain line every few seconds in logs)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..losses import cross_entropy
+from ..progress import progress_bar  # noqa: F401  (re-exported: the recipes import it from here)
 from .dist import all_reduce_sum, grad_sync, unwrap
 
 
@@ -205,9 +206,3 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "trainin
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return out
-
-
-def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
