@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import LLMKitError
 
 STRATEGIES = ("none", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -39,10 +40,16 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then Apple's MPS, then CPU; a named device that is absent is an error."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name.split(":")[0] not in DEVICES:
+        raise LLMKitError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LLMKitError(f"device {name!r} requested but CUDA is not available")
+    if name.startswith("mps") and not mps:
+        raise LLMKitError(f"device {name!r} requested but MPS is not available")
     return torch.device(name)
 
 
