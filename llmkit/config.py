@@ -73,7 +73,7 @@ def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
     for key, value in data.items():
         full = f"{where}{key}"
         if key not in types:
-            raise LLMKitError(f"unknown config key {full!r}{closest(key, types)}")
+            raise LLMKitError(f"unknown config key {full!r}{_suggest(key, types)}")
         sub = _dataclass_of(types[key])
         if sub is not None and isinstance(value, dict):
             default = getattr(base, key) if base is not None else factories[key]() if key in factories else None
@@ -91,6 +91,13 @@ def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise LLMKitError(f"config {where or '<root>'}: {e}") from None
+
+
+def _suggest(key: str, types: dict) -> str:
+    """Close names at this level, or the section that holds `key` (`seq_len` -> `data.seq_len`)."""
+    inside = [f"{name}.{f.name}" for name, tp in types.items() if (sub := _dataclass_of(tp))
+              for f in dataclasses.fields(sub) if f.name == key]
+    return f" (did you mean {', '.join(repr(c) for c in inside)}?)" if inside else closest(key, types)
 
 
 def to_dict(cfg) -> dict:

@@ -129,13 +129,22 @@ def answer(model, tok, question):
     return tok.decode(out)
 
 
+def ft_cfg(data, out, *over):
+    """A FinetuneConfig from key=value overrides, as the CLI builds it (one torch thread, CPU)."""
+    from llmkit.config import load_config
+    from llmkit.recipes.finetune import FinetuneConfig
+
+    return load_config(FinetuneConfig, None, ["model=tiny", f"data.files=[{data}]", f"train.out_dir={out}",
+                                              "train.threads=1", "train.device=cpu", *over])
+
+
 def test_tiny_model_learns_toy_instructions(tmp_path, tok):
     from llmkit.peft import load_adapter
-    from llmkit.recipes.finetune import FinetuneConfig, finetune, sft_logits
+    from llmkit.recipes.finetune import finetune, sft_logits
 
     data = write_jsonl(tmp_path / "toy.jsonl", TOY)
-    cfg = FinetuneConfig(model="tiny", data=[str(data)], method="full", out=str(tmp_path / "full"), seq_len=96,
-                         batch_size=6, max_steps=60, lr=1e-2, warmup_steps=5, val_fraction=0.0, threads=1)
+    cfg = ft_cfg(data, tmp_path / "full", "method=full", "data.seq_len=96", "train.batch_size=6", "train.steps=60",
+                 "optim.lr=1e-2", "optim.warmup_steps=5", "data.val_fraction=0.0")
     s = finetune(cfg, model=tiny(), tokenizer=tok, quiet=True)
     model, _ = __import__("llmkit.checkpoint", fromlist=["x"]).load_checkpoint(tmp_path / "full")
     correct = sum(answer(model, tok, r["instruction"]) == r["output"] for r in TOY)
@@ -146,9 +155,9 @@ def test_tiny_model_learns_toy_instructions(tmp_path, tok):
     # LoRA on the learned model, packed: loss goes down, the adapter reloads to the same outputs
     recs = [{"instruction": r["instruction"], "output": r["output"].upper()} for r in TOY]
     data2 = write_jsonl(tmp_path / "upper.jsonl", recs)
-    cfg = FinetuneConfig(model="tiny", data=[str(data2)], method="lora", out=str(tmp_path / "lora"), seq_len=96,
-                         batch_size=2, max_steps=20, lr=1e-2, warmup_steps=2, val_fraction=0.34, packing=True,
-                         eval_every=20, threads=1)
+    cfg = ft_cfg(data2, tmp_path / "lora", "method=lora", "data.seq_len=96", "train.batch_size=2", "train.steps=20",
+                 "optim.lr=1e-2", "optim.warmup_steps=2", "data.val_fraction=0.34", "data.packing=true",
+                 "train.eval_every=20")
     cfg.lora.targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
     s = finetune(cfg, model=model, tokenizer=tok, quiet=True)
     assert s["val_loss_after"] < 0.5 * s["val_loss_before"]
@@ -163,11 +172,11 @@ def test_tiny_model_learns_toy_instructions(tmp_path, tok):
 @pytest.mark.parametrize("method", ["qlora", "adapter", "prompt", "llama-adapter", "selective"])
 def test_every_method_runs_and_reloads(tmp_path, tok, method):
     from llmkit.peft import load_adapter
-    from llmkit.recipes.finetune import FinetuneConfig, finetune, sft_logits
+    from llmkit.recipes.finetune import finetune, sft_logits
 
     data = write_jsonl(tmp_path / "toy.jsonl", TOY)
-    cfg = FinetuneConfig(model="tiny", data=[str(data)], method=method, out=str(tmp_path / method), seq_len=64,
-                         batch_size=2, max_steps=2, val_fraction=0.34, threads=1)
+    cfg = ft_cfg(data, tmp_path / method, f"method={method}", "data.seq_len=64", "train.batch_size=2", "train.steps=2",
+                 "data.val_fraction=0.34")
     cfg.llama_adapter.n_layers = 1
     cfg.selective.top_n_layers = 1
     cfg.prompt.n_tokens = 3
@@ -191,15 +200,15 @@ def test_cli_finetune_merge(tmp_path, tok, capsys):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
     data = write_jsonl(tmp_path / "toy.jsonl", TOY)
     args = ["finetune", "--model", str(tmp_path / "base"), "--data", f"{data}:2,{data}", "--method", "lora",
-            "--out", str(tmp_path / "ad"), "max_steps=2", "batch_size=2", "seq_len=64", "lr=5e-5"]
+            "--out", str(tmp_path / "ad"), "train.steps=2", "train.batch_size=2", "data.seq_len=64", "optim.lr=5e-5"]
     assert main(args + ["lora.r=2"]) == 0
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(args + ["lora.r=0", "--force"]) == 2
     assert "rank" in capsys.readouterr().err
     assert main(args + ["lora.targets=[q_proj,nope]", "--force"]) == 2
     assert "'nope' does not exist" in capsys.readouterr().err
-    assert main(args[:7] + ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "ad2"), "max_steps=1",
-                            "batch_size=2", "seq_len=64"]) == 0
+    assert main(args[:7] + ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "ad2"), "train.steps=1",
+                            "train.batch_size=2", "data.seq_len=64"]) == 0
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
                  "--out", str(tmp_path / "merged")]) == 0
     merged, _ = load_checkpoint(tmp_path / "merged")
