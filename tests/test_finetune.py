@@ -1,6 +1,7 @@
 """SFT data (formats, completion-only labels, packing, mixing), the fine-tuning recipe and the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,115 @@ def test_cli_finetune_merge(tmp_path, tok, capsys):
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert (merged(x) - adapted(x)).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- resume, intervals
+class Cut(Exception):
+    """Stands for the process dying between two steps."""
+
+
+def _losses(out):
+    from llmkit.train.loop import read_metrics
+
+    recs = read_metrics(out / "metrics.jsonl")
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
+
+
+@pytest.mark.parametrize("method,extra", [("lora", ["data.packing=true", "lora.dropout=0.2"]),
+                                          ("full", ["train.micro_batch_size=1"])])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok, monkeypatch, method, extra):
+    """Cut after step 5 of 6 (last checkpoint: step 4), resume: the same losses, val losses and weights as
+    a run never cut. LoRA dropout draws from the RNG, packing carries examples across steps, and
+    micro_batch_size=1 accumulates: all three are part of the state."""
+    import llmkit.recipes.finetune as rf
+    from llmkit.recipes.finetune import finetune
+    from llmkit.train import checkpoint as ckpt
+
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY)
+    common = [f"method={method}", "data.seq_len=64", "train.batch_size=2", "train.steps=6", "train.ckpt_every=2",
+              "data.val_fraction=0.34", "train.eval_every=3", "optim.lr=1e-2", *extra]
+    ref = finetune(ft_cfg(data, tmp_path / "ref", *common), model=tiny(), tokenizer=tok, quiet=True)
+    assert not (tmp_path / "ref.partial").exists()  # spent once the output is written
+
+    real, calls = rf.train_step, []
+
+    def dies_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Cut
+        return real(*a, **k)
+
+    monkeypatch.setattr(rf, "train_step", dies_at_step_5)
+    with pytest.raises(Cut):
+        finetune(ft_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True)
+    monkeypatch.undo()
+    left = ckpt.list_checkpoints(tmp_path / "cut.partial" / "checkpoints")
+    assert [p.name for p in left] == ["step_00000002", "step_00000004"] and not (tmp_path / "cut").exists()
+    if method == "lora":  # step checkpoints hold what trains, not the frozen base
+        from safetensors import safe_open
+
+        with safe_open(left[-1] / "model.safetensors", framework="pt") as f:
+            assert f.keys() and all("lora" in k for k in f.keys())
+    with pytest.raises(LLMKitError, match="interrupted run"):
+        finetune(ft_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True)
+    s = finetune(ft_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True, resume=True)
+    a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
+    assert [r[0] for r in a] == [r[0] for r in b] == [0, 1, 2, 3, 4, 5, 6]
+    for (_, la, va), (_, lb, vb) in zip(a, b):
+        assert (la is None) == (lb is None) and (va is None) == (vb is None)
+        assert abs((la or 0) - (lb or 0)) < 1e-6 and abs((va or 0) - (vb or 0)) < 1e-6
+    assert s["val_loss_before"] == ref["val_loss_before"] and s["completion_tokens"] == ref["completion_tokens"]
+    assert abs(s["val_loss_after"] - ref["val_loss_after"]) < 1e-6 and a[-1][1] < a[1][1]  # it trained
+    assert not (tmp_path / "cut.partial").exists()
+
+
+def test_zero_intervals_mean_never_but_the_end(tmp_path, tok):
+    """eval_every=0, log_every=0, ckpt_every=0: no ZeroDivisionError; only the final step is logged and
+    evaluated (plus the val loss before training), and no step checkpoint is written."""
+    from llmkit.recipes.finetune import finetune
+
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY)
+    cfg = ft_cfg(data, tmp_path / "z", "data.seq_len=64", "train.batch_size=2", "train.steps=3",
+                 "data.val_fraction=0.34", "train.eval_every=0", "train.log_every=0", "train.ckpt_every=0")
+    s = finetune(cfg, model=tiny(), tokenizer=tok, quiet=True)
+    assert [(st, loss is not None, v is not None) for st, loss, v in _losses(tmp_path / "z")] == \
+        [(0, False, True), (3, True, True)]
+    assert s["val_loss_after"] is not None
+    with pytest.raises(LLMKitError, match=r"train.eval_every must be >= 0"):
+        finetune(ft_cfg(data, tmp_path / "n", "train.eval_every=-1"), model=tiny(), tokenizer=tok, quiet=True)
+
+
+def test_sigkill_and_cli_resume(tmp_path, tok):
+    """`llmkit finetune` killed with SIGKILL mid-run; `--resume` finishes it with the losses of an
+    uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmkit.checkpoint import save_checkpoint
+    from llmkit.cli import main
+    from llmkit.train import checkpoint as ckpt
+
+    save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY)
+    args = ["finetune", "--model", str(tmp_path / "base"), "--data", str(data), "--method", "lora", "--device", "cpu",
+            "train.steps=40", "train.batch_size=2", "data.seq_len=64", "train.ckpt_every=2", "train.threads=1",
+            "data.val_fraction=0.34", "train.eval_every=0", "train.progress=false"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.list_checkpoints(Path(f"{run}.partial") / "checkpoints") \
+            and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert main(args + ["--out", str(run)]) == 2  # an interrupted run is not overwritten silently
+    assert main(args + ["--out", str(run), "--resume"]) == 0
+    a, b = _losses(tmp_path / "ref"), _losses(run)
+    assert [r[0] for r in a] == [r[0] for r in b] == list(range(41))
+    assert max(abs((x[1] or 0) - (y[1] or 0)) + abs((x[2] or 0) - (y[2] or 0)) for x, y in zip(a, b)) < 1e-6

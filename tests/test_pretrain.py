@@ -383,6 +383,19 @@ def test_cli_data_prepare_and_plan(tmp_path, corpus, tok, capsys):
     assert "Chinchilla" in capsys.readouterr().out
 
 
+def test_zero_intervals_mean_never_but_the_end(data_dir, tmp_path):
+    """log_every=0, eval_every=0, ckpt_every=0 (and sample_every=0): no ZeroDivisionError; the last step
+    is logged and evaluated, and its checkpoint is the only one."""
+    s = pretrain(small_cfg(data_dir, tmp_path / "z", "train.steps=3", "train.log_every=0", "train.eval_every=0",
+                           "train.ckpt_every=0"))
+    recs = read_metrics(tmp_path / "z" / "metrics.jsonl")
+    assert [r["step"] for r in recs if "loss" in r] == [3] and [r["step"] for r in recs if "val_loss" in r] == [3]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "z" / "checkpoints")] == ["step_00000003"]
+    assert s["steps"] == 3 and "val_loss" in s
+    with pytest.raises(LLMKitError, match="train.log_every must be >= 0"):
+        pretrain(small_cfg(data_dir, tmp_path / "n", "train.log_every=-1"))
+
+
 def test_activation_checkpointing_same_losses(data_dir, tmp_path):
     pretrain(small_cfg(data_dir, tmp_path / "plain", "train.steps=5", "train.ckpt_every=0"))
     pretrain(small_cfg(data_dir, tmp_path / "ac", "train.steps=5", "train.ckpt_every=0",
