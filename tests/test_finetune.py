@@ -329,3 +329,18 @@ def test_sigkill_and_cli_resume(tmp_path, tok):
     a, b = _losses(tmp_path / "ref"), _losses(run)
     assert [r[0] for r in a] == [r[0] for r in b] == list(range(41))
     assert max(abs((x[1] or 0) - (y[1] or 0)) + abs((x[2] or 0) - (y[2] or 0)) for x, y in zip(a, b)) < 1e-6
+
+
+def test_accumulation_equals_the_full_batch(tmp_path, tok):
+    """The SFT loss is the token-weighted mean over the whole global batch however it is split into
+    micro-batches (examples of different lengths: a mean of per-micro-batch means would differ)."""
+    from llmkit.recipes.finetune import finetune
+
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY + [{"instruction": "colour of milk", "output": "white " * 12}])
+    common = ["method=full", "data.seq_len=96", "train.batch_size=4", "train.steps=3", "data.val_fraction=0",
+              "optim.lr=1e-2", "optim.warmup_steps=1"]
+    for name, micro in (("whole", 4), ("split", 1)):
+        finetune(ft_cfg(data, tmp_path / name, *common, f"train.micro_batch_size={micro}"), model=tiny(),
+                 tokenizer=tok, quiet=True)
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert len(a) == 3 and max(abs(x[1] - y[1]) for x, y in zip(a, b)) < 1e-5
