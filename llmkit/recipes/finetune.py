@@ -218,7 +218,8 @@ class SFTBatches:
         self.stream = example_stream(data.train, data.weights, seed)
         self.carry: list = []
         self.drawn = 0
-        self.B, self.T, self.pad_id, self.packing, self.rank, self.world = batch_size, seq_len, pad_id, packing, rank, world
+        self.B, self.T, self.pad_id, self.packing = batch_size, seq_len, pad_id, packing
+        self.rank, self.world = rank, world
 
     def _draw(self):
         self.drawn += 1
@@ -226,9 +227,9 @@ class SFTBatches:
             return packed_batch(self.stream, self.B, self.T, self.pad_id, self.carry)  # dict of (B, T)
         return [next(self.stream) for _ in range(self.B)]
 
-    def next_micro_batches(self, micro: int) -> list[dict]:
+    def next_micro_batches(self, micro: int) -> tuple[list[dict], int]:
         """This rank's rows of the next global batch, as micro-batches of `micro` rows, each carrying
-        loss_tokens (see sft_loss)."""
+        loss_tokens (see sft_loss); and the global batch's completion-token count."""
         g = self._draw()
         lo, hi = self.rank * self.B // self.world, (self.rank + 1) * self.B // self.world
         if self.packing:
@@ -239,7 +240,7 @@ class SFTBatches:
             n_tokens = sum(sum(lab != -100 for lab in e.labels[1:]) for e in g)
             batches = [pad_batch(g[i:i + micro], self.pad_id) for i in range(lo, hi, micro)]
         share = n_tokens / (len(batches) * self.world)
-        return [{**b, "loss_tokens": share} for b in batches]
+        return [{**b, "loss_tokens": share} for b in batches], n_tokens
 
     def state_dict(self) -> dict:
         return {"batches": self.drawn}
@@ -340,9 +341,9 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
         cur = lr_at(step - 1, max_lr=lr, total_steps=t.steps, warmup_steps=min(o.warmup_steps, t.steps),
                     min_lr=min_lr, kind=o.schedule)
         set_lr(optimizer, cur)
-        micro_batches = [{k: v.to(info.device) if torch.is_tensor(v) else v for k, v in b.items()}
-                         for b in batches.next_micro_batches(micro)]
-        tokens += round(micro_batches[0]["loss_tokens"] * len(micro_batches) * info.world)
+        mine, n_tokens = batches.next_micro_batches(micro)
+        micro_batches = [{k: v.to(info.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in mine]
+        tokens += n_tokens
         stats = train_step(model, optimizer, micro_batches, loss_fn=sft_loss, grad_clip=o.grad_clip,
                            autocast=autocast)
         # each rank's loss is its share of the global token-weighted mean: their mean over ranks is it
