@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import LLMKitError, closest
+from .errors import LLMKitError
 
 T = TypeVar("T")
 
@@ -94,10 +94,15 @@ def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
 
 
 def _suggest(key: str, types: dict) -> str:
-    """Close names at this level, or the section that holds `key` (`seq_len` -> `data.seq_len`)."""
-    inside = [f"{name}.{f.name}" for name, tp in types.items() if (sub := _dataclass_of(tp))
-              for f in dataclasses.fields(sub) if f.name == key]
-    return f" (did you mean {', '.join(repr(c) for c in inside)}?)" if inside else closest(key, types)
+    """Close names at this level or one section down (`max_steps` -> `train.steps`), exact ones first."""
+    import difflib
+
+    names = {k: k for k in types}
+    for name, tp in types.items():
+        for f in dataclasses.fields(sub) if (sub := _dataclass_of(tp)) else ():
+            names.setdefault(f.name, f"{name}.{f.name}")
+    near = [key] if key in names else difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(names[n]) for n in near)}?)" if near else ""
 
 
 def to_dict(cfg) -> dict:

@@ -84,7 +84,7 @@ def test_train_step_takes_any_loss_fn_and_averages_its_metrics():
     assert r["loss"] == pytest.approx(r["ce"]) and r["ce"] > 3
 
 
-def test_shared_sections_one_coercion_and_recipe_defaults():
+def test_shared_sections_one_coercion_and_recipe_defaults(tmp_path):
     # YAML 1.1 reads 1e-3 as a string and 1e3 too: one coercion turns them into float / int
     p = load_config(PretrainConfig, None, ["optim.lr=1e-3", "train.steps=1e3", "optim.grad_clip=1"])
     assert p.optim.lr == 1e-3 and p.train.steps == 1000 and isinstance(p.optim.grad_clip, float)
@@ -104,3 +104,12 @@ def test_shared_sections_one_coercion_and_recipe_defaults():
     with pytest.raises(LLMKitError, match="'lora' is a section"):
         load_config(FinetuneConfig, None, ["lora=8"])
     assert [s for s in range(1, 7) if every(2, s)] == [2, 4, 6] and not any(every(0, s) for s in range(1, 7))
+    with pytest.raises(LLMKitError, match=r"'max_steps'.*did you mean 'train.steps'"):  # a pre-sections key
+        load_config(FinetuneConfig, None, ["max_steps=64"])
+    # a YAML file with the sections, then overrides on top
+    (tmp_path / "ft.yaml").write_text("method: full\ndata:\n  files: [a.jsonl]\n  packing: true\n"
+                                      "optim:\n  lr: 5e-5\ntrain:\n  steps: 1e2\n  micro_batch_size: 2\n")
+    f = load_config(FinetuneConfig, tmp_path / "ft.yaml", ["train.steps=7"])
+    assert (f.method, f.data.files, f.data.packing, f.optim.lr, f.train.steps, f.train.micro_batch_size) == \
+        ("full", ["a.jsonl"], True, 5e-5, 7, 2)
+    assert f.data.seq_len == 512 and f.optim.weight_decay == 0.0  # the recipe's defaults where the file is silent
