@@ -266,6 +266,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok, monkeypatch, met
 
         with safe_open(left[-1] / "model.safetensors", framework="pt") as f:
             assert f.keys() and all("lora" in k for k in f.keys())
+        with pytest.raises(LLMKitError, match="does not fit this model"):  # another method's parameters
+            finetune(ft_cfg(data, tmp_path / "cut", *common, "method=adapter"), model=tiny(), tokenizer=tok,
+                     quiet=True, resume=True)
     with pytest.raises(LLMKitError, match="interrupted run"):
         finetune(ft_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True)
     s = finetune(ft_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True, resume=True)

@@ -1,7 +1,7 @@
 """Resumable training state: everything needed to continue a run exactly where it stopped.
 
     RUN/checkpoints/step_00000100/
-        model.safetensors   full (unsharded) weights, llmkit parameter names
+        model.safetensors   full (unsharded) weights, llmkit parameter names (fine-tuning: only those that train)
         train_state.pt      optimiser state (keyed by parameter name), step, data-loader position,
                             torch RNG states, run config; read back with torch.load(weights_only=True)
         info.json           step and metrics, for humans
