@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LLMKitError
-from ..train.dist import DEVICES
+from ..train.dist import DEVICES, STRATEGIES
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import KINDS
 
@@ -62,7 +62,7 @@ class TrainSection:
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | mps
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere
     threads: int | None = None  # torch CPU threads (None: leave as is)
-    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
+    strategy: str = "ddp"  # ddp | fsdp | none (only used under torchrun with >1 process)
     log_every: int = 1  # 0 = only the last step
     eval_every: int = 200  # 0 = only at the end
     ckpt_every: int = 500  # 0 = only at the end
@@ -88,6 +88,8 @@ def check_sections(data: DataSection, optim: OptimSection, train: TrainSection, 
         raise LLMKitError(f"optim.lr must be > 0 and optim.min_lr >= 0 (got {optim.lr}, {optim.min_lr})")
     if train.dtype not in DTYPES:
         raise LLMKitError(f"train.dtype {train.dtype!r} is not one of {', '.join(DTYPES)}")
+    if train.strategy not in STRATEGIES:
+        raise LLMKitError(f"train.strategy {train.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if train.device.split(":")[0] not in DEVICES:
         raise LLMKitError(f"train.device {train.device!r} is not one of {', '.join(DEVICES)}")
     for name, v in (("train.batch_size", train.batch_size), ("train.steps", train.steps),

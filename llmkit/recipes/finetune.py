@@ -269,10 +269,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     if info.is_main:
         check_overwrite(out, force)
         if resume:
-            start_ckpt = Path(resume) if isinstance(resume, (str, Path)) and resume is not True else \
-                ckpt.latest_checkpoint(ckpt_root)
-            if start_ckpt is None:
-                raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
         elif partial.exists():
             if not force:
                 raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "

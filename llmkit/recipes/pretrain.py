@@ -132,10 +132,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     start_ckpt = None
     if info.is_main:
         if resume:
-            start_ckpt = Path(resume) if isinstance(resume, (str, Path)) and resume is not True else \
-                ckpt.latest_checkpoint(ckpt_root)
-            if start_ckpt is None:
-                raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
         elif out.exists() and any(out.iterdir()) and not force:
             raise LLMKitError(f"{out} already exists (pass --force to overwrite, or --resume to continue)")
     start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)

@@ -74,6 +74,14 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(resume: bool | str | Path, ckpt_root: str | Path) -> Path:
+    """The step checkpoint `--resume` names: the latest under ckpt_root (resume=True) or the given one."""
+    found = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckpt_root)
+    if found is None:
+        raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+    return found
+
+
 def split_aliases(state_dict: dict) -> tuple[dict, dict]:
     """(tensors, aliases): safetensors refuses tensors that share memory (tied embeddings: the
     embedding and the output head are one Parameter), so each shared tensor is stored once and the
