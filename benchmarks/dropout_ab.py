@@ -14,7 +14,7 @@ import torch.nn as nn
 from llmkit.models import Transformer
 from llmkit.models.modules import Dropout
 from llmkit.recipes.speedrun import SpeedrunConfig, _model_config
-from llmkit.train.loop import autocast_context, train_step
+from llmkit.train.loop import autocast_context, lm_loss, train_step
 from llmkit.train.optim import build_muon
 
 
@@ -40,12 +40,12 @@ def main() -> None:
     times = {k: [] for k in engines}
     for model, opt in engines.values():  # warm-up
         for _ in range(3):
-            train_step(model, opt, [(x, y)], autocast=autocast)
+            train_step(model, opt, [{"idx": x, "targets": y}], loss_fn=lm_loss, autocast=autocast)
     for _ in range(7):
         for k, (model, opt) in engines.items():
             t0 = time.perf_counter()
             for _ in range(5):
-                train_step(model, opt, [(x, y)], autocast=autocast)
+                train_step(model, opt, [{"idx": x, "targets": y}], loss_fn=lm_loss, autocast=autocast)
             times[k].append((time.perf_counter() - t0) / 5 * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     print({k: round(v, 1) for k, v in med.items()}, "ms/step; speedup", round(med["torch"] / med["llmkit"], 3))

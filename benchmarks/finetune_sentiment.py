@@ -118,13 +118,14 @@ def main() -> int:
             data.write_text("".join(json.dumps({"messages": [
                 {"role": "system", "content": SYSTEM}, {"role": "user", "content": user_prompt(r)},
                 {"role": "assistant", "content": lab}]}) + "\n" for r, lab in train))
-            over = [f"method={args.method}", f"max_steps={args.steps}", f"batch_size={args.batch_size}",
-                    "val_fraction=0.05", f"eval_every={args.steps}", "seq_len=128", "warmup_steps=3",
-                    f"threads={args.threads}", "lora.dropout=0.0"] + args.overrides
+            over = [f"method={args.method}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
+                    "data.val_fraction=0.05", f"train.eval_every={args.steps}", "data.seq_len=128",
+                    "optim.warmup_steps=3", f"train.threads={args.threads}", "train.ckpt_every=0",
+                    "lora.dropout=0.0"] + args.overrides
             if args.lr:
-                over.append(f"lr={args.lr}")
+                over.append(f"optim.lr={args.lr}")
             cfg = load_config(FinetuneConfig, None, over)
-            cfg.model, cfg.data, cfg.out = args.model, [str(data)], str(Path(d) / "out")
+            cfg.model, cfg.data.files, cfg.train.out_dir = args.model, [str(data)], str(Path(d) / "out")
             s = finetune(cfg, model=model, tokenizer=tok, quiet=False)
         rec.update({k: s[k] for k in ("trainable_params", "total_params", "trainable_share", "train_seconds",
                                       "val_loss_before", "val_loss_after", "weights_bytes_before",

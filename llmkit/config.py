@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import LLMKitError, closest
+from .errors import LLMKitError
 
 T = TypeVar("T")
 
@@ -37,18 +37,33 @@ def _dataclass_of(tp):
 
 
 def _coerce(value, tp, key: str):
-    """YAML 1.1 reads `1e-3` (no dot) as a string and `3` as an int: give float fields a float."""
-    wants_float = tp is float or (float in typing.get_args(tp) and int not in typing.get_args(tp))
-    if wants_float and not isinstance(value, bool) and isinstance(value, (str, int)):
+    """The one number coercion of every config: YAML 1.1 reads `1e-3` (no dot) as a string and `3` as
+    an int, so float fields get a float, int fields an int (`1e3` -> 1000); text that is no number is an
+    error naming the key."""
+    args = typing.get_args(tp)
+    want = next((t for t in (float, int) if tp is t or t in args), None)
+    if want is None or isinstance(value, bool) or value is None:
+        return value
+    if want is float and isinstance(value, (str, int)):
         try:
             return float(value)
         except ValueError:
             raise LLMKitError(f"config key {key!r} must be a number, got {value!r}") from None
+    if want is int and isinstance(value, (str, float)) and float not in args:
+        try:
+            number = float(value)
+        except ValueError:
+            raise LLMKitError(f"config key {key!r} must be an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise LLMKitError(f"config key {key!r} must be an integer, got {value!r}")
+        return int(number)
     return value
 
 
-def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown keys raise LLMKitError."""
+def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys raise LLMKitError. Fields not in `data`
+    keep the values of `base` (an instance of cls) if given, else cls's defaults: a recipe can give
+    a shared section its own defaults (`field(default_factory=lambda: OptimSection(lr=3e-3))`)."""
     if not isinstance(data, dict):
         raise LLMKitError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
     types = _field_types(cls)
@@ -58,19 +73,36 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     for key, value in data.items():
         full = f"{where}{key}"
         if key not in types:
-            raise LLMKitError(f"unknown config key {full!r}{closest(key, types)}")
+            raise LLMKitError(f"unknown config key {full!r}{_suggest(key, types)}")
         sub = _dataclass_of(types[key])
         if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value, where=f"{full}.")
+            default = getattr(base, key) if base is not None else factories[key]() if key in factories else None
+            value = from_dict(sub, value, where=f"{full}.",
+                              base=default if dataclasses.is_dataclass(default) else None)
+        elif sub is not None and value is not None and not dataclasses.is_dataclass(value):
+            names = ", ".join(f.name for f in dataclasses.fields(sub))
+            raise LLMKitError(f"config key {full!r} is a section (keys: {names}), got {value!r}")
         elif isinstance(value, dict) and key in factories:
             default = factories[key]()
             if isinstance(default, dict):  # a dict field: `model.dropout=0` changes one key, keeps the rest
                 value = _merge(default, value)
         kwargs[key] = _coerce(value, types[key], full)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:
         raise LLMKitError(f"config {where or '<root>'}: {e}") from None
+
+
+def _suggest(key: str, types: dict) -> str:
+    """Close names at this level or one section down (`max_steps` -> `train.steps`), exact ones first."""
+    import difflib
+
+    names = {k: k for k in types}
+    for name, tp in types.items():
+        for f in dataclasses.fields(sub) if (sub := _dataclass_of(tp)) else ():
+            names.setdefault(f.name, f"{name}.{f.name}")
+    near = [key] if key in names else difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(names[n]) for n in near)}?)" if near else ""
 
 
 def to_dict(cfg) -> dict:

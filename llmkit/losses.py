@@ -25,3 +25,24 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k:
     f = assign.mean(dim=0)  # (k, E)
     p = probs.mean(dim=0)  # (E,)
     return n_expert * (f * p[None]).sum()
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """log p(targets | logits): logits (..., V), targets (...) -> (...) in fp32; 0 where targets == ignore_index.
+    Differentiable: the one place llmkit turns logits into per-token log-probabilities."""
+    keep = targets != ignore_index
+    lp = torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.where(keep, 0).unsqueeze(-1)).squeeze(-1)
+    return lp.where(keep, 0.0)
+
+
+def sequence_logprobs(model, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                      **forward_kw) -> torch.Tensor:
+    """Per-token log p(targets[b, t] | idx[b, :t+1]) -> (B, T) fp32, for a padded batch.
+
+    idx (B, T) are the inputs and targets (B, T) the next tokens (idx shifted by one), with
+    `ignore_index` wherever a token is not scored (padding, prompt tokens: a completion mask); those
+    positions get 0, so `.sum(-1)` is a sequence's completion log-likelihood. Runs with gradients (the
+    caller decides: DPO/PPO need them, scoring wraps it in inference_mode); `forward_kw` go to the model
+    (input_pos, a document mask for packed rows).
+    """
+    return gather_logprobs(model(idx, **forward_kw), targets, ignore_index)

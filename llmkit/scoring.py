@@ -1,7 +1,8 @@
 """Scoring text under a model: per-token log-probabilities, NLL, perplexity, bits per byte.
 
-`token_logprobs` is the one log-prob gathering function of llmkit (evaluation, alignment and
-distillation import it). Texts longer than the context are scored with a sliding window.
+`token_logprobs` scores one long text without gradients, with a sliding window over texts longer than
+the context; it is built on `llmkit.losses.sequence_logprobs`, the one batched log-prob gathering
+function (with gradients, for alignment and distillation).
 """
 
 from __future__ import annotations
@@ -11,15 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import LLMKitError
+from .losses import gather_logprobs, sequence_logprobs  # noqa: F401  (gather_logprobs: re-exported)
 from .peft.prompt_tuning import forward_with_prompt, has_soft_prompt
-
-
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets | logits): logits (..., V), targets (...) -> (...) in fp32."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -41,8 +37,8 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
     if n_soft:  # a prompt-tuning soft prompt goes in front of every window and takes its positions
         model = functools.partial(forward_with_prompt, model)
     if n <= C:
-        logits = model(ids[None].to(device))[0, :-1]
-        return gather_logprobs(logits, ids[1:].to(device)).cpu()
+        x = ids[None].to(device)
+        return sequence_logprobs(model, x[:, :-1], x[:, 1:])[0].cpu()
     stride = stride or max(1, C // 2)
     if not 0 < stride <= C:
         raise LLMKitError(f"stride must be in 1..{C}, got {stride}")
@@ -59,7 +55,7 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
         if end <= scored:
             continue
         window = ids[start:end][None].to(device)
-        lp = gather_logprobs(model(window)[0, :-1], window[0, 1:])  # predicts start+1..end-1
+        lp = sequence_logprobs(model, window[:, :-1], window[:, 1:])[0]  # predicts start+1..end-1
         first = max(scored, start + 1)
         out[first - 1:end - 1] = lp[first - start - 1:].cpu()
         scored = end

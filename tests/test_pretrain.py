@@ -23,7 +23,7 @@ from llmkit.recipes.pretrain import PretrainConfig, pretrain
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import checkpoint as ckpt
 from llmkit.train.data import BatchLoader, TokenShards, prepare
-from llmkit.train.loop import read_metrics, train_step
+from llmkit.train.loop import lm_loss, read_metrics, train_step
 from llmkit.train.optim import MuonAdamW, build_adamw, build_muon, newton_schulz, param_groups
 from llmkit.train.schedule import lr_at
 
@@ -245,8 +245,8 @@ def test_grad_accumulation_equals_full_batch():
         torch.manual_seed(1)
         model = Transformer(cfg)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # params move by exactly the clipped gradient
-        micro = list(zip(x[:, :-1].split(split), x[:, 1:].split(split)))
-        res = train_step(model, opt, micro, grad_clip=1.0)
+        micro = [{"idx": a, "targets": b} for a, b in zip(x[:, :-1].split(split), x[:, 1:].split(split))]
+        res = train_step(model, opt, micro, loss_fn=lm_loss, grad_clip=1.0)
         results.append((res, torch.cat([p.detach().flatten() for p in model.parameters()])))
     (r1, p1), (r2, p2) = results
     assert abs(r1["loss"] - r2["loss"]) < 1e-6 and abs(r1["grad_norm"] - r2["grad_norm"]) < 1e-6
@@ -261,7 +261,7 @@ def test_tiny_model_overfits_short_text():
     x, y = text[None, :-1], text[None, 1:]
     first = None
     for _ in range(150):
-        r = train_step(model, opt, [(x, y)])
+        r = train_step(model, opt, [{"idx": x, "targets": y}], loss_fn=lm_loss)
         first = first or r["loss"]
     assert first > 5.0 and r["loss"] < 0.5  # memorised (the text's unigram entropy is ~2.9 nats)
 
@@ -381,6 +381,19 @@ def test_cli_data_prepare_and_plan(tmp_path, corpus, tok, capsys):
     assert p["memory_bytes"]["fp32 AdamW"]["total"] == 16 * 1.8e6
     assert main(["plan", "--preset", "tiny-llama", "--tokens-per-s", "1e4"]) == 0
     assert "Chinchilla" in capsys.readouterr().out
+
+
+def test_zero_intervals_mean_never_but_the_end(data_dir, tmp_path):
+    """log_every=0, eval_every=0, ckpt_every=0 (and sample_every=0): no ZeroDivisionError; the last step
+    is logged and evaluated, and its checkpoint is the only one."""
+    s = pretrain(small_cfg(data_dir, tmp_path / "z", "train.steps=3", "train.log_every=0", "train.eval_every=0",
+                           "train.ckpt_every=0"))
+    recs = read_metrics(tmp_path / "z" / "metrics.jsonl")
+    assert [r["step"] for r in recs if "loss" in r] == [3] and [r["step"] for r in recs if "val_loss" in r] == [3]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "z" / "checkpoints")] == ["step_00000003"]
+    assert s["steps"] == 3 and "val_loss" in s
+    with pytest.raises(LLMKitError, match="train.log_every must be >= 0"):
+        pretrain(small_cfg(data_dir, tmp_path / "n", "train.log_every=-1"))
 
 
 def test_activation_checkpointing_same_losses(data_dir, tmp_path):

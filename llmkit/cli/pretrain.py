@@ -5,8 +5,9 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model from scratch on prepared token shards",
-                       description="Pretrain from scratch. Config: YAML with sections model/data/optim/train "
-                       "(see llmkit/recipes/pretrain.py); key=value overrides, e.g. optim.lr=1e-3 "
+                       description="Pretrain from scratch. Config: YAML with preset, model (field overrides) "
+                       "and the sections data/optim/train shared with finetune (llmkit/recipes/pretrain.py, "
+                       "llmkit/recipes/config.py); key=value overrides, e.g. optim.lr=1e-3 "
                        "train.steps=500. Multi-process: torchrun --nproc_per_node=K -m llmkit pretrain ... "
                        "train.strategy=ddp|fsdp.")
     p.add_argument("--config", help="YAML config file")

@@ -1,69 +1,114 @@
 """Supervised fine-tuning recipe: one explicit loop for every method (full, selective, LoRA, QLoRA,
 bottleneck adapters, prompt tuning, LLaMA-Adapter). The method only decides which module swaps are
-applied and which parameters train; the loop (AdamW groups, LR schedule, accumulation, clipping,
-metrics, plots, progress) is the shared one from `llmkit.train`.
+applied and which parameters train; the loop (optimiser groups, LR schedule, accumulation, clipping,
+autocast, metrics, plots, progress, resumable step checkpoints, DDP/FSDP) is the shared one from
+`llmkit.train`, and the loss is `sft_loss`, given to `train_step` as its loss_fn.
 
-    cfg = load_config(FinetuneConfig, "ft.yaml", ["method=lora", "lora.r=16"])
+    cfg = load_config(FinetuneConfig, "ft.yaml", ["method=lora", "lora.r=16", "train.steps=200"])
     finetune(cfg)
 
-Output directory: the adapter (adapter_config.json + adapter_model.safetensors, loadable with
+The config nests the shared sections of `recipes/config.py` (data, optim, train) like pretraining does,
+plus the methods' own sections (lora:, qlora:, ...). Runs alone or under `torchrun --nproc_per_node=K`
+(train.strategy = ddp | fsdp): every rank draws the same global batch of train.batch_size examples
+(or packed rows) and takes its own rows, so the losses equal one process's with that batch.
+
+Output directory OUT: the adapter (adapter_config.json + adapter_model.safetensors, loadable with
 `--adapter DIR` or by HF peft) or, for full/selective, an llmkit checkpoint; plus metrics.jsonl,
-loss.png and finetune.json (the resolved config and the summary).
+loss.png and finetune.json (the resolved config and the summary). While the run lasts, OUT.partial/
+holds metrics.jsonl and the step checkpoints (trainable weights, optimiser, RNG, data position) that
+`--resume` continues from exactly; it is removed once OUT is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import LLMKitError
 from ..finetune.data import DocumentMask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
-from ..peft import METHODS  # noqa: F401  (the CLI's choices)
-from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
-                    forward_with_prompt, get_method, memory_report, save_adapter, trainable_summary)
-from ..peft import apply_method as apply_peft_method
+from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
+                    memory_report, nearest_tokens, quantize_model_nf4, save_adapter, select_trainable,
+                    trainable_summary)
 from ..peft.lora import LoRAConfig
 from ..peft.prompt_tuning import has_soft_prompt
-from ..train.loop import MetricsLogger, plot_metrics, progress_bar, read_metrics, train_step
-from ..train.optim import build_adamw
+from ..train import checkpoint as ckpt
+from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
+from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
+from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
+from .config import DataSection, OptimSection, TrainSection, check_sections, every
+
+METHODS = ("full", "selective", "lora", "qlora", "adapter", "prompt", "llama-adapter")
+DEFAULT_LR = {"full": 2e-5, "selective": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prompt": 3e-2,
+              "llama-adapter": 1e-2}
+
 
 @dataclass
-class FinetuneConfig:
-    model: str = ""
-    base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
-    data: list[str] = field(default_factory=list)  # FILE or FILE:WEIGHT
-    method: str = "lora"
-    out: str = ""
-    force: bool = False
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 100
-    lr: float | None = None  # None: the method's default (llmkit.peft.default_lr)
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    packing: bool = False
+class QLoRASection:
+    blocksize: int = 64
+    double_quant: bool = True
+    quantize: str = "all-linear"  # which linears are stored in NF4 (lm_head stays: tied to the embedding)
+
+
+@dataclass
+class SelectiveSection:
+    modules: list[str] = field(default_factory=list)
+    top_n_layers: int = 0
+    attention_only: bool = False
+
+
+@dataclass
+class AdapterSection:
+    bottleneck: int = 64
+    where: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
+
+
+@dataclass
+class PromptSection:
+    n_tokens: int = 20
+    init_text: str | None = None  # initialise from this text's token embeddings (else random tokens)
+
+
+@dataclass
+class LlamaAdapterSection:
+    adapter_len: int = 10
+    n_layers: int = 8
+
+
+@dataclass
+class SFTDataSection(DataSection):
+    files: list[str] = field(default_factory=list)  # FILE or FILE:WEIGHT (--data FILE[,FILE...])
+    packing: bool = False  # whole examples packed into seq_len rows, attention kept within each
     val_fraction: float = 0.05
-    eval_every: int = 50
     max_val_examples: int = 200
     max_records: int | None = None  # per file, for quick runs
     system: str | None = None  # system prompt added to records that have none
-    seed: int = 0
-    threads: int = 2
-    log_every: int = 1
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = ""  # --model
+    base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
+    method: str = "lora"
+    data: SFTDataSection = field(default_factory=lambda: SFTDataSection(seq_len=512))
+    # optim.lr None: the method's default (DEFAULT_LR)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(warmup_steps=10, weight_decay=0.0))
+    # train.batch_size examples (or packed rows) per optimiser step; micro_batch_size < batch_size accumulates
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        steps=100, batch_size=4, seed=0, eval_every=50, ckpt_every=100, keep_last=2))
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     qlora: QLoRASection = field(default_factory=QLoRASection)
     selective: SelectiveSection = field(default_factory=SelectiveSection)
@@ -71,36 +116,52 @@ class FinetuneConfig:
     prompt: PromptSection = field(default_factory=PromptSection)
     llama_adapter: LlamaAdapterSection = field(default_factory=LlamaAdapterSection)
 
-    def validate(self) -> None:
-        # YAML reads "5e-5" (no dot) as a string: accept any number written as text
-        for sec, name in [(self, "lr"), (self, "min_lr_ratio"), (self, "weight_decay"), (self, "grad_clip"),
-                          (self, "val_fraction"), (self.lora, "alpha"), (self.lora, "dropout")]:
-            v = getattr(sec, name)
-            if isinstance(v, str):
-                try:
-                    setattr(sec, name, float(v))
-                except ValueError:
-                    raise LLMKitError(f"{name} must be a number, got {v!r}") from None
-        method = get_method(self.method)  # an unknown name raises, naming the close spelling
+    def validate(self, world: int = 1) -> tuple[int, int]:
+        """Check the config; returns (micro batch per rank, accumulation steps)."""
+        if self.method not in METHODS:
+            from ..errors import closest
+
+            raise LLMKitError(f"unknown method {self.method!r}{closest(self.method, METHODS)}; "
+                              f"choose one of {', '.join(METHODS)}")
         if not self.model:
             raise LLMKitError("no model given (--model)")
-        if not self.data:
+        if isinstance(self.data.files, str):  # `files: a.jsonl` in YAML
+            self.data.files = [self.data.files]
+        if not self.data.files:
             raise LLMKitError("no data given (--data FILE[,FILE...])")
-        if not self.out:
+        if not self.train.out_dir:
             raise LLMKitError("no output directory given (--out)")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) <= 0:
-                raise LLMKitError(f"{name} must be positive, got {getattr(self, name)}")
-        if method.validate is not None:
-            method.validate(self)
-        if self.packing and not method.supports_packing:
-            raise LLMKitError(f"method {self.method} cannot train on packed rows: use packing=false")
+        micro, accum = check_sections(self.data, self.optim, self.train, world)
+        if self.method in ("lora", "qlora") and (not isinstance(self.lora.r, int) or self.lora.r <= 0):
+            raise LLMKitError(f"LoRA rank r must be a positive integer, got {self.lora.r!r}")
+        if self.method == "prompt" and self.data.packing:
+            raise LLMKitError("prompt tuning prepends the soft prompt to each sequence: use data.packing=false")
+        return micro, accum
 
 
 # ------------------------------------------------------------------ methods
 def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Module:
-    """Apply the module swaps / freezing of cfg.method to `model` (in place), reading its sections of cfg."""
-    return apply_peft_method(model, cfg.method, cfg, tokenizer)
+    """Apply the module swaps / freezing of cfg.method to `model` (in place)."""
+    m = cfg.method
+    if m == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif m == "selective":
+        s = cfg.selective
+        select_trainable(model, s.modules, s.top_n_layers, s.attention_only)
+    elif m in ("lora", "qlora"):
+        if m == "qlora":
+            quantize_model_nf4(model, cfg.qlora.quantize, cfg.qlora.blocksize, cfg.qlora.double_quant)
+        lc = cfg.lora
+        apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
+    elif m == "adapter":
+        apply_adapters(model, cfg.adapter.bottleneck, tuple(cfg.adapter.where))
+    elif m == "prompt":
+        init = tokenizer.encode(cfg.prompt.init_text, add_bos=False) if cfg.prompt.init_text and tokenizer else None
+        apply_prompt_tuning(model, cfg.prompt.n_tokens, init_ids=init, seed=cfg.train.seed)
+    elif m == "llama-adapter":
+        apply_llama_adapter(model, cfg.llama_adapter.adapter_len, cfg.llama_adapter.n_layers)
+    return model
 
 
 # ------------------------------------------------------------------ loss
@@ -114,21 +175,31 @@ def sft_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["idx"])
 
 
-def sft_loss(model: nn.Module, batch: dict, _targets=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over completion tokens (targets -100 elsewhere); (loss, ce) for train_step."""
-    ce = cross_entropy(sft_logits(model, batch), batch["targets"])
-    return ce, ce
+def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The loss_fn of fine-tuning: cross-entropy over completion tokens (targets -100 elsewhere).
+
+    Summed, then divided by batch["loss_tokens"]: the global batch's completion tokens per micro-batch
+    (N / (M x world)), so that train_step's 1/M and DDP's mean over ranks make the gradient that of
+    the token-weighted mean over the whole global batch, however it is split (the gradient-accumulation
+    normalisation of HF transformers 4.46 / torchtune). Without it: the micro-batch's own mean."""
+    logits = sft_logits(model, batch)  # (B, T, V)
+    targets = batch["targets"]  # (B, T)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum")
+    loss = nll / batch.get("loss_tokens", (targets != -100).sum().clamp(min=1))
+    return loss, {"loss": loss}
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, examples, batch_size: int, pad_id: int) -> float:
+def val_loss(model: nn.Module, examples, batch_size: int, pad_id: int, device=None, autocast=None) -> float:
     """Token-weighted mean completion loss over the validation examples (one example per row)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        b = pad_batch(examples[i:i + batch_size], pad_id)
-        logits = sft_logits(model, b)
+        b = {k: v.to(device) if device is not None else v for k, v in pad_batch(examples[i:i + batch_size],
+                                                                                 pad_id).items()}
+        with autocast or contextlib.nullcontext():
+            logits = sft_logits(model, b)
         n = int((b["targets"] != -100).sum())
         total += float(cross_entropy(logits, b["targets"])) * n
         count += n
@@ -136,16 +207,79 @@ def val_loss(model: nn.Module, examples, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
+class SFTBatches:
+    """The global batch of each step, drawn from the endless weighted example stream: B examples (one
+    per row, padded per micro-batch) or B packed rows. Every rank draws the same global batch and keeps
+    its own rows. Resumable: the state is the number of batches drawn, and `load_state_dict` replays
+    them (the stream and the packing carry-over are deterministic; replaying costs no forward)."""
+
+    def __init__(self, data, batch_size: int, seq_len: int, pad_id: int, packing: bool, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.stream = example_stream(data.train, data.weights, seed)
+        self.carry: list = []
+        self.drawn = 0
+        self.B, self.T, self.pad_id, self.packing = batch_size, seq_len, pad_id, packing
+        self.rank, self.world = rank, world
+
+    def _draw(self):
+        self.drawn += 1
+        if self.packing:
+            return packed_batch(self.stream, self.B, self.T, self.pad_id, self.carry)  # dict of (B, T)
+        return [next(self.stream) for _ in range(self.B)]
+
+    def next_micro_batches(self, micro: int) -> tuple[list[dict], int]:
+        """This rank's rows of the next global batch, as micro-batches of `micro` rows, each carrying
+        loss_tokens (see sft_loss); and the global batch's completion-token count."""
+        g = self._draw()
+        lo, hi = self.rank * self.B // self.world, (self.rank + 1) * self.B // self.world
+        if self.packing:
+            n_tokens = int((g["targets"] != -100).sum())
+            mine = {k: v[lo:hi] for k, v in g.items()}
+            batches = [{k: v[i:i + micro] for k, v in mine.items()} for i in range(0, hi - lo, micro)]
+        else:
+            n_tokens = sum(sum(lab != -100 for lab in e.labels[1:]) for e in g)
+            batches = [pad_batch(g[i:i + micro], self.pad_id) for i in range(lo, hi, micro)]
+        share = n_tokens / (len(batches) * self.world)
+        return [{**b, "loss_tokens": share} for b in batches], n_tokens
+
+    def state_dict(self) -> dict:
+        return {"batches": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        while self.drawn < state["batches"]:
+            self._draw()
+
+
 # ------------------------------------------------------------------ the run
-def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False) -> dict:
-    """Fine-tune and write the result to cfg.out. `model`/`tokenizer` may be given directly (tests);
-    otherwise cfg.model is loaded. Returns the summary dict (also written to finetune.json)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    check_overwrite(out, cfg.force)  # fail now, not after training
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
+             resume: bool | str = False, force: bool = False) -> dict:
+    """Fine-tune and write the result to cfg.train.out_dir. `model`/`tokenizer` may be given directly
+    (tests); otherwise cfg.model is loaded. `resume`: True for the latest step checkpoint of the
+    interrupted run in OUT.partial, or a checkpoint directory. Returns the summary dict (also written
+    to finetune.json; empty on ranks other than 0)."""
+    t = cfg.train
+    info: DistInfo = init_distributed(t.device)
+    micro, accum = cfg.validate(info.world)
+    out = Path(t.out_dir)
+    partial = out.with_name(out.name + ".partial")  # metrics and step checkpoints until OUT is written
+    ckpt_root = partial / "checkpoints"
+
+    # ---- decide where to start (rank 0 looks, everyone agrees); fail now, not after training
+    start_ckpt = None
+    if info.is_main:
+        check_overwrite(out, force)
+        if resume:
+            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
+        elif partial.exists():
+            if not force:
+                raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
+                                  f"or --force to start over")
+            shutil.rmtree(partial)
+    start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)
+
+    torch.manual_seed(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
     if model is None:
         from ..loading import load_model
 
@@ -158,75 +292,117 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     if tokenizer is None:
         raise LLMKitError(f"model {cfg.model!r} comes without a tokenizer; fine-tuning needs one for the chat template")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    data = load_sft_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, cfg.seed, cfg.system, cfg.max_records)
-    val = data.val[: cfg.max_val_examples]
+    d = cfg.data
+    data = load_sft_data(d.files, tokenizer, d.seq_len, d.val_fraction, t.seed, d.system, d.max_records)
+    val = data.val[: d.max_val_examples]
 
+    # ---- model and optimiser (same seed on every rank: identical adapters)
     mem_before = memory_report(model)
     apply_method(model, cfg, tokenizer)
     model.train()
     params = trainable_summary(model)
     mem_after = memory_report(model)
-    method = get_method(cfg.method)
-    lr = cfg.lr if cfg.lr is not None else method.default_lr
-    optimizer = build_adamw(model, lr=lr, weight_decay=cfg.weight_decay)
-    stream = example_stream(data.train, data.weights, cfg.seed)
-    carry: list = []
+    model.to(info.device)
+    fsdp = info.enabled and t.strategy == "fsdp"
+    # FSDP shards the weights in place: rank 0 keeps a plain copy to load the final full weights into
+    template = copy.deepcopy(model) if fsdp and info.is_main else None
+    model = wrap_model(model, t.strategy, info)
+    lr, min_lr = cfg.optim.peak(DEFAULT_LR[cfg.method])
+    o = cfg.optim
+    optimizer = OPTIMIZERS[o.name](model, lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    autocast = autocast_context(info.device, t.dtype)
+    batches = SFTBatches(data, t.batch_size, d.seq_len, pad_id, d.packing, t.seed, info.rank, info.world)
 
-    def next_batch() -> dict:
-        if cfg.packing:
-            return packed_batch(stream, cfg.batch_size, cfg.seq_len, pad_id, carry)
-        return pad_batch([next(stream) for _ in range(cfg.batch_size)], pad_id)
+    start_step, state = 0, {}
+    if start_ckpt:
+        state = ckpt.load_train_state(start_ckpt, model, optimizer, trainable_only=True)
+        batches.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    run_config = dataclasses.asdict(cfg)
+    logger = MetricsLogger(partial / "metrics.jsonl", enabled=info.is_main, tensorboard=False,
+                           resume_step=start_step if start_ckpt else None)
 
-    metrics_tmp = out.parent / f".{out.name}.metrics.jsonl"
-    logger = MetricsLogger(metrics_tmp, tensorboard=False)
-    val_before = val_loss(model, val, cfg.batch_size, pad_id) if val else None
-    if val_before is not None:
+    def validation() -> float | None:
+        return val_loss(model, val, micro, pad_id, info.device, autocast) if val else None
+
+    run = state.get("loader", {})
+    val_before = run["val_before"] if start_ckpt else validation()
+    if val_before is not None and not start_ckpt:
         logger.log({"step": 0, "val_loss": val_before})
-    bar = progress_bar(cfg.max_steps, enabled=not quiet, desc=f"finetune[{cfg.method}]")
-    t0, tokens, last_val = time.perf_counter(), 0, val_before
-    for step in range(cfg.max_steps):
-        cur = lr_at(step, max_lr=lr, total_steps=cfg.max_steps, warmup_steps=min(cfg.warmup_steps, cfg.max_steps),
-                    min_lr=lr * cfg.min_lr_ratio, kind=cfg.schedule)
+    tokens, elapsed_before = run.get("tokens", 0), run.get("elapsed_s", 0.0)
+    bar = progress_bar(t.steps, start_step, enabled=not quiet and t.progress and info.is_main,
+                       desc=f"finetune[{cfg.method}]")
+    t0, last_val = time.perf_counter(), run.get("last_val", val_before)
+    for step in range(start_step + 1, t.steps + 1):
+        cur = lr_at(step - 1, max_lr=lr, total_steps=t.steps, warmup_steps=min(o.warmup_steps, t.steps),
+                    min_lr=min_lr, kind=o.schedule)
         set_lr(optimizer, cur)
-        micro = [next_batch() for _ in range(cfg.grad_accum)]
-        tokens += sum(int((b["targets"] != -100).sum()) for b in micro)
-        stats = train_step(model, optimizer, [(b, b["targets"]) for b in micro], loss_fn=sft_loss,
-                           grad_clip=cfg.grad_clip)
-        if not math.isfinite(stats["loss"]):
-            raise LLMKitError(f"loss became {stats['loss']} at step {step + 1}; lower the learning rate (lr={lr})")
-        rec = {"step": step + 1, "loss": stats["loss"], "lr": cur, "grad_norm": stats["grad_norm"],
-               "completion_tokens": tokens, "elapsed_s": time.perf_counter() - t0}
-        if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            rec["val_loss"] = last_val = val_loss(model, val, cfg.batch_size, pad_id)
-        if (step + 1) % cfg.log_every == 0 or "val_loss" in rec:
+        mine, n_tokens = batches.next_micro_batches(micro)
+        micro_batches = [{k: v.to(info.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in mine]
+        tokens += n_tokens
+        stats = train_step(model, optimizer, micro_batches, loss_fn=sft_loss, grad_clip=o.grad_clip,
+                           autocast=autocast)
+        # each rank's loss is its share of the global token-weighted mean: their mean over ranks is it
+        loss = float(all_reduce_sum(torch.tensor([stats["loss"]], dtype=torch.float64, device=info.device))[0])
+        loss /= info.world
+        if not math.isfinite(loss):
+            raise LLMKitError(f"loss became {loss} at step {step}; lower the learning rate (optim.lr={lr})")
+        elapsed = elapsed_before + time.perf_counter() - t0
+        rec = {"step": step, "loss": loss, "lr": cur, "grad_norm": stats["grad_norm"],
+               "completion_tokens": tokens, "elapsed_s": elapsed}
+        if val and (every(t.eval_every, step) or step == t.steps):
+            rec["val_loss"] = last_val = validation()
+        if every(t.log_every, step) or "val_loss" in rec or step == t.steps:
             logger.log(rec)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+        if every(t.ckpt_every, step) and step < t.steps:
+            ckpt.save_train_state(ckpt_root, step, model, optimizer,
+                                  {**batches.state_dict(), "val_before": val_before, "last_val": last_val,
+                                   "tokens": tokens, "elapsed_s": elapsed},
+                                  run_config, {"loss": loss}, keep=t.keep_last, is_main=info.is_main,
+                                  trainable_only=True)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
         bar.update(1)
     bar.close()
     logger.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = elapsed_before + time.perf_counter() - t0
+
+    # ---- the output: rank 0 writes it from a plain model (FSDP: the gathered full weights)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=ckpt._options())  # a collective: every rank
+        if template is not None:
+            template.load_state_dict(full, strict=False)  # tied weights appear once in `full`
+        model = template
+    else:
+        model = unwrap(model)
+    if not info.is_main:
+        return {}
     model.eval()
 
     summary = {
-        "method": cfg.method, "model": cfg.model, "data": data.files, "steps": cfg.max_steps,
-        "train_examples": sum(len(t) for t in data.train), "val_examples": len(val), "dropped_examples": data.dropped,
+        "method": cfg.method, "model": cfg.model, "data": data.files, "steps": t.steps,
+        "train_examples": sum(len(x) for x in data.train), "val_examples": len(val), "dropped_examples": data.dropped,
         "trainable_params": params["trainable"], "total_params": params["total"], "trainable_share": params["share"],
         "weights_bytes_before": mem_before["stored_bytes"], "weights_bytes_after": mem_after["stored_bytes"],
         "val_loss_before": val_before, "val_loss_after": last_val,
-        "train_seconds": elapsed, "completion_tokens": tokens,
+        "train_seconds": elapsed, "completion_tokens": tokens, "world": info.world,
     }
-    if method.summary is not None:
-        summary.update(method.summary(model, tokenizer))
+    if cfg.method == "prompt":
+        summary["prompt_nearest_tokens"] = [t for _, _, t, _ in nearest_tokens(model, tokenizer)]
     resolved = dataclasses.asdict(cfg)
-    if method.saves_adapter:
-        save_adapter(model, out, base_model=cfg.model, force=True, extra={"finetune": resolved}, method=cfg.method)
-    else:
+    if cfg.method in ("full", "selective"):
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(model, out, tokenizer=tokenizer, meta={"finetune": resolved}, force=True)
-    os.replace(metrics_tmp, out / "metrics.jsonl")
+    else:
+        save_adapter(model, out, base_model=cfg.model, force=True,
+                     extra={"finetune": resolved, "nf4_base": cfg.method == "qlora"})
+    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
     plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"fine-tuning ({cfg.method})")
     atomic_write_json(out / "finetune.json", {"config": resolved, "summary": summary})
+    shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its step checkpoints are spent
     return summary
 
 

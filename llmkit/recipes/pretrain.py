@@ -12,6 +12,7 @@ weight mean of train.average_tail) is in the step checkpoints, so `resume` conti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -28,69 +29,41 @@ from ..train import checkpoint as ckpt
 from ..train.average import TailAverage, in_tail
 from ..train.data import BatchLoader, TokenShards, eval_windows, read_manifest
 from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
-from ..train.loop import (MetricsLogger, autocast_context, evaluate, plot_metrics, progress_bar, read_metrics,
-                          sample_text, train_step)
+from ..train.loop import (MetricsLogger, autocast_context, evaluate, lm_loss, plot_metrics, progress_bar,
+                          read_metrics, sample_text, train_step)
 from ..train.mfu import device_peak_flops, mfu
-from ..train.optim import build_adamw, build_muon
-from ..train.schedule import KINDS, decayed_lr, lr_at, set_lr
+from ..train.optim import OPTIMIZERS
+from ..train.schedule import decayed_lr, lr_at, set_lr
+from .config import DataSection, OptimSection, TrainSection, check_sections, every
 
 
 @dataclass
-class DataConfig:
+class PretrainData(DataSection):
     dir: str = ""  # a directory written by `llmkit data prepare`
-    seq_len: int = 256
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    name: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/pretrain"
-    batch_size: int = 32  # global sequences per optimiser step
-    micro_batch_size: int | None = None  # per rank per forward; None = batch_size / world (no accumulation)
-    steps: int = 1000
+class PretrainTrain(TrainSection):
     max_tokens: int | None = None  # token budget: sets steps = max_tokens / (batch_size * seq_len)
     time_budget_s: float | None = None  # wall-clock budget: stop then; the LR decays over the budget
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 on CPU; bfloat16 on CPU uses AMX/AVX512-BF16
-    threads: int | None = None  # torch CPU threads (None: leave as is)
     compile: bool = False
     # the final weights are the mean of the weights over this last fraction of the run (steps or wall
     # clock); 0 = the last weights. Tail/SWA averaging: train/average.py
     average_tail: float = 0.0
     activation_checkpointing: bool = False
-    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
-    log_every: int = 1
-    eval_every: int = 200  # 0 = only at the end
-    eval_batches: int = 20  # batches of validation windows (None-like 0 = the whole val split)
+    eval_batches: int = 20  # batches of validation windows (0 = the whole val split)
     sample_every: int = 0  # 0 = only at the end
     sample_tokens: int = 64
     sample_prompt: str = ""
-    ckpt_every: int = 500  # 0 = only at the end
-    keep_last: int = 3
-    progress: bool = True
 
 
 @dataclass
 class PretrainConfig:
     preset: str = "tiny-llama"  # a model preset; `model` overrides its fields
     model: dict = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: PretrainData = field(default_factory=PretrainData)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, min_lr=3e-4))
+    train: PretrainTrain = field(default_factory=lambda: PretrainTrain(out_dir="runs/pretrain"))
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -106,59 +79,18 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     return mcfg
 
 
-def coerce_numbers(dc) -> None:
-    """YAML reads `1e-3` (no dot) as a string: turn such values of float/int fields into numbers,
-    recursively, and name the field when a value is not a number."""
-    import typing
-
-    hints = typing.get_type_hints(type(dc))
-    for f in dataclasses.fields(dc):
-        v = getattr(dc, f.name)
-        if dataclasses.is_dataclass(v):
-            coerce_numbers(v)
-            continue
-        want = [t for t in (float, int) if t is hints[f.name] or t in typing.get_args(hints[f.name])]
-        if want and isinstance(v, str):
-            try:
-                setattr(dc, f.name, want[0](float(v)) if want[0] is int else float(v))
-            except ValueError:
-                raise LLMKitError(f"config {f.name}: {v!r} is not a number") from None
-
-
-OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
-
-
 def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
     """Check the config; returns (micro batch, accumulation steps, total steps)."""
-    coerce_numbers(cfg)
-    t, o = cfg.train, cfg.optim
+    t = cfg.train
     if not cfg.data.dir:
         raise LLMKitError("data.dir is not set (a directory from `llmkit data prepare`)")
-    if o.name not in OPTIMIZERS:
-        raise LLMKitError(f"optim.name {o.name!r} is not one of {', '.join(OPTIMIZERS)}")
-    if o.name == "muon" and world > 1 and t.strategy == "fsdp":
-        raise LLMKitError("optim.name=muon needs whole weight matrices: use train.strategy=ddp, not fsdp")
-    if o.schedule not in KINDS:
-        raise LLMKitError(f"optim.schedule {o.schedule!r} is not one of {', '.join(KINDS)}")
-    if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise LLMKitError(f"train.dtype {t.dtype!r} is not one of auto, float32, bfloat16, float16")
-    for name, v in (("train.batch_size", t.batch_size), ("data.seq_len", cfg.data.seq_len)):
-        if v <= 0:
-            raise LLMKitError(f"{name} must be positive, got {v}")
-    if not (o.lr > 0 and o.min_lr >= 0):
-        raise LLMKitError(f"optim.lr must be > 0 and optim.min_lr >= 0 (got {o.lr}, {o.min_lr})")
+    micro, accum = check_sections(cfg.data, cfg.optim, t, world)
     if not 0 <= t.average_tail < 1:
         raise LLMKitError(f"train.average_tail must be in [0, 1), got {t.average_tail}")
-    micro = t.micro_batch_size or t.batch_size // world
-    if micro <= 0 or t.batch_size % (micro * world):
-        raise LLMKitError(f"train.batch_size {t.batch_size} must be a multiple of micro_batch_size {micro} "
-                          f"x world size {world}")
     steps = t.steps
     if t.max_tokens:
         steps = max(1, t.max_tokens // (t.batch_size * cfg.data.seq_len))
-    if steps <= 0:
-        raise LLMKitError(f"train.steps must be positive, got {steps}")
-    return micro, t.batch_size // (micro * world), steps
+    return micro, accum, steps
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -200,10 +132,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     start_ckpt = None
     if info.is_main:
         if resume:
-            start_ckpt = Path(resume) if isinstance(resume, (str, Path)) and resume is not True else \
-                ckpt.latest_checkpoint(ckpt_root)
-            if start_ckpt is None:
-                raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
         elif out.exists() and any(out.iterdir()) and not force:
             raise LLMKitError(f"{out} already exists (pass --force to overwrite, or --resume to continue)")
     start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)
@@ -231,10 +160,11 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
     fwd_model = torch.compile(model) if t.compile else model
-    optimizer = OPTIMIZERS[cfg.optim.name](model, cfg.optim.lr, cfg.optim.weight_decay,
+    max_lr, min_lr = cfg.optim.peak(3e-3)
+    optimizer = OPTIMIZERS[cfg.optim.name](model, max_lr, cfg.optim.weight_decay,
                                            (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
-    aux_coef = mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0
+    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0)
 
     averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0
@@ -265,8 +195,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     def lr_for(step: int, elapsed: float) -> float:
         o = cfg.optim
         if t.time_budget_s and step >= o.warmup_steps:  # decay over the wall-clock budget
-            return decayed_lr(elapsed / t.time_budget_s, max_lr=o.lr, min_lr=o.min_lr, kind=o.schedule)
-        return lr_at(step, max_lr=o.lr, min_lr=o.min_lr, total_steps=steps, warmup_steps=o.warmup_steps,
+            return decayed_lr(elapsed / t.time_budget_s, max_lr=max_lr, min_lr=min_lr, kind=o.schedule)
+        return lr_at(step, max_lr=max_lr, min_lr=min_lr, total_steps=steps, warmup_steps=o.warmup_steps,
                      kind=o.schedule)
 
     def run_eval(step: int) -> dict:
@@ -308,42 +238,44 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         set_lr(optimizer, lr)
         x, y = loader.next_batch()  # this rank's rows: (micro * accum, T)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-        micro_batches = list(zip(x.split(micro), y.split(micro)))
-        res = train_step(fwd_model, optimizer, micro_batches, grad_clip=cfg.optim.grad_clip, autocast=autocast,
-                         aux_coef=aux_coef)
-        loss = res["loss"]
-        if info.enabled:  # the mean over the global batch, for the log (each rank had a slice)
-            loss = float(all_reduce_sum(torch.tensor([loss], dtype=torch.float64, device=info.device))[0]) / info.world
+        micro_batches = [{"idx": a, "targets": b} for a, b in zip(x.split(micro), y.split(micro))]
+        res = train_step(fwd_model, optimizer, micro_batches, loss_fn=loss_fn, grad_clip=cfg.optim.grad_clip,
+                         autocast=autocast)
+        # the logged loss is the next-token CE (MoE aux loss aside); a NaN in either stops the run
+        loss, total = res["ce"], res["loss"]
+        if info.enabled:  # the means over the global batch, for the log (each rank had a slice)
+            both = all_reduce_sum(torch.tensor([loss, total], dtype=torch.float64, device=info.device))
+            loss, total = float(both[0]) / info.world, float(both[1]) / info.world
         step += 1
         dt = time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - t_start  # wall clock, evaluations included
-        if not math.isfinite(loss):
+        if not math.isfinite(total):
             good = ckpt.latest_checkpoint(ckpt_root)
-            raise LLMKitError(f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+            raise LLMKitError(f"loss became {total} at step {step}; stopped. Last good checkpoint: "
                               f"{good if good else 'none (none was saved yet)'}")
         if in_tail(elapsed / t.time_budget_s if t.time_budget_s else step / steps, t.average_tail):
             averager.update()
         tok_s = tokens_per_step / dt
         tok_s_ema = tok_s if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * tok_s
-        if step % t.log_every == 0 or step == steps:
+        out_of_time = bool(t.time_budget_s and elapsed >= t.time_budget_s)
+        if info.enabled:
+            out_of_time = bool(broadcast_object(out_of_time))
+        final = step == steps or out_of_time
+        if every(t.log_every, step) or final:
             logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": res["grad_norm"],
                         "tokens": step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
                         "elapsed_s": round(elapsed, 3)})
         bar.update(min(int(elapsed), bar.total) - bar.n if by_time else 1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s_ema:,.0f}", **({"val": f"{last_val['val_loss']:.3f}"}
                                                                           if last_val else {}))
-        out_of_time = bool(t.time_budget_s and elapsed >= t.time_budget_s)
-        if info.enabled:
-            out_of_time = bool(broadcast_object(out_of_time))
-        final = step == steps or out_of_time
-        if t.eval_every and step % t.eval_every == 0 and not final:
+        if every(t.eval_every, step) and not final:
             last_val = run_eval(step)
-        if t.sample_every and step % t.sample_every == 0 and not final:
+        if every(t.sample_every, step) and not final:
             text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             samples.append({"step": step, "text": text})
             if info.is_main:
                 bar.write(f"[step {step}] {text!r}")
-        if t.ckpt_every and step % t.ckpt_every == 0 and not final:
+        if every(t.ckpt_every, step) and not final:
             save(step, {"loss": loss, **last_val})
         if out_of_time:
             break

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import LLMKitError
 from ..io import atomic_write_text, check_overwrite
-from .pretrain import DataConfig, OptimConfig, PretrainConfig, TrainConfig, pretrain
+from .config import OptimSection
+from .pretrain import PretrainConfig, PretrainData, PretrainTrain, pretrain
 
 CORPUS = "tinyshakespeare.txt"
 
@@ -193,15 +194,15 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
         raise LLMKitError(f"--minutes {cfg.minutes} leaves no time to train (scoring alone needs ~{score_est:.0f} s)")
     pcfg = PretrainConfig(
         preset=cfg.preset, model=dict(cfg.model),
-        data=DataConfig(dir=str(data_dir / "tokens"), seq_len=cfg.seq_len),
-        optim=OptimConfig(name=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, schedule=cfg.schedule,
-                          warmup_steps=cfg.warmup_steps,
-                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
-        train=TrainConfig(out_dir=str(out / "pretrain"), batch_size=cfg.batch_size, steps=10**9,
-                          time_budget_s=left, seed=cfg.seed, device="cpu", threads=threads, dtype=dtype,
-                          eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, sample_every=0,
-                          sample_tokens=cfg.sample_tokens, sample_prompt="ROMEO:", ckpt_every=0, keep_last=1,
-                          compile=cfg.compile, average_tail=cfg.average_tail, progress=progress))
+        data=PretrainData(dir=str(data_dir / "tokens"), seq_len=cfg.seq_len),
+        optim=OptimSection(name=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, schedule=cfg.schedule,
+                           warmup_steps=cfg.warmup_steps,
+                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip),
+        train=PretrainTrain(out_dir=str(out / "pretrain"), batch_size=cfg.batch_size, steps=10**9,
+                            time_budget_s=left, seed=cfg.seed, device="cpu", threads=threads, dtype=dtype,
+                            eval_every=cfg.eval_every, eval_batches=cfg.eval_batches, sample_every=0,
+                            sample_tokens=cfg.sample_tokens, sample_prompt="ROMEO:", ckpt_every=0, keep_last=1,
+                            compile=cfg.compile, average_tail=cfg.average_tail, progress=progress))
     summary = pretrain(pcfg, tokenizer=tok, force=True)
 
     # 5. score the held-out text with the final checkpoint, as `llmkit score` does

@@ -1,7 +1,7 @@
 """Resumable training state: everything needed to continue a run exactly where it stopped.
 
     RUN/checkpoints/step_00000100/
-        model.safetensors   full (unsharded) weights, llmkit parameter names
+        model.safetensors   full (unsharded) weights, llmkit parameter names (fine-tuning: only those that train)
         train_state.pt      optimiser state (keyed by parameter name), step, data-loader position,
                             torch RNG states, run config; read back with torch.load(weights_only=True)
         info.json           step and metrics, for humans
@@ -32,17 +32,19 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 AVERAGE_FILE = "average.safetensors"  # a running weight mean (train.average.TailAverage), when one had started
 
 
-def _options(full: bool = True):
+def _options(full: bool = True, trainable_only: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=True)
+    return StateDictOptions(full_state_dict=full, cpu_offload=True, ignore_frozen_params=trainable_only,
+                            strict=not trainable_only)
 
 
-def gather_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Full model and optimiser state dicts (a collective under FSDP: every rank must call it)."""
+def gather_state(model: nn.Module, optimizer, trainable_only: bool = False) -> tuple[dict, dict]:
+    """Full model and optimiser state dicts (a collective under FSDP: every rank must call it).
+    trainable_only: leave out frozen parameters (a fine-tuning run's base weights, which it reloads)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(model, optimizer, options=_options())
+    return get_state_dict(model, optimizer, options=_options(trainable_only=trainable_only))
 
 
 def rng_state() -> dict:
@@ -72,6 +74,14 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(resume: bool | str | Path, ckpt_root: str | Path) -> Path:
+    """The step checkpoint `--resume` names: the latest under ckpt_root (resume=True) or the given one."""
+    found = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckpt_root)
+    if found is None:
+        raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
+    return found
+
+
 def split_aliases(state_dict: dict) -> tuple[dict, dict]:
     """(tensors, aliases): safetensors refuses tensors that share memory (tied embeddings: the
     embedding and the output head are one Parameter), so each shared tensor is stored once and the
@@ -89,10 +99,11 @@ def split_aliases(state_dict: dict) -> tuple[dict, dict]:
 
 def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimizer, loader_state: dict,
                      config: dict, metrics: dict | None = None, keep: int = 3, is_main: bool = True,
-                     average: tuple[dict, int] | None = None) -> Path | None:
+                     average: tuple[dict, int] | None = None, trainable_only: bool = False) -> Path | None:
     """Write RUN/checkpoints/step_XXXXXXXX atomically (rank 0 writes; all ranks must call), keep the last `keep`.
-    `average`: (tensors, n) of a running weight mean (train.average.TailAverage.state()), stored beside."""
-    model_sd, optim_sd = gather_state(model, optimizer)
+    `average`: (tensors, n) of a running weight mean (train.average.TailAverage.state()), stored beside.
+    `trainable_only`: store only the parameters that train (and buffers), for fine-tuning."""
+    model_sd, optim_sd = gather_state(model, optimizer, trainable_only)
     root = Path(ckpt_root)
     out = root / f"step_{step:08d}"
     error = None
@@ -123,10 +134,11 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
     return out
 
 
-def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
+def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer, trainable_only: bool = False) -> dict:
     """Load weights and optimiser state into (possibly wrapped/sharded) model and optimizer; every rank
     reads the full files. Returns the rest of the state: step, loader, rng, config, and "average":
-    (full tensors, n) of the running weight mean, or None if the run had not started one."""
+    (full tensors, n) of the running weight mean, or None if the run had not started one.
+    `trainable_only`: the checkpoint holds (at least) every parameter that trains; the rest stay."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     d = Path(ckpt_dir)
@@ -141,9 +153,16 @@ def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer) -> dict:
         state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
         raise LLMKitError(f"cannot read {d / 'train_state.pt'}: {str(e).splitlines()[0]}") from None
+    if trainable_only:
+        from .dist import unwrap
+
+        missing = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and n not in model_sd]
+        if missing:
+            raise LLMKitError(f"checkpoint {d} does not fit this model: it lacks trainable {missing[0]!r}"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
     try:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
-                       options=_options())
+                       options=_options(trainable_only=trainable_only))
     except (RuntimeError, KeyError, ValueError) as e:
         raise LLMKitError(f"checkpoint {d} does not fit this model/optimiser: {str(e).splitlines()[0]}") from None
     state["average"] = None

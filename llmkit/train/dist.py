@@ -21,6 +21,7 @@ from ..devices import resolve_device
 from ..errors import LLMKitError
 
 STRATEGIES = ("none", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Pieces of a training loop, shared by the pretraining, fine-tuning and alignment recipes.
 
-    train_step     one optimiser step over micro-batches (accumulation, clipping, autocast, MoE aux loss)
+    train_step     one optimiser step over micro-batches with the recipe's loss_fn (accumulation, clipping, autocast)
+    lm_loss        the pretraining loss_fn: next-token cross-entropy (+ MoE load-balancing loss)
     evaluate       validation loss, perplexity and bits per byte
     sample_text    a short generated sample to watch progress
     MetricsLogger  JSONL (+ TensorBoard when installed), truncated on resume so curves stay exact
@@ -45,34 +46,40 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, aux_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, next-token cross-entropy) for x, y (B, T); MoE models add coef · load-balancing loss."""
-    logits = model(x)  # (B, T, V)
-    ce = cross_entropy(logits, y)
+def lm_loss(model: nn.Module, batch: dict, aux_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Next-token loss for batch {"idx", "targets"} (B, T): (loss, {"loss", "ce"[, "aux_loss"]}).
+    MoE models add coef · the load-balancing loss (Fedus et al. 2021); "ce" stays the plain
+    cross-entropy, comparable across dense and MoE runs."""
+    ce = cross_entropy(model(batch["idx"]), batch["targets"])  # logits (B, T, V)
     inner = unwrap(model)
     if aux_coef and getattr(inner.cfg, "n_expert", 0):
-        return ce + aux_coef * inner.aux_loss().to(ce.device), ce
-    return ce, ce
+        aux = inner.aux_loss().to(ce.device)
+        loss = ce + aux_coef * aux
+        return loss, {"loss": loss, "ce": ce, "aux_loss": aux}
+    return ce, {"loss": ce, "ce": ce}
 
 
-def train_step(model: nn.Module, optimizer, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-               loss_fn: Callable | None = None, grad_clip: float = 1.0, autocast=None,
-               aux_coef: float = 0.0) -> dict:
-    """One optimiser step. Each of the M equal-sized micro-batches contributes loss/M, so the
-    accumulated gradient equals that of the full batch; gradients are synchronised across ranks
-    only on the last micro-batch. Returns {"loss": mean CE, "grad_norm": pre-clip norm}."""
-    loss_fn = loss_fn or (lambda m, x, y: lm_loss(m, x, y, aux_coef))
+def train_step(model: nn.Module, optimizer, micro_batches: Sequence[dict], *, loss_fn: Callable,
+               grad_clip: float = 1.0, autocast=None) -> dict:
+    """One optimiser step over M micro-batches (whatever the recipe builds: dicts of tensors).
+
+    `loss_fn(model, batch) -> (loss, metrics)`: the recipe's objective (next-token CE, SFT, a
+    preference loss...) and a dict of scalars to report. Each micro-batch contributes loss/M, so for
+    equal-sized micro-batches the accumulated gradient is the full batch's; gradients are synchronised
+    across ranks only on the last micro-batch. Returns the mean of each metric over the micro-batches
+    plus "grad_norm" (before clipping)."""
     M = len(micro_batches)
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
         with grad_sync(model, sync=i == M - 1), (autocast or contextlib.nullcontext()):
-            loss, ce = loss_fn(model, x, y)
+            loss, metrics = loss_fn(model, batch)
             (loss / M).backward()
-        total += float(ce.detach()) / M
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / M
     grad_norm = clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": grad_norm}
+    return {**sums, "grad_norm": grad_norm}
 
 
 @torch.no_grad()

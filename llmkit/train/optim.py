@@ -135,3 +135,6 @@ def build_muon(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.
             adam_groups.append(g)
     return MuonAdamW([{"params": muon, "weight_decay": weight_decay, "muon": True}, *adam_groups], lr=lr,
                      betas=betas, eps=eps, momentum=momentum, ns_dtype=ns_dtype)
+
+
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}  # optim.name -> builder(model, lr, wd, betas, eps)
