@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from llmkit.config import load_config
 from llmkit.errors import LLMKitError
 from llmkit.models import ModelConfig, Transformer
 from llmkit.peft import (METHODS, AdapterSection, LlamaAdapterSection, PeftMethod, PromptSection, SelectiveSection,
@@ -148,8 +149,10 @@ def test_a_method_registered_elsewhere_runs_through_finetune(tmp_path, tok, toy_
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n"
                             for w in ("red", "green", "blue", "cyan")))
-    cfg = FinetuneConfig(model="tiny", data=[str(data)], method=TOY.name, out=str(tmp_path / "out"), seq_len=64,
-                         batch_size=2, max_steps=3, val_fraction=0.0, threads=1)
+    cfg = load_config(FinetuneConfig, None, ["model=tiny", f"data.files=[{data}]", f"method={TOY.name}",
+                                             f"train.out_dir={tmp_path / 'out'}", "data.seq_len=64",
+                                             "train.batch_size=2", "train.steps=3", "data.val_fraction=0.0",
+                                             "train.threads=1"])
     model = tiny()
     s = finetune(cfg, model=model, tokenizer=tok, quiet=True)
     assert s["trainable_params"] == model.cfg.d_model  # only the scale trained...

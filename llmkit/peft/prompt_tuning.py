@@ -128,7 +128,7 @@ class PromptSection:
 def _apply(model: nn.Module, cfg, tokenizer=None) -> nn.Module:
     p = cfg.prompt
     init = tokenizer.encode(p.init_text, add_bos=False) if p.init_text and tokenizer is not None else None
-    return apply_prompt_tuning(model, p.n_tokens, init_ids=init, seed=getattr(cfg, "seed", 0))
+    return apply_prompt_tuning(model, p.n_tokens, init_ids=init, seed=getattr(getattr(cfg, "train", cfg), "seed", 0))
 
 
 def _from_peft_config(model: nn.Module, cfg: dict) -> None:

@@ -39,9 +39,10 @@ from ..errors import LLMKitError
 from ..finetune.data import DocumentMask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
-from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
-                    memory_report, nearest_tokens, quantize_model_nf4, save_adapter, select_trainable,
-                    trainable_summary)
+from ..peft import apply_method as apply_peft_method
+from ..peft import METHODS  # noqa: F401  (the CLI's choices)
+from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
+                    forward_with_prompt, get_method, memory_report, save_adapter, trainable_summary)
 from ..peft.lora import LoRAConfig
 from ..peft.prompt_tuning import has_soft_prompt
 from ..train import checkpoint as ckpt
@@ -50,42 +51,6 @@ from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_sections, every
-
-METHODS = ("full", "selective", "lora", "qlora", "adapter", "prompt", "llama-adapter")
-DEFAULT_LR = {"full": 2e-5, "selective": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prompt": 3e-2,
-              "llama-adapter": 1e-2}
-
-
-@dataclass
-class QLoRASection:
-    blocksize: int = 64
-    double_quant: bool = True
-    quantize: str = "all-linear"  # which linears are stored in NF4 (lm_head stays: tied to the embedding)
-
-
-@dataclass
-class SelectiveSection:
-    modules: list[str] = field(default_factory=list)
-    top_n_layers: int = 0
-    attention_only: bool = False
-
-
-@dataclass
-class AdapterSection:
-    bottleneck: int = 64
-    where: list[str] = field(default_factory=lambda: ["self_attn", "mlp"])
-
-
-@dataclass
-class PromptSection:
-    n_tokens: int = 20
-    init_text: str | None = None  # initialise from this text's token embeddings (else random tokens)
-
-
-@dataclass
-class LlamaAdapterSection:
-    adapter_len: int = 10
-    n_layers: int = 8
 
 
 @dataclass
@@ -104,7 +69,7 @@ class FinetuneConfig:
     base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
     method: str = "lora"
     data: SFTDataSection = field(default_factory=lambda: SFTDataSection(seq_len=512))
-    # optim.lr None: the method's default (DEFAULT_LR)
+    # optim.lr None: the method's default (its PEFT record's default_lr)
     optim: OptimSection = field(default_factory=lambda: OptimSection(warmup_steps=10, weight_decay=0.0))
     # train.batch_size examples (or packed rows) per optimiser step; micro_batch_size < batch_size accumulates
     train: TrainSection = field(default_factory=lambda: TrainSection(
@@ -118,11 +83,7 @@ class FinetuneConfig:
 
     def validate(self, world: int = 1) -> tuple[int, int]:
         """Check the config; returns (micro batch per rank, accumulation steps)."""
-        if self.method not in METHODS:
-            from ..errors import closest
-
-            raise LLMKitError(f"unknown method {self.method!r}{closest(self.method, METHODS)}; "
-                              f"choose one of {', '.join(METHODS)}")
+        method = get_method(self.method)  # an unknown name raises, naming the close spelling
         if not self.model:
             raise LLMKitError("no model given (--model)")
         if isinstance(self.data.files, str):  # `files: a.jsonl` in YAML
@@ -132,36 +93,17 @@ class FinetuneConfig:
         if not self.train.out_dir:
             raise LLMKitError("no output directory given (--out)")
         micro, accum = check_sections(self.data, self.optim, self.train, world)
-        if self.method in ("lora", "qlora") and (not isinstance(self.lora.r, int) or self.lora.r <= 0):
-            raise LLMKitError(f"LoRA rank r must be a positive integer, got {self.lora.r!r}")
-        if self.method == "prompt" and self.data.packing:
-            raise LLMKitError("prompt tuning prepends the soft prompt to each sequence: use data.packing=false")
+        if method.validate is not None:
+            method.validate(self)
+        if self.data.packing and not method.supports_packing:
+            raise LLMKitError(f"method {self.method} cannot train on packed rows: use data.packing=false")
         return micro, accum
 
 
 # ------------------------------------------------------------------ methods
 def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Module:
-    """Apply the module swaps / freezing of cfg.method to `model` (in place)."""
-    m = cfg.method
-    if m == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif m == "selective":
-        s = cfg.selective
-        select_trainable(model, s.modules, s.top_n_layers, s.attention_only)
-    elif m in ("lora", "qlora"):
-        if m == "qlora":
-            quantize_model_nf4(model, cfg.qlora.quantize, cfg.qlora.blocksize, cfg.qlora.double_quant)
-        lc = cfg.lora
-        apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
-    elif m == "adapter":
-        apply_adapters(model, cfg.adapter.bottleneck, tuple(cfg.adapter.where))
-    elif m == "prompt":
-        init = tokenizer.encode(cfg.prompt.init_text, add_bos=False) if cfg.prompt.init_text and tokenizer else None
-        apply_prompt_tuning(model, cfg.prompt.n_tokens, init_ids=init, seed=cfg.train.seed)
-    elif m == "llama-adapter":
-        apply_llama_adapter(model, cfg.llama_adapter.adapter_len, cfg.llama_adapter.n_layers)
-    return model
+    """Apply the module swaps / freezing of cfg.method to `model` (in place), reading its sections of cfg."""
+    return apply_peft_method(model, cfg.method, cfg, tokenizer)
 
 
 # ------------------------------------------------------------------ loss
@@ -307,7 +249,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     # FSDP shards the weights in place: rank 0 keeps a plain copy to load the final full weights into
     template = copy.deepcopy(model) if fsdp and info.is_main else None
     model = wrap_model(model, t.strategy, info)
-    lr, min_lr = cfg.optim.peak(DEFAULT_LR[cfg.method])
+    lr, min_lr = cfg.optim.peak(get_method(cfg.method).default_lr)
     o = cfg.optim
     optimizer = OPTIMIZERS[o.name](model, lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     autocast = autocast_context(info.device, t.dtype)
@@ -389,16 +331,16 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
         "val_loss_before": val_before, "val_loss_after": last_val,
         "train_seconds": elapsed, "completion_tokens": tokens, "world": info.world,
     }
-    if cfg.method == "prompt":
-        summary["prompt_nearest_tokens"] = [t for _, _, t, _ in nearest_tokens(model, tokenizer)]
+    method = get_method(cfg.method)
+    if method.summary is not None:
+        summary.update(method.summary(model, tokenizer))
     resolved = dataclasses.asdict(cfg)
-    if cfg.method in ("full", "selective"):
+    if method.saves_adapter:
+        save_adapter(model, out, base_model=cfg.model, force=True, extra={"finetune": resolved}, method=cfg.method)
+    else:
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(model, out, tokenizer=tokenizer, meta={"finetune": resolved}, force=True)
-    else:
-        save_adapter(model, out, base_model=cfg.model, force=True,
-                     extra={"finetune": resolved, "nf4_base": cfg.method == "qlora"})
     os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
     plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"fine-tuning ({cfg.method})")
     atomic_write_json(out / "finetune.json", {"config": resolved, "summary": summary})
