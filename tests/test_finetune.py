@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.finetune.data import (IGNORE, DocumentMask, Example, example_stream, load_sft_data, packed_batch,
+from llmkit.finetune.data import (IGNORE, document_mask, Example, example_stream, load_sft_data, packed_batch,
                                   read_records, to_messages, tokenize_chat)
 from llmkit.models import ModelConfig, Transformer
 
@@ -87,7 +87,7 @@ def test_packing_equals_separate_forwards(tok):
     exs = [Example(*tokenize_chat(tok, to_messages(r, "x"))) for r in recs]
     batch = packed_batch(iter(exs + [Example([0] * 111, [IGNORE] * 111)]), batch_size=2, seq_len=110, pad_id=0, carry=[])
     with torch.no_grad():
-        packed = model(batch["idx"], input_pos=batch["input_pos"], cache=DocumentMask(batch["doc"]))
+        packed = model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
         row, start, n_docs = 0, 0, 0
         for e in exs:
             n = len(e.ids) - 1

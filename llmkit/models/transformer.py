@@ -69,10 +69,16 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor | None, input_pos: torch.Tensor | None = None, cache=None,
                 embeds: torch.Tensor | None = None, last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids (or `embeds` (B, T, C)) -> logits (B, T, V).
 
-        input_pos (T,) absolute positions (default 0..T-1); required with a cache.
+        input_pos (T,) absolute positions shared by the rows, or (B, T) per row (default 0..T-1);
+        required with a cache.
+        attn_mask: bool (B|1, 1, T, S), True = query t may attend to key s; it replaces the causal mask
+        (it must hold causality itself), e.g. a block-diagonal document mask for packed rows or a tree
+        mask for shared-context scoring. Without a cache S = T; with one it is ANDed with the cache's
+        mask (S = the cache's slots read). A sliding window, if the model has one, is applied on top
+        in positions.
         last_only: only the last position's logits (B, 1, V), for decoding.
         return_hidden: the final normalised hidden states (B, T, C) instead of logits.
         """
@@ -92,12 +98,7 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(input_pos)
         x = self.dropout(x)
         rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
-        if cache is not None:
-            mask = cache.mask(input_pos)
-        elif self.cfg.sliding_window and T > self.cfg.sliding_window:
-            mask = sliding_window_mask(T, self.cfg.sliding_window, x.device)
-        else:
-            mask = None  # plain causal
+        mask = self.attention_mask(input_pos, T, last, cache, attn_mask, x.device)
         for layer in self.layers:
             x = layer(x, rope, mask, cache, input_pos)
         x = self.norm(x)
@@ -105,6 +106,26 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return x if return_hidden else self.lm_head(x)
 
+    def attention_mask(self, input_pos: torch.Tensor, T: int, last: int, cache, attn_mask: torch.Tensor | None,
+                       device) -> torch.Tensor | None:
+        """The bool mask (B|1, 1, T, S) every layer uses, or None for plain causal attention (SDPA's
+        is_causal path, no mask tensor)."""
+        W = self.cfg.sliding_window
+        if cache is not None:
+            mask = cache.mask(input_pos)  # the cache knows its layout (and applies the window)
+            if attn_mask is not None:
+                mask = attn_mask if mask is None else mask & attn_mask
+            return mask
+        if attn_mask is not None:
+            if W and last >= W:  # window in positions, so packed documents / tree branches keep their own
+                i = input_pos[..., :, None]
+                j = input_pos[..., None, :]
+                near = (i - j < W)
+                attn_mask = attn_mask & (near[None, None] if near.dim() == 2 else near[:, None])
+            return attn_mask
+        if W and T > W:
+            return sliding_window_mask(T, W, device)
+        return None  # plain causal
 
 def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     """(1, 1, T, T) bool: i attends to j iff i - W < j <= i (Mistral, Jiang et al. 2023)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LLMKitError
-from ..finetune.data import DocumentMask, example_stream, load_sft_data, packed_batch, pad_batch
+from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
 from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
@@ -169,7 +169,7 @@ def sft_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     if has_soft_prompt(model):
         return forward_with_prompt(model, batch["idx"])
     if "doc" in batch:
-        return model(batch["idx"], input_pos=batch["input_pos"], cache=DocumentMask(batch["doc"]))
+        return model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
     return model(batch["idx"])
 
 
