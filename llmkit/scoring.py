@@ -6,7 +6,6 @@ distillation import it). Texts longer than the context are scored with a sliding
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -14,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LLMKitError
-from .peft.prompt_tuning import forward_with_prompt, has_soft_prompt
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -36,10 +34,7 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
     if n < 2:
         raise LLMKitError("need at least 2 tokens to score")
     device = next(model.parameters()).device
-    n_soft = model.soft_prompt.n_tokens if has_soft_prompt(model) else 0
-    C = (context or model.cfg.max_seq_len) - n_soft
-    if n_soft:  # a prompt-tuning soft prompt goes in front of every window and takes its positions
-        model = functools.partial(forward_with_prompt, model)
+    C = context or model.max_tokens  # tokens per window (a model prefix, if any, takes its own positions)
     if n <= C:
         logits = model(ids[None].to(device))[0, :-1]
         return gather_logprobs(logits, ids[1:].to(device)).cpu()

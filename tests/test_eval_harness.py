@@ -46,6 +46,10 @@ class Bigram(nn.Module):
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len, sliding_window=None)
         self.calls = 0
 
+    @property
+    def max_tokens(self):
+        return self.cfg.max_seq_len
+
     def forward(self, idx, input_pos=None, cache=None, return_hidden=False, last_only=False, embeds=None, attn_mask=None):
         self.calls += 1
         h = self.table[idx]

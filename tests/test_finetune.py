@@ -101,6 +101,33 @@ def test_packing_equals_separate_forwards(tok):
     assert n_docs == 4 and row == 1
 
 
+def test_prompt_tuned_packed_rows_and_seq_len_budget(tmp_path, tok):
+    """A packed row through a prompt-tuned model: every document sees the soft prompt and only it
+    (equal to the base model on [P; E[doc]]); a seq_len that leaves no room for the prompt is a clear error."""
+    from llmkit.peft import apply_prompt_tuning
+    from llmkit.recipes.finetune import FinetuneConfig, finetune, sft_logits
+
+    model = apply_prompt_tuning(tiny().eval(), n_tokens=3)
+    P = model.prefix.weight
+    exs = [Example(list(range(10 + n, 30 + 2 * n)), list(range(10 + n, 30 + 2 * n))) for n in (0, 5, 9)]
+    batch = packed_batch(iter(exs), batch_size=1, seq_len=71, pad_id=0, carry=[])  # 19 + 24 + 28
+    with torch.no_grad():
+        packed = sft_logits(model, batch)
+        model.prefix = None  # the reference: the prompt prepended by hand
+        start = 0
+        for e in exs:
+            x = torch.tensor([e.ids[:-1]])
+            alone = model(None, embeds=torch.cat([P[None], model.embed_tokens(x)], 1))[0, 3:]
+            assert (packed[0, start:start + x.size(1)] - alone).abs().max() < 1e-5
+            start += x.size(1)
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY)
+    cfg = FinetuneConfig(model="tiny", data=[str(data)], method="prompt", out=str(tmp_path / "p"), seq_len=512,
+                         batch_size=2, max_steps=1, val_fraction=0.34, threads=1)
+    cfg.prompt.n_tokens = 3
+    with pytest.raises(LLMKitError, match=r"seq_len 512 does not fit the 509 tokens .* set seq_len <= 509"):
+        finetune(cfg, model=tiny(), tokenizer=tok, quiet=True)
+
+
 def test_mixing_weights():
     a = [Example([1, 2], [1, 2])]
     b = [Example([3, 4], [3, 4])]

@@ -147,11 +147,6 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
     predicting positions go through the LM head, so a pass never holds (T, V) logits. The model
     must accept (idx, input_pos=, attn_mask=, return_hidden=True) and have `lm_head`.
     """
-    from ..peft.prompt_tuning import has_soft_prompt
-
-    if has_soft_prompt(model):  # packed trees have no slot for the virtual tokens: refuse, never score without them
-        raise LLMKitError("llmkit eval does not apply prompt-tuning soft prompts; score such a model with "
-                          "`llmkit score` / `llmkit generate`, which do")
     groups: dict[tuple, list[int]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
@@ -243,7 +238,7 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
     k = task.default_shots if cfg.shots is None else cfg.shots
     selected = task.select(cfg.limit)
     n = len(selected)
-    C = model.cfg.max_seq_len
+    C = model.max_tokens  # the context window less the model's prefix, if any
     records: list[dict] = []
     bar = tqdm(total=n, desc=task.name, unit="ex", file=sys.stderr, disable=not progress)
     for c0 in range(0, n, cfg.chunk):

@@ -1,8 +1,9 @@
 """Model zoo: one decoder class, a config dataclass with named presets, swappable modules."""
 
-from .cache import KVCache
+from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
 from .flops import flops_per_token, num_params
 from .transformer import Transformer
 
-__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "num_params"]
+__all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
+           "num_params"]

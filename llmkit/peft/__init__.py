@@ -27,13 +27,13 @@ from .common import from_peft_key, to_peft_key, trainable_summary
 from .llama_adapter import AdaptedAttention, apply_llama_adapter, llama_adapter_peft_config, unload_llama_adapter
 from .lora import LoRAConfig, LoRALinear, apply_lora, lora_peft_config, merge_lora, unload_lora, unmerge_lora
 from .nf4 import NF4Linear, memory_report, quantize_model_nf4
-from .prompt_tuning import (SoftPrompt, apply_prompt_tuning, forward_with_prompt, has_soft_prompt, nearest_tokens,
-                            prompt_peft_config)
+from .prompt_tuning import (SoftPrompt, apply_prompt_tuning, load_prompt_state, nearest_tokens,
+                            prompt_peft_config, prompt_state, unload_prompt_tuning)
 from .selective import select_trainable
 
 __all__ = ["apply_lora", "LoRAConfig", "LoRALinear", "merge_lora", "unmerge_lora", "unload_lora",
            "quantize_model_nf4", "NF4Linear", "memory_report", "apply_adapters", "apply_prompt_tuning",
-           "forward_with_prompt", "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
+           "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
            "save_adapter", "load_adapter", "adapter_method", "unload", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "adapter_config.json"
@@ -66,7 +66,7 @@ def adapter_state(model: nn.Module, method: str) -> dict[str, torch.Tensor]:
     if method == "llama-adapter":
         return {to_peft_key(k): v for k, v in sd.items() if k.rsplit(".", 1)[-1].startswith("adaption_")}
     if method == "prompt":
-        return {"prompt_embeddings": model.soft_prompt.weight.detach()}
+        return prompt_state(model)
     if method == "adapter":
         return {k: v for k, v in sd.items() if ".adapter." in k}
     raise LLMKitError(f"unknown adapter method {method!r}")
@@ -141,7 +141,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         elif kind == "PROMPT_TUNING":
             if int(cfg.get("token_dim", model.cfg.d_model)) != model.cfg.d_model:
                 raise LLMKitError(f"soft prompt width {cfg['token_dim']} != model width {model.cfg.d_model}")
-            unload_prompt_if_any(model)
+            unload_prompt_tuning(model)
             apply_prompt_tuning(model, n_tokens=int(cfg["num_virtual_tokens"]))
         elif kind == "LLMKIT_BOTTLENECK":
             apply_adapters(model, bottleneck=int(cfg["bottleneck"]), where=tuple(cfg.get("where", ("self_attn", "mlp"))))
@@ -154,19 +154,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     return model
 
 
-def unload_prompt_if_any(model: nn.Module) -> None:
-    if has_soft_prompt(model):
-        del model.soft_prompt
-
-
 def _load_tensors(model: nn.Module, weights: dict[str, torch.Tensor], d: Path, prompt: bool) -> None:
     own = dict(model.named_parameters())
     if prompt:
-        if "prompt_embeddings" not in weights:
-            raise LLMKitError(f"{d / WEIGHTS_FILE} has no prompt_embeddings tensor")
-        weights = {"soft_prompt.weight": weights["prompt_embeddings"]}
-    else:
-        weights = {from_peft_key(k): v for k, v in weights.items()}
+        try:
+            load_prompt_state(model, weights)
+        except LLMKitError as e:
+            raise LLMKitError(f"adapter {d}: {e}") from None
+        return
+    weights = {from_peft_key(k): v for k, v in weights.items()}
     expected = {n for n, p in own.items() if p.requires_grad}  # the adapter's own (fresh) parameters
     missing = sorted(expected - weights.keys())
     if missing:
@@ -195,5 +191,5 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                           "use the base model with --adapter instead of merging")
     unload_llama_adapter(model)
     unload_adapters(model)
-    unload_prompt_if_any(model)
+    unload_prompt_tuning(model)
     return model

@@ -27,11 +27,9 @@ from ..errors import LLMKitError
 from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
-from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
-                    memory_report, nearest_tokens, quantize_model_nf4, save_adapter, select_trainable,
-                    trainable_summary)
+from ..peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, memory_report,
+                    nearest_tokens, quantize_model_nf4, save_adapter, select_trainable, trainable_summary)
 from ..peft.lora import LoRAConfig
-from ..peft.prompt_tuning import has_soft_prompt
 from ..train.loop import MetricsLogger, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import build_adamw
 from ..train.schedule import lr_at, set_lr
@@ -133,8 +131,6 @@ class FinetuneConfig:
                 raise LLMKitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.method in ("lora", "qlora") and (not isinstance(self.lora.r, int) or self.lora.r <= 0):
             raise LLMKitError(f"LoRA rank r must be a positive integer, got {self.lora.r!r}")
-        if self.method == "prompt" and self.packing:
-            raise LLMKitError("prompt tuning prepends the soft prompt to each sequence: use packing=false")
 
 
 # ------------------------------------------------------------------ methods
@@ -164,10 +160,8 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Mo
 
 # ------------------------------------------------------------------ loss
 def sft_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits (B, T, V) for a batch: with the soft prompt in front (prompt tuning), with document
-    masking and per-document positions (packed rows), or plainly."""
-    if has_soft_prompt(model):
-        return forward_with_prompt(model, batch["idx"])
+    """Logits (B, T, V) for a batch: with document masking and per-document positions (packed rows),
+    or plainly. A soft prompt (prompt tuning) is the model's own prefix, put in front by its forward."""
     if "doc" in batch:
         return model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
     return model(batch["idx"])
@@ -222,6 +216,10 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
 
     mem_before = memory_report(model)
     apply_method(model, cfg, tokenizer)
+    if cfg.seq_len > model.max_tokens:  # e.g. prompt tuning's virtual tokens take positions of the window
+        raise LLMKitError(f"seq_len {cfg.seq_len} does not fit the {model.max_tokens} tokens the model takes "
+                          f"(context window {model.cfg.max_seq_len}, less {model.n_prefix} for its prefix): "
+                          f"set seq_len <= {model.max_tokens}")
     model.train()
     params = trainable_summary(model)
     mem_after = memory_report(model)
