@@ -36,3 +36,58 @@ def test_document_masked_packed_forward_equals_separate_forwards(preset):
                 alone = m(x[None])[0]
                 assert (packed[b, t:t + len(x)] - alone).abs().max() < 1e-5
                 t += len(x)
+
+
+def manual_attention(attn, x, causal):
+    """softmax(q kᵀ / sqrt(D) [+ causal -inf]) v, then o_proj, written out (Vaswani et al. 2017)."""
+    B, T, _ = x.shape
+    H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q, k, v = attn.qkv(x)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, K, D).transpose(1, 2).repeat_interleave(H // K, dim=1)
+    v = v.view(B, T, K, D).transpose(1, 2).repeat_interleave(H // K, dim=1)
+    s = q @ k.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
+    if causal:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    y = torch.softmax(s, -1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_equals_manual_softmax(causal):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-llama", causal=causal)  # GQA: 4 query heads, 2 K/V heads
+    m = Transformer(cfg).eval()
+    attn = m.layers[0].self_attn
+    x = torch.randn(2, 9, cfg.d_model)
+    with torch.no_grad():
+        got = attn(x, None, None)
+        assert (got - manual_attention(attn, x, causal)).abs().max() < 1e-5
+        q, k, v = attn.qkv(x)
+        attn.fuse()  # one (H + 2K) D projection: the same q, k, v
+        assert attn.qkv_proj is not None
+        assert all((a - b).abs().max() < 1e-6 for a, b in zip(attn.qkv(x), (q, k, v)))
+        assert (attn(x, None, None) - got).abs().max() < 1e-5
+        # position 0 sees later tokens only without the causal mask
+        ids = torch.randint(0, cfg.vocab_size, (1, 8))
+        changed = ids.clone()
+        changed[0, -1] = (ids[0, -1] + 1) % cfg.vocab_size
+        moved = (m(ids)[0, 0] - m(changed)[0, 0]).abs().max()
+    assert (moved > 1e-4) if not causal else (moved == 0)
+
+
+def test_attention_registry(monkeypatch):
+    from llmkit.errors import LLMKitError
+    from llmkit.models import modules
+
+    with pytest.raises(LLMKitError, match="unknown attention 'gqa2'.*did you mean 'gqa'"):
+        Transformer(ModelConfig.from_preset("tiny-llama", attention="gqa2"))
+
+    class Scaled(modules.Attention):  # a registered variant is built by every Block
+        pass
+
+    monkeypatch.setitem(modules.ATTENTIONS, "scaled", Scaled)
+    m = Transformer(ModelConfig.from_preset("tiny-llama", attention="scaled"))
+    assert all(type(b.self_attn) is Scaled for b in m.layers)
+    with pytest.raises(LLMKitError, match="sliding window is a causal pattern"):
+        ModelConfig.from_preset("tiny-mistral", causal=False)

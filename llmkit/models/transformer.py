@@ -20,8 +20,7 @@ import torch.nn as nn
 from ..errors import LLMKitError
 from ..losses import load_balancing_loss
 from .config import ModelConfig
-from .cache import BatchKVCache, RollingKVCache
-from .modules import MoE, Block, Dropout, make_norm, rope_cache
+from .modules import MoE, Block, Dropout, attention_class, make_norm, rope_cache
 
 
 class Transformer(nn.Module):
@@ -77,15 +76,14 @@ class Transformer(nn.Module):
         return self.cfg.max_seq_len - self.n_prefix
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None, rolling: bool = False):
-        """A KV cache for `max_len` caller positions (a `BatchKVCache`, or with rolling=True Mistral's
-        rolling buffer, `RollingKVCache`), its first slots holding the prefix's K/V."""
+        """A KV cache for `max_len` caller positions in the layout of the model's attention
+        (`Attention.new_cache`: full slots, or with rolling=True Mistral's rolling buffer), its first
+        slots holding the prefix's K/V."""
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, device or w.device
         n = self.n_prefix
-        if rolling:
-            cache = RollingKVCache(self.cfg, batch_size, dtype=dtype, device=device, offset=n)
-        else:
-            cache = BatchKVCache(self.cfg, batch_size, max_len + n, dtype=dtype, device=device, offset=n)
+        cache = attention_class(self.cfg).new_cache(self.cfg, batch_size, max_len + n, dtype=dtype, device=device,
+                                                    rolling=rolling, offset=n)
         if n:
             with torch.no_grad():  # the prefix's K/V, once for every later forward on this cache
                 x = self.prefix.weight.to(w.dtype)[None].expand(batch_size, -1, -1)
