@@ -274,7 +274,11 @@ def packed_batch(stream: Iterator[Example], batch_size: int, seq_len: int, pad_i
 
 def document_mask(doc: torch.Tensor) -> torch.Tensor:
     """doc (B, T) document index per position -> bool (B, 1, T, T): query i sees key j iff both are in
-    the same document and j <= i (block-diagonal causal), the model's `attn_mask` for packed rows."""
+    the same document and j <= i (block-diagonal causal), the model's `attn_mask` for packed rows.
+
+    A dense mask for SDPA rather than a flex_attention BlockMask (which skips fully masked blocks):
+    on CPU flex_attention does not pay, 7.4 ms compiled vs 2.3 ms for SDPA with this mask per attention
+    call at B=8 H=6 T=256 D=32 fp32 (plus 17 s of compilation; torch 2.13, Xeon, 2 threads)."""
     T = doc.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
