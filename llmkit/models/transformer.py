@@ -173,7 +173,7 @@ class Transformer(nn.Module):
     def attention_mask(self, input_pos: torch.Tensor, T: int, last: int, cache, attn_mask: torch.Tensor | None,
                        device) -> torch.Tensor | None:
         """The bool mask (B|1, 1, T, S) every layer uses, or None for plain causal attention (SDPA's
-        is_causal path, no mask tensor)."""
+        is_causal path, no mask tensor; a non-causal attention then sees every key)."""
         W = self.cfg.sliding_window
         if cache is not None:
             mask = cache.mask(input_pos)  # the cache knows its layout (and applies the window)
@@ -189,7 +189,8 @@ class Transformer(nn.Module):
             return attn_mask
         if W and T > W:
             return sliding_window_mask(T, W, device)
-        return None  # plain causal
+        return None  # plain causal (or, for a non-causal attention, every key)
+
 
 def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     """(1, 1, T, T) bool: i attends to j iff i - W < j <= i (Mistral, Jiang et al. 2023)."""
