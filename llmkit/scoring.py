@@ -7,7 +7,6 @@ function (with gradients, for alignment and distillation).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +14,6 @@ import torch
 
 from .errors import LLMKitError
 from .losses import gather_logprobs, sequence_logprobs  # noqa: F401  (gather_logprobs: re-exported)
-from .peft.prompt_tuning import forward_with_prompt, has_soft_prompt
 
 
 @torch.inference_mode()
@@ -32,10 +30,7 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
     if n < 2:
         raise LLMKitError("need at least 2 tokens to score")
     device = next(model.parameters()).device
-    n_soft = model.soft_prompt.n_tokens if has_soft_prompt(model) else 0
-    C = (context or model.cfg.max_seq_len) - n_soft
-    if n_soft:  # a prompt-tuning soft prompt goes in front of every window and takes its positions
-        model = functools.partial(forward_with_prompt, model)
+    C = context or model.max_tokens  # tokens per window (a model prefix, if any, takes its own positions)
     if n <= C:
         x = ids[None].to(device)
         return sequence_logprobs(model, x[:, :-1], x[:, 1:])[0].cpu()

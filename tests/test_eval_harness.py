@@ -46,7 +46,11 @@ class Bigram(nn.Module):
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len, sliding_window=None)
         self.calls = 0
 
-    def forward(self, idx, input_pos=None, cache=None, return_hidden=False, last_only=False, embeds=None):
+    @property
+    def max_tokens(self):
+        return self.cfg.max_seq_len
+
+    def forward(self, idx, input_pos=None, cache=None, return_hidden=False, last_only=False, embeds=None, attn_mask=None):
         self.calls += 1
         h = self.table[idx]
         return h[:, -1:] if last_only else h

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmkit.errors import LLMKitError
-from llmkit.finetune.data import (IGNORE, DocumentMask, Example, example_stream, load_sft_data, packed_batch,
+from llmkit.finetune.data import (IGNORE, document_mask, Example, example_stream, load_sft_data, packed_batch,
                                   read_records, to_messages, tokenize_chat)
 from llmkit.models import ModelConfig, Transformer
 
@@ -88,7 +88,7 @@ def test_packing_equals_separate_forwards(tok):
     exs = [Example(*tokenize_chat(tok, to_messages(r, "x"))) for r in recs]
     batch = packed_batch(iter(exs + [Example([0] * 111, [IGNORE] * 111)]), batch_size=2, seq_len=110, pad_id=0, carry=[])
     with torch.no_grad():
-        packed = model(batch["idx"], input_pos=batch["input_pos"], cache=DocumentMask(batch["doc"]))
+        packed = model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
         row, start, n_docs = 0, 0, 0
         for e in exs:
             n = len(e.ids) - 1
@@ -100,6 +100,32 @@ def test_packing_equals_separate_forwards(tok):
             start += n
             n_docs += 1
     assert n_docs == 4 and row == 1
+
+
+def test_prompt_tuned_packed_rows_and_seq_len_budget(tmp_path, tok):
+    """A packed row through a prompt-tuned model: every document sees the soft prompt and only it
+    (equal to the base model on [P; E[doc]]); a seq_len that leaves no room for the prompt is a clear error."""
+    from llmkit.peft import apply_prompt_tuning
+    from llmkit.recipes.finetune import FinetuneConfig, finetune, sft_logits
+
+    model = apply_prompt_tuning(tiny().eval(), n_tokens=3)
+    P = model.prefix.weight
+    exs = [Example(list(range(10 + n, 30 + 2 * n)), list(range(10 + n, 30 + 2 * n))) for n in (0, 5, 9)]
+    batch = packed_batch(iter(exs), batch_size=1, seq_len=71, pad_id=0, carry=[])  # 19 + 24 + 28
+    with torch.no_grad():
+        packed = sft_logits(model, batch)
+        model.prefix = None  # the reference: the prompt prepended by hand
+        start = 0
+        for e in exs:
+            x = torch.tensor([e.ids[:-1]])
+            alone = model(None, embeds=torch.cat([P[None], model.embed_tokens(x)], 1))[0, 3:]
+            assert (packed[0, start:start + x.size(1)] - alone).abs().max() < 1e-5
+            start += x.size(1)
+    data = write_jsonl(tmp_path / "toy.jsonl", TOY)
+    cfg = ft_cfg(data, tmp_path / "p", "method=prompt", "data.seq_len=512", "train.batch_size=2", "train.steps=1",
+                 "data.val_fraction=0.34", "prompt.n_tokens=3")
+    with pytest.raises(LLMKitError, match=r"seq_len 512 does not fit the 509 tokens .* set data.seq_len <= 509"):
+        finetune(cfg, model=tiny(), tokenizer=tok, quiet=True)
 
 
 def test_mixing_weights():

@@ -7,7 +7,7 @@ import torch
 
 from llmkit.errors import LLMKitError
 from llmkit.models import ModelConfig, Transformer
-from llmkit.peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning, forward_with_prompt,
+from llmkit.peft import (apply_adapters, apply_llama_adapter, apply_lora, apply_prompt_tuning,
                          load_adapter, merge_lora, nearest_tokens, save_adapter, select_trainable, trainable_summary,
                          unload, unmerge_lora)
 from llmkit.peft.lora import LoRALinear
@@ -194,53 +194,95 @@ def test_prompt_tuning_trains_only_the_prompt(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = ids()
-    logits = forward_with_prompt(model, x)
+    logits = model(x)
     assert logits.shape == (2, 12, 256)
     logits.float().logsumexp(-1).mean().backward()
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"soft_prompt.weight"}
+    assert changed == {"prefix.weight"}
     # per-task prompts: save, swap in another, swap back
     save_adapter(model, tmp_path / "task_a")
     with torch.no_grad():
-        ya = forward_with_prompt(model, x)
+        ya = model(x)
         b = apply_prompt_tuning(tiny(), n_tokens=4)
         save_adapter(b, tmp_path / "task_b")
         m = load_adapter(tiny(), tmp_path / "task_b")
-        yb = forward_with_prompt(m, x)
+        yb = m(x)
         m = load_adapter(m, tmp_path / "task_a")
-        assert (forward_with_prompt(m, x) - ya).abs().max() < 1e-6
+        assert (m(x) - ya).abs().max() < 1e-6
         assert (yb - ya).abs().max() > 1e-4
 
 
-def test_soft_prompt_used_by_generate_and_score():
-    """A loaded task prompt steers inference: generation (KV cache, batched, ragged) and scoring both
-    equal a full recompute with the soft prompt in front."""
-    from llmkit.inference import SamplingParams, generate_batch
-    from llmkit.scoring import token_logprobs
+def explicit_prompt_logits(model, idx):
+    """The reference: the base model (prefix slot emptied) on [P; E[idx]], prompt outputs dropped."""
+    p = model.prefix
+    model.prefix = None
+    try:
+        e = torch.cat([p.weight[None].expand(idx.size(0), -1, -1), model.embed_tokens(idx)], dim=1)
+        return model(None, embeds=e)[:, p.weight.size(0):]
+    finally:
+        model.prefix = p
+
+
+def greedy_reference(model, prompt, n_new):
+    seq = list(prompt)
+    for _ in range(n_new):
+        seq.append(int(explicit_prompt_logits(model, torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-mistral"])
+def test_soft_prompt_owned_by_the_model(preset):
+    """The soft prompt is the model's prefix: generation (KV cache, batched, ragged, prefix cache,
+    speculative), scoring and the eval harness (several trees in one packed row) all equal the base
+    model run on [P; E[idx]] with the prompt prepended by hand, and callers never test for it."""
+    from llmkit.eval.harness import continuation_logprobs
+    from llmkit.inference import PrefixCache, SamplingParams, generate, generate_batch, speculative_generate
+    from llmkit.inference.generate import truncated_draft
+    from llmkit.scoring import gather_logprobs, token_logprobs
 
     torch.manual_seed(0)
-    model = apply_prompt_tuning(tiny(), n_tokens=5)
+    model = Transformer(ModelConfig.from_preset(preset, max_seq_len=64)).eval()
+    base = Transformer(ModelConfig.from_preset(preset, max_seq_len=64)).eval()
+    base.load_state_dict(model.state_dict())
+    apply_prompt_tuning(model, n_tokens=5)
     with torch.no_grad():
-        model.soft_prompt.weight.mul_(30)  # a prompt far from any token, so it visibly matters
-    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]
-    outs = generate_batch(model, prompts, SamplingParams(temperature=0, max_new_tokens=8))
-    for p, c in zip(prompts, outs):
-        seq = list(p)
+        model.prefix.weight.mul_(30)  # a prompt far from any token, so it visibly matters
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [10, 11, 12]]  # past the window of 16
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    with torch.no_grad():
+        refs = [greedy_reference(model, p, 8) for p in prompts]
+        x = torch.tensor(prompts[0])
+        assert (explicit_prompt_logits(model, x[None]) - base(x[None])).abs().max() > 1e-3  # the prompt matters
+        assert (model(x[None]) - explicit_prompt_logits(model, x[None])).abs().max() < 1e-5
+    for c, ref in zip(generate_batch(model, prompts, greedy), refs):  # cached, batched, ragged
+        assert c.tokens == ref
+    assert generate(model, prompts[0], greedy).tokens == refs[0]  # tiny-mistral: the rolling buffer
+    pc = PrefixCache()
+    for _ in range(2):  # the second call reuses the stored prompt K/V
+        assert generate(model, prompts[0], greedy, prefix_cache=pc).tokens == refs[0]
+    assert pc.hits == 1
+    sp = speculative_generate(model, truncated_draft(model, 1), prompts[0], greedy, k=3)
+    assert sp.tokens == refs[0]
+    with torch.no_grad():
+        lp_ref = gather_logprobs(explicit_prompt_logits(model, x[None])[0, :-1], x[1:])
+    assert (token_logprobs(model, x) - lp_ref).abs().max() < 1e-5
+    pairs = [([3, 4], [5, 6]), ([3, 4], [7]), ([9, 8, 7], [1, 2, 3])]
+    got = continuation_logprobs(model, pairs)  # one packed row: two trees, each sees the prompt
+    for (ctx, cont), lp in zip(pairs, got):
+        seq = torch.tensor([ctx + cont])
         with torch.no_grad():
-            for _ in range(8):
-                seq.append(int(forward_with_prompt(model, torch.tensor([seq]))[0, -1].argmax()))
-        assert c.tokens == seq[len(p):]
-    x = torch.tensor(prompts[0])
-    with torch.no_grad():  # the prompt matters (a random tiny model's argmax barely depends on context)
-        assert (forward_with_prompt(model, x[None]) - tiny()(x[None])).abs().max() > 1e-3
-    with torch.no_grad():
-        ref = torch.log_softmax(forward_with_prompt(model, x[None])[0, :-1], -1).gather(-1, x[1:, None])[:, 0]
-    assert (token_logprobs(model, x) - ref).abs().max() < 1e-5
-    from llmkit.eval.harness import continuation_logprobs
+            ref = gather_logprobs(explicit_prompt_logits(model, seq)[0, len(ctx) - 1:-1], seq[0, len(ctx):])
+        assert abs(lp - float(ref.sum())) < 1e-4
 
-    with pytest.raises(LLMKitError, match="soft prompts"):  # the harness refuses rather than ignore it
-        continuation_logprobs(model, [([3, 4], [5])])
+
+def test_soft_prompt_takes_positions_of_the_context_window():
+    model = apply_prompt_tuning(tiny(max_seq_len=32), n_tokens=4)
+    assert model.max_tokens == 28
+    with torch.no_grad():
+        model(ids(T=28))
+        with pytest.raises(LLMKitError, match="less its 4-token prefix"):
+            model(ids(T=29))
 
 
 def test_selective_freezing():
@@ -275,6 +317,6 @@ def test_llama_adapter_and_prompt_files_load_in_peft(hf_pair, tmp_path, method):
     x = ids()
     with torch.no_grad():
         theirs = ref(input_ids=x).logits
-        ours = model(x) if method == "llama-adapter" else forward_with_prompt(model, x)
+        ours = model(x) if method == "llama-adapter" else model(x)
         assert (ours - theirs[:, -x.size(1):]).abs().max() < 1e-5
         assert (ours - tiny()(x)).abs().max() > 1e-4

@@ -17,9 +17,9 @@ from ..scoring import token_logprobs
 
 def perplexity(model, tokenizer, texts: list[str], context: int | None = None, stride: int | None = None,
                progress: bool = False) -> dict:
-    C = context or model.cfg.max_seq_len
-    if C > model.cfg.max_seq_len:
-        raise LLMKitError(f"--context {C} is longer than the model's context window of {model.cfg.max_seq_len}")
+    C = context or model.max_tokens  # the context window less the model's prefix, if any
+    if C > model.max_tokens:
+        raise LLMKitError(f"--context {C} is longer than the model's context window of {model.max_tokens}")
     if stride is not None and not 0 < stride <= C:
         raise LLMKitError(f"stride must be in 1..{C}, got {stride}")
     nll, n_tok, n_bytes, used = 0.0, 0, 0, 0

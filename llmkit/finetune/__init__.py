@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: chat-template rendering, completion-only labels, packing, mixing."""
 
-from .data import (IGNORE, DocumentMask, Example, SFTData, example_stream, load_sft_data, packed_batch, pad_batch,
+from .data import (IGNORE, Example, SFTData, document_mask, example_stream, load_sft_data, packed_batch, pad_batch,
                    to_messages, tokenize_chat)
 
-__all__ = ["IGNORE", "DocumentMask", "Example", "SFTData", "example_stream", "load_sft_data", "packed_batch",
+__all__ = ["IGNORE", "Example", "SFTData", "document_mask", "example_stream", "load_sft_data", "packed_batch",
            "pad_batch", "to_messages", "tokenize_chat"]

@@ -1,6 +1,6 @@
 """The inference engine: plain functions over token ids and a pre-allocated KV cache."""
 
-from .cache import BatchKVCache, RollingKVCache
+from ..models.cache import BatchKVCache, RollingKVCache
 from .generate import (Completion, Generation, TokenEvent, best_of_n, decode_step, generate, generate_batch,
                        iter_generate, prefill, speculative_accept, speculative_generate, stream, truncated_draft)
 from .prefix import PrefixCache

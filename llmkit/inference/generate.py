@@ -27,8 +27,6 @@ import torch
 
 from ..devices import model_device
 from ..errors import LLMKitError
-from ..peft.prompt_tuning import has_soft_prompt
-from .cache import BatchKVCache, RollingKVCache
 from .prefix import PrefixCache
 from .sampling import History, SamplingParams, make_generator, probs_from_logits, process_logits, sample
 
@@ -122,10 +120,10 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache) -> 
     return model(tokens[:, None].to(dev), input_pos=input_pos.to(dev), cache=cache, last_only=True)[:, -1].cpu()
 
 
-def check_prompt(prompt: list[int], model, max_new_tokens: int, truncate: bool = False, reserved: int = 0) -> list[int]:
-    """A prompt must fit the context window (less `reserved` positions, e.g. a soft prompt) with room
-    for one new token; cut its front only if asked."""
-    ctx = model.cfg.max_seq_len - reserved
+def check_prompt(prompt: list[int], model, max_new_tokens: int, truncate: bool = False) -> list[int]:
+    """A prompt must fit the tokens the model takes (`model.max_tokens`: its context window less any
+    prefix) with room for one new token; cut its front only if asked."""
+    ctx = model.max_tokens
     if not prompt:
         raise LLMKitError("empty prompt: give at least one token")
     bad = [t for t in prompt if not 0 <= t < model.cfg.vocab_size]
@@ -160,30 +158,20 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     """
     if params.stop and detok is None:
         raise LLMKitError("stop strings need a tokenizer")
-    # a prompt-tuning soft prompt (n_soft, C) sits in front of every prompt, at positions 0..n_soft-1
-    soft = model.soft_prompt.weight if has_soft_prompt(model) else None
-    n_soft = 0 if soft is None else soft.size(0)
-    if n_soft and prefix_cache is not None:
-        raise LLMKitError("prefix caching does not combine with a prompt-tuning soft prompt")
-    prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate, reserved=n_soft) for p in prompts]
+    prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate) for p in prompts]
     cfg = model.cfg
     P, n = len(prompts), params.n
-    lengths = torch.tensor([len(p) for p in prompts]) + n_soft  # positions taken, soft prompt included
+    lengths = torch.tensor([len(p) for p in prompts])
     T = int(lengths.max())
-    max_new = min(params.max_new_tokens, cfg.max_seq_len - T)
+    max_new = min(params.max_new_tokens, model.max_tokens - T)
     timings = {} if timings is None else timings
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
-    dtype, dev = next(model.parameters()).dtype, model_device(model)
+    dev = model_device(model)
     # a rolling buffer only where it saves memory and rows share positions; prefix reuse needs full slots
-    rolling = (cfg.sliding_window and P == 1 and prefix_cache is None and T + max_new > cfg.sliding_window)
-    cache = (RollingKVCache(cfg, P, dtype=dtype, device=dev) if rolling
-             else BatchKVCache(cfg, P, T + max(max_new, 1), dtype=dtype, device=dev))
+    rolling = bool(cfg.sliding_window and P == 1 and prefix_cache is None and T + max_new > cfg.sliding_window)
+    cache = model.new_cache(P, T + max(max_new, 1), rolling=rolling)
     start = 0
-    if n_soft:  # the soft prompt's KV, like a shared prefix
-        model(None, embeds=soft[None].to(dtype).expand(P, -1, -1), input_pos=_positions(0, n_soft, dev), cache=cache,
-              return_hidden=True, last_only=True)
-        start = n_soft
     if prefix_cache is not None:
         if P != 1:
             raise LLMKitError("prefix caching takes one prompt at a time")
@@ -191,14 +179,14 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
         stats["prefix_hit_tokens"] = start
     ids = torch.zeros(P, T - start, dtype=torch.long)  # right-padded with token 0 (never attended)
     for b, p in enumerate(prompts):
-        ids[b, : len(p) + n_soft - start] = torch.tensor(p[start - n_soft:])
+        ids[b, : len(p) - start] = torch.tensor(p[start:])
     ragged = bool((lengths != T).any())
     logits = prefill(model, ids, cache, start=start, chunk_size=chunk_size,
                      last_index=(lengths - 1 - start) if ragged else None)
     if prefix_cache is not None:
         prefix_cache.store(model, prompts[0], cache)
     timings["prefill_s"] = time.perf_counter() - t0
-    timings["prompt_tokens"] = int(lengths.sum()) - P * n_soft
+    timings["prompt_tokens"] = int(lengths.sum())
     rows = torch.arange(P).repeat_interleave(n)  # (R,)
     if n > 1:
         cache = cache.select_rows(rows.to(dev))
@@ -411,8 +399,6 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     """
     params = params or SamplingParams()
     check_draft(target, draft)
-    if has_soft_prompt(target) or has_soft_prompt(draft):
-        raise LLMKitError("speculative decoding does not take a prompt-tuning soft prompt")
     if k < 1:
         raise LLMKitError(f"number of draft tokens must be >= 1, got {k}")
     if params.n != 1:
@@ -420,14 +406,12 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     if params.stop and tokenizer is None:
         raise LLMKitError("stop strings need a tokenizer")
     prompt = check_prompt(list(prompt), target, params.max_new_tokens, truncate)
-    ctx = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
+    ctx = min(target.max_tokens, draft.max_tokens)
     T = len(prompt)
     max_new = min(params.max_new_tokens, ctx - T)
-    dtype = next(target.parameters()).dtype
     # full caches (not rolling): rejected drafts are rolled back by position, which a ring would lose
     size = min(ctx, T + max_new + k + 1)
-    tcache = BatchKVCache(target.cfg, 1, size, dtype=dtype, device=model_device(target))
-    dcache = BatchKVCache(draft.cfg, 1, size, dtype=next(draft.parameters()).dtype, device=model_device(draft))
+    tcache, dcache = target.new_cache(1, size), draft.new_cache(1, size)
     gen = make_generator(params.seed)
     stop_ids = set(params.stop_ids)
     t0 = time.perf_counter()

@@ -1,11 +1,11 @@
 """Model zoo: one decoder class, a config dataclass with named presets, swappable modules; and a
 BERT-style bidirectional encoder (encoder.py)."""
 
-from .cache import KVCache
+from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
 from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from .flops import flops_per_token, num_params
 from .transformer import Transformer
 
-__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "num_params", "Encoder",
-           "EncoderConfig", "ENCODER_PRESETS"]
+__all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
+           "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]

@@ -1,23 +1,38 @@
-"""Pre-allocated key/value cache for incremental decoding (prefill, then one token at a time).
+"""Pre-allocated key/value caches for incremental decoding (prefill, then one token at a time).
 
 Only the K/V heads are stored, so grouped-query models keep n_kv_head/n_head of the memory.
-The model asks the cache two things: where to write this step's K/V (`update`) and which
-slots each query may attend to (`mask`), so other layouts (a rolling buffer for sliding-window
-models, per-row positions for batches) only replace this class.
+The model asks a cache two things: which slots each query may attend to (`mask(input_pos)`, once per
+forward before the layers) and where to write this step's K/V (`update(layer, input_pos, k, v)`, once
+per layer, returning the keys/values to attend over), so other layouts only replace the class.
+Build caches with `Transformer.new_cache`: the model sizes them and fills the slots of its prefix
+(e.g. a prompt-tuning soft prompt), `offset` slots in front of the callers' positions.
+
+- `KVCache`: slot j holds position j, positions shared by the rows.
+- `BatchKVCache`: slot j of row b holds position j of that row. Positions may differ per row
+  (input_pos of shape (B, T)), so prompts of different lengths decode together: right-padded
+  prompts need no padding mask, because a query at position i only sees slots j <= i and the pad
+  slots past a row's end are overwritten by its own next tokens before any query reaches them.
+  The same rule makes rollback free (speculative decoding, prefix reuse): stale slots past the
+  current position are never attended. Attention only reads slots 0..max position, not max_len.
+- `RollingKVCache`: Mistral's rolling buffer (Jiang et al. 2023, sec. 2) for sliding-window
+  models: W slots, position p lives in slot p mod W, so memory is W entries, not T.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import LLMKitError
 from .config import ModelConfig
 
 
 class KVCache:
     """k[l], v[l]: (B, K, S, D) for layer l; slot j holds position j."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                 offset: int = 0):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.offset = offset  # leading slots held by the model's prefix (set by Transformer.new_cache)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -37,3 +52,118 @@ class KVCache:
         if self.window:
             m = m & (i - j[None, :] < self.window)
         return m[None, None]
+
+
+class BatchKVCache(KVCache):
+    """k[l], v[l]: (B, K, S, D); per-row positions; attention reads only slots < `self.length`."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                 offset: int = 0):
+        if max_len > cfg.max_seq_len:
+            raise LLMKitError(f"cache of {max_len} tokens is longer than the model's context window "
+                              f"of {cfg.max_seq_len}")
+        super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device, offset=offset)
+        self.length = 0  # slots 0..length-1 are read by this forward
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """input_pos (T,) shared or (B, T) per row -> bool (1|B, 1, T, length), or None when every
+        slot read is visible (a single decode step with no window), which lets SDPA skip masking."""
+        hi = int(input_pos.max()) + 1
+        if hi > self.max_len:
+            raise LLMKitError(f"position {hi - 1} is past the cache's {self.max_len} slots")
+        self.length = hi
+        if input_pos.dim() == 1 and not self.window and (input_pos.numel() == 1 or int(input_pos[0]) == 0):
+            return None  # one decode step sees every slot read; a prefill from 0 is plain causal (T == length)
+        j = torch.arange(hi, device=input_pos.device)
+        i = input_pos[..., None]  # (T, 1) or (B, T, 1)
+        m = j <= i
+        if self.window:
+            m = m & (i - j < self.window)
+        return m[None, None] if input_pos.dim() == 1 else m[:, None]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) at input_pos; return this layer's (B, K, length, D) views."""
+        if input_pos.dim() == 1:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:  # per-row slots: scatter along the slot axis
+            idx = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    # ---------------------------------------------------------------- row / prefix management
+    def select_rows(self, rows: torch.Tensor) -> "BatchKVCache":
+        """A cache of the given rows (B',), e.g. n copies of a prompt's row for n samples."""
+        out = BatchKVCache.__new__(BatchKVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        return out
+
+    def read(self, n: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the K/V of the caller's positions 0..n-1 of one row (after the prefix slots):
+        (L, K, n, D) each."""
+        o = self.offset
+        return self.k[:, row, :, o:o + n].clone(), self.v[:, row, :, o:o + n].clone()
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, row: int | None = None):
+        """Put (L, K, n, D) K/V into the caller's positions 0..n-1 of one row (or every row)."""
+        o, n = self.offset, k.size(2)
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.k[:, rows, :, o:o + n] = k[:, None].to(self.k.dtype)
+        self.v[:, rows, :, o:o + n] = v[:, None].to(self.v.dtype)
+
+
+class RollingKVCache:
+    """Rolling buffer of W = sliding_window slots: position p is stored in slot p mod W.
+
+    All rows share positions (input_pos (T,)). A forward attends over [buffer, this chunk's K/V]
+    so chunks longer than W still see their own keys; the buffer then keeps the last W.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, dtype=torch.float32, device=None, offset: int = 0):
+        if not cfg.sliding_window:
+            raise LLMKitError("a rolling-buffer cache needs a sliding-window model (sliding_window is unset)")
+        self.window = W = cfg.sliding_window
+        self.n_layer = cfg.n_layer
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, W, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_pos = torch.full((W,), -1, dtype=torch.long, device=device)  # position held, -1 empty
+        self.max_len = None  # unbounded: the model's context window is the only limit
+        self.offset = offset  # leading positions held by the model's prefix (set by Transformer.new_cache)
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(1, 1, T, W + T) over [buffer slots, new keys]. Buffer slots holding positions >= the
+        chunk's first position are stale (rolled back) and hidden."""
+        if input_pos.dim() != 1:
+            raise LLMKitError("the rolling-buffer cache takes one shared position vector (T,), not per-row positions")
+        old = self.slot_pos
+        old = torch.where(old < input_pos[0], old, torch.full_like(old, -1))
+        kpos = torch.cat([old, input_pos])  # (W + T,)
+        i = input_pos[:, None]
+        m = (kpos >= 0) & (kpos <= i) & (i - kpos < self.window)
+        return m[None, None]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Return [buffer, k] (B, K, W + T, D) for attention, then keep the last W of the chunk."""
+        kk = torch.cat([self.k[layer], k.to(self.k.dtype)], dim=2)
+        vv = torch.cat([self.v[layer], v.to(self.v.dtype)], dim=2)
+        keep = input_pos[-self.window:]
+        slots = keep % self.window
+        self.k[layer].index_copy_(2, slots, k[:, :, -self.window:].to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v[:, :, -self.window:].to(self.v.dtype))
+        if layer == self.n_layer - 1:  # the last layer: the buffer now holds these positions
+            self.slot_pos.index_copy_(0, slots, keep)
+        return kk, vv
+
+    def select_rows(self, rows: torch.Tensor) -> "RollingKVCache":
+        out = RollingKVCache.__new__(RollingKVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        out.slot_pos = self.slot_pos.clone()
+        return out

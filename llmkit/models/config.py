@@ -1,6 +1,6 @@
 """The one model config: a small dataclass that picks the swappable modules and their sizes.
 
-Families differ only in which modules they use (see `modules.NORMS`, `modules.MLPS`):
+Families differ only in which modules they use (see `modules.NORMS`, `modules.MLPS`, `modules.ATTENTIONS`):
   gpt2     LayerNorm, GELU MLP, learned absolute positions, biases, tied embeddings
   llama    RMSNorm pre-norm, SwiGLU MLP, rotary positions, grouped-query attention
   mistral  llama + sliding-window attention
@@ -37,6 +37,8 @@ class ModelConfig:
     # None, {"type": "linear", "factor": f}, or {"type": "llama3", "factor", "low_freq_factor",
     # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1 report, sec. 3)
     rope_scaling: dict | None = None
+    attention: str = "gqa"  # key of modules.ATTENTIONS
+    causal: bool = True  # False: bidirectional attention, every position sees every other (encoders)
     sliding_window: int | None = None  # position i attends to i-W+1..i (Mistral)
     bias: bool = False  # biases on every linear and norm (GPT-2)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
@@ -64,6 +66,8 @@ class ModelConfig:
             raise LLMKitError(f"n_expert_per_tok={self.n_expert_per_tok} must be in 1..n_expert={self.n_expert}")
         if not 0 <= self.dropout < 1:
             raise LLMKitError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.causal and self.sliding_window:
+            raise LLMKitError("a sliding window is a causal pattern: unset sliding_window for a non-causal model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import LLMKitError, closest
+from .cache import BatchKVCache, RollingKVCache
 from .config import ModelConfig
 
 
@@ -71,8 +73,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
         return torch.where(medium, blended, scaled).float()
-    from ..errors import LLMKitError
-
     raise LLMKitError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
 
 
@@ -98,11 +98,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------- attention
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query K/V heads (Ainslie et al. 2023; K=1 is MQA, Shazeer 2019)."""
+    """Multi-head attention with grouped-query K/V heads (Ainslie et al. 2023; K=1 is MQA, Shazeer 2019).
+
+    Causal unless cfg.causal is False (bidirectional, as in BERT's encoder, Devlin et al. 2019). The
+    class also owns its cache layout (`new_cache`): K and V heads per layer, so a variant storing
+    something else (MLA's latent, DeepSeek-AI 2024) brings its own.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.causal = cfg.causal
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_bias)
@@ -126,14 +132,28 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
 
+    @classmethod
+    def new_cache(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                  rolling: bool = False, offset: int = 0):
+        """The cache this attention reads and writes: K and V (B, K, S, D) per layer, `max_len` slots
+        (`BatchKVCache`), or Mistral's W-slot rolling buffer (`RollingKVCache`) with rolling=True."""
+        if rolling:
+            return RollingKVCache(cfg, batch_size, dtype=dtype, device=device, offset=offset)
+        return BatchKVCache(cfg, batch_size, max_len, dtype=dtype, device=device, offset=offset)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> projected q (B, T, H*D), k and v (B, T, K*D), fused projections or not."""
+        if self.qkv_proj is not None:
+            H, K, D = self.n_head, self.n_kv_head, self.head_dim
+            return self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, rope, mask, cache=None, input_pos=None):
-        """x: (B, T, C); rope: (cos, sin) or None; mask: bool (.., T, S) True=attend, or None=causal."""
+        """x: (B, T, C); rope: (cos, sin) or None; mask: bool (.., T, S) True=attend, or None = causal
+        (or every key, for a non-causal attention)."""
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x)
         q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.reshape(B, T, K, D).transpose(1, 2)
@@ -153,9 +173,23 @@ class Attention(nn.Module):
             # B=8 H=6 T=256 D=32), so attention stays in fp32
             ctx, q, k, v = torch.autocast("cpu", enabled=False), q.float(), k.float(), v.float()
         with ctx:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=self.causal and mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+ATTENTIONS = {"gqa": Attention}
+
+
+def make_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return attention_class(cfg)(cfg, layer_idx)
+
+
+def attention_class(cfg: ModelConfig) -> type:
+    if cfg.attention not in ATTENTIONS:
+        raise LLMKitError(f"unknown attention {cfg.attention!r}{closest(cfg.attention, ATTENTIONS)}; "
+                          f"known: {', '.join(ATTENTIONS)}")
+    return ATTENTIONS[cfg.attention]
 
 
 # ---------------------------------------------------------------- MLPs
@@ -285,7 +319,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = make_attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode

@@ -2,6 +2,12 @@
 
 Module names follow Hugging Face LLaMA (embed_tokens, layers.i.self_attn.q_proj, mlp.gate_proj,
 input_layernorm, norm, lm_head) so checkpoints and PEFT adapters map one to one.
+
+`prefix` is an optional slot for learned vectors in front of every sequence (a prompt-tuning soft
+prompt): a module with `weight` (n, C). The forward owns it, so callers never test for it: the prefix
+takes positions 0..n-1, the caller's tokens keep their positions 0..T-1 as seen from outside (n..n+T-1
+inside), attention masks gain the prefix's columns, its outputs are dropped, and `new_cache` puts its
+K/V into the first n slots of every cache. It costs n positions of the context window (`max_tokens`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch.nn as nn
 from ..errors import LLMKitError
 from ..losses import load_balancing_loss
 from .config import ModelConfig
-from .modules import MoE, Block, Dropout, make_norm, rope_cache
+from .modules import MoE, Block, Dropout, attention_class, make_norm, rope_cache
 
 
 class Transformer(nn.Module):
@@ -30,6 +36,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # P(u) = softmax(hn · Weᵀ)
             self.lm_head.weight = self.embed_tokens.weight
+        self.prefix: nn.Module | None = None  # learned (n, C) vectors in front of every sequence, see above
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.init_weights()
 
@@ -59,6 +66,30 @@ class Transformer(nn.Module):
         cos, sin = self._rope
         return cos[input_pos], sin[input_pos]
 
+    @property
+    def n_prefix(self) -> int:
+        return 0 if self.prefix is None else self.prefix.weight.size(0)
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens a caller can feed: the context window less the prefix's positions."""
+        return self.cfg.max_seq_len - self.n_prefix
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None, rolling: bool = False):
+        """A KV cache for `max_len` caller positions in the layout of the model's attention
+        (`Attention.new_cache`: full slots, or with rolling=True Mistral's rolling buffer), its first
+        slots holding the prefix's K/V."""
+        w = self.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        n = self.n_prefix
+        cache = attention_class(self.cfg).new_cache(self.cfg, batch_size, max_len + n, dtype=dtype, device=device,
+                                                    rolling=rolling, offset=n)
+        if n:
+            with torch.no_grad():  # the prefix's K/V, once for every later forward on this cache
+                x = self.prefix.weight.to(w.dtype)[None].expand(batch_size, -1, -1)
+                self._blocks(x, torch.arange(n, device=device), n - 1, cache, None)
+        return cache
+
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing loss of the MoE layers from the last forward (0 for dense models)."""
         logits = [m.router_logits for m in self.modules() if isinstance(m, MoE) and m.router_logits is not None]
@@ -69,10 +100,16 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor | None, input_pos: torch.Tensor | None = None, cache=None,
                 embeds: torch.Tensor | None = None, last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids (or `embeds` (B, T, C)) -> logits (B, T, V).
 
-        input_pos (T,) absolute positions (default 0..T-1); required with a cache.
+        input_pos (T,) absolute positions shared by the rows, or (B, T) per row (default 0..T-1);
+        required with a cache.
+        attn_mask: bool (B|1, 1, T, S), True = query t may attend to key s; it replaces the causal mask
+        (it must hold causality itself), e.g. a block-diagonal document mask for packed rows or a tree
+        mask for shared-context scoring. Without a cache S = T; with one it is ANDed with the cache's
+        mask (S = the cache's slots read). A sliding window, if the model has one, is applied on top
+        in positions.
         last_only: only the last position's logits (B, 1, V), for decoding.
         return_hidden: the final normalised hidden states (B, T, C) instead of logits.
         """
@@ -85,25 +122,74 @@ class Transformer(nn.Module):
             last = T - 1  # known without reading a tensor (.item() would break a torch.compile graph)
         else:
             last = int(input_pos.max())
-        if last >= self.cfg.max_seq_len:
-            raise LLMKitError(f"sequence of {last + 1} tokens is longer than the model's "
-                              f"context window of {self.cfg.max_seq_len}")
-        if self.embed_positions is not None:
-            x = x + self.embed_positions(input_pos)
-        x = self.dropout(x)
-        rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
-        if cache is not None:
-            mask = cache.mask(input_pos)
-        elif self.cfg.sliding_window and T > self.cfg.sliding_window:
-            mask = sliding_window_mask(T, self.cfg.sliding_window, x.device)
-        else:
-            mask = None  # plain causal
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, input_pos)
+        n = self.n_prefix
+        if last + n >= self.cfg.max_seq_len:
+            raise LLMKitError(f"sequence of {last + 1} tokens is longer than the model's context window of "
+                              f"{self.cfg.max_seq_len}" + (f" less its {n}-token prefix" if n else ""))
+        if cache is not None and getattr(cache, "offset", 0) != n:
+            raise LLMKitError("this KV cache was not built for this model's prefix: make it with model.new_cache")
+        if n:
+            input_pos = input_pos + n  # the prefix holds positions 0..n-1
+            if cache is None:  # with a cache, the prefix's K/V are in its first slots already
+                x, input_pos, attn_mask = self._prepend_prefix(x, input_pos, attn_mask)
+            elif attn_mask is not None:  # the caller's columns start after the prefix slots, all visible
+                attn_mask = torch.cat([attn_mask.new_ones(*attn_mask.shape[:-1], n), attn_mask], dim=-1)
+        x = self._blocks(x, input_pos, last + n, cache, attn_mask)
+        if n and cache is None:
+            x = x[:, n:]  # drop the prefix's outputs
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
         return x if return_hidden else self.lm_head(x)
+
+    def _blocks(self, x: torch.Tensor, input_pos: torch.Tensor, last: int, cache, attn_mask) -> torch.Tensor:
+        """Positions, dropout and the layers on x (B, T, C) at internal positions input_pos (T,) | (B, T)."""
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(input_pos)
+        x = self.dropout(x)
+        rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
+        mask = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, input_pos)
+        return x
+
+    def _prepend_prefix(self, x: torch.Tensor, input_pos: torch.Tensor, attn_mask: torch.Tensor | None):
+        """[P; x] (B, n+T, C) with positions [0..n-1; input_pos]; an attn_mask (B|1, 1, T, T) grows to
+        (B|1, 1, n+T, n+T): the prefix attends causally to itself only, every token also to the prefix."""
+        B, T, _ = x.shape
+        p = self.prefix.weight
+        n = p.size(0)
+        x = torch.cat([p.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+        head = torch.arange(n, device=x.device)
+        input_pos = torch.cat([head if input_pos.dim() == 1 else head.expand(input_pos.size(0), -1), input_pos], -1)
+        if attn_mask is not None:
+            b = attn_mask.size(0)
+            top = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            top = torch.cat([top, top.new_zeros(n, T)], dim=1).expand(b, 1, -1, -1)  # (b, 1, n, n+T)
+            bottom = torch.cat([attn_mask.new_ones(b, 1, T, n), attn_mask], dim=-1)  # (b, 1, T, n+T)
+            attn_mask = torch.cat([top, bottom], dim=2)
+        return x, input_pos, attn_mask
+
+    def attention_mask(self, input_pos: torch.Tensor, T: int, last: int, cache, attn_mask: torch.Tensor | None,
+                       device) -> torch.Tensor | None:
+        """The bool mask (B|1, 1, T, S) every layer uses, or None for plain causal attention (SDPA's
+        is_causal path, no mask tensor; a non-causal attention then sees every key)."""
+        W = self.cfg.sliding_window
+        if cache is not None:
+            mask = cache.mask(input_pos)  # the cache knows its layout (and applies the window)
+            if attn_mask is not None:
+                mask = attn_mask if mask is None else mask & attn_mask
+            return mask
+        if attn_mask is not None:
+            if W and last >= W:  # window in positions, so packed documents / tree branches keep their own
+                i = input_pos[..., :, None]
+                j = input_pos[..., None, :]
+                near = (i - j < W)
+                attn_mask = attn_mask & (near[None, None] if near.dim() == 2 else near[:, None])
+            return attn_mask
+        if W and T > W:
+            return sliding_window_mask(T, W, device)
+        return None  # plain causal (or, for a non-causal attention, every key)
 
 
 def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:

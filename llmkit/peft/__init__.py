@@ -32,14 +32,14 @@ from .common import trainable_summary
 from .llama_adapter import LlamaAdapterSection, apply_llama_adapter
 from .lora import LoRAConfig, LoRALinear, apply_lora, merge_lora, unload_lora, unmerge_lora
 from .nf4 import NF4Linear, memory_report, quantize_model_nf4
-from .prompt_tuning import PromptSection, apply_prompt_tuning, forward_with_prompt, nearest_tokens
+from .prompt_tuning import PromptSection, apply_prompt_tuning, nearest_tokens
 from .qlora import QLoRASection
 from .registry import PeftMethod, default_sections, detect, for_peft_type, get_method, method_names, register
 from .selective import SelectiveSection, select_trainable
 
 __all__ = ["apply_lora", "LoRAConfig", "LoRALinear", "merge_lora", "unmerge_lora", "unload_lora",
            "quantize_model_nf4", "NF4Linear", "memory_report", "apply_adapters", "apply_prompt_tuning",
-           "forward_with_prompt", "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
+           "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
            "save_adapter", "load_adapter", "adapter_method", "unload", "CONFIG_FILE", "WEIGHTS_FILE",
            "PeftMethod", "register", "get_method", "default_sections", "apply_method", "default_lr", "METHODS",
            "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection"]

@@ -1,11 +1,14 @@
 """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
 
-n learnable "virtual token" vectors P (n, C) are prepended to the input embeddings; the whole model
-stays frozen and only P is trained. The soft prompt is attached to the model as `model.soft_prompt`
-and fed through the model's `embeds=` argument: embeds = [P; E[idx]] (B, n+T, C); the logits of the
-n prompt positions are dropped. Initialised from the embeddings of random vocabulary tokens, or of a
-text (sec. 3.2). One prompt per task can be saved and swapped in at inference (`load_adapter`).
-Saved as `prompt_embeddings` (n, C), the key `peft` uses for PROMPT_TUNING.
+n learnable "virtual token" vectors P (n, C) are put in front of the input embeddings; the whole model
+stays frozen and only P is trained. P is a `SoftPrompt` in the model's generic `prefix` slot
+(`Transformer.prefix`), so the model's forward owns it: it prepends P, gives it positions 0..n-1 and
+the real tokens n.., drops its outputs, and `model.new_cache` puts its K/V into every KV cache. Callers
+(generate, score, eval, finetune) see the usual logits of their tokens and never test for it. The n
+virtual tokens take n of the context window's positions (`model.max_tokens` = context - n).
+Initialised from the embeddings of random vocabulary tokens, or of a text (sec. 3.2). One prompt per
+task can be saved and swapped in at inference. Saved as `prompt_embeddings` (n, C), the key `peft`
+uses for PROMPT_TUNING.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMKitError
-from .common import freeze, load_trainable
+from .common import freeze
 from .registry import PeftMethod, register
 
 
 class SoftPrompt(nn.Module):
+    """weight: (n, C) virtual token embeddings; the model's forward reads `prefix.weight`."""
+
     def __init__(self, n_tokens: int, dim: int, init: torch.Tensor | None = None, device=None, dtype=None):
         super().__init__()
         w = torch.empty(n_tokens, dim, device=device, dtype=dtype)
@@ -38,10 +43,13 @@ class SoftPrompt(nn.Module):
 
 def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, init_ids: list[int] | None = None,
                         seed: int = 0) -> nn.Module:
-    """Freeze the model and attach a soft prompt of n_tokens vectors, initialised from the embeddings
-    of `init_ids` (repeated to length n) or of random vocabulary tokens."""
+    """Freeze the model and put a soft prompt of n_tokens vectors in its prefix slot, initialised from
+    the embeddings of `init_ids` (repeated to length n) or of random vocabulary tokens."""
     if n_tokens <= 0:
         raise LLMKitError(f"prompt tuning: n_tokens must be positive, got {n_tokens}")
+    if n_tokens >= model.cfg.max_seq_len:
+        raise LLMKitError(f"prompt tuning: {n_tokens} virtual tokens leave no room in the context window "
+                          f"of {model.cfg.max_seq_len}")
     freeze(model)
     emb = model.embed_tokens.weight
     if init_ids:
@@ -49,32 +57,43 @@ def apply_prompt_tuning(model: nn.Module, n_tokens: int = 20, init_ids: list[int
     else:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, min(emb.size(0), 5000), (n_tokens,), generator=g)
-    model.soft_prompt = SoftPrompt(n_tokens, emb.size(1), init=emb.detach()[ids.to(emb.device)].clone(),
-                                   device=emb.device, dtype=emb.dtype)
+    model.prefix = SoftPrompt(n_tokens, emb.size(1), init=emb.detach()[ids.to(emb.device)].clone(),
+                              device=emb.device, dtype=emb.dtype)
     return model
 
 
-def has_soft_prompt(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "soft_prompt", None), SoftPrompt)
+def has_prompt(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "prefix", None), SoftPrompt)
 
 
-def prompt_embeds(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """idx (B, T) -> [P; E[idx]] (B, n+T, C)."""
-    x = model.embed_tokens(idx)
-    p = model.soft_prompt.weight.to(x.dtype)[None].expand(idx.size(0), -1, -1)
-    return torch.cat([p, x], dim=1)
+def prompt_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The saved tensors: {"prompt_embeddings": (n, C)} (peft's key)."""
+    return {"prompt_embeddings": model.prefix.weight.detach()}
 
 
-def forward_with_prompt(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of the real tokens, with the soft prompt in front."""
-    n = model.soft_prompt.n_tokens
-    return model(None, embeds=prompt_embeds(model, idx))[:, n:]
+def load_prompt_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Put saved `prompt_embeddings` (n, C) into the model's prompt (applied with the same n)."""
+    if "prompt_embeddings" not in weights:
+        raise LLMKitError("the adapter file has no prompt_embeddings tensor")
+    w, own = weights["prompt_embeddings"], model.prefix.weight
+    if w.shape != own.shape:
+        raise LLMKitError(f"prompt_embeddings has shape {tuple(w.shape)}, this model's prompt needs {tuple(own.shape)}")
+    with torch.no_grad():
+        own.copy_(w.to(own.dtype))
+    return model
+
+
+def unload_prompt_tuning(model: nn.Module) -> nn.Module:
+    """Empty the prefix slot: the plain model again."""
+    if has_prompt(model):
+        model.prefix = None
+    return model
 
 
 @torch.no_grad()
 def nearest_tokens(model: nn.Module, tokenizer=None) -> list[tuple[int, int, str, float]]:
     """For each prompt vector: (position, nearest vocabulary id by cosine similarity, its text, cosine)."""
-    p = F.normalize(model.soft_prompt.weight.float(), dim=-1)  # (n, C)
+    p = F.normalize(model.prefix.weight.float(), dim=-1)  # (n, C)
     e = F.normalize(model.embed_tokens.weight.float(), dim=-1)  # (V, C)
     cos, ids = (p @ e.T).max(dim=-1)
     out = []
@@ -87,36 +106,12 @@ def nearest_tokens(model: nn.Module, tokenizer=None) -> list[tuple[int, int, str
 def prompt_peft_config(model: nn.Module, base_model_name: str | None = None) -> dict:
     cfg = model.cfg
     return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-            "num_virtual_tokens": model.soft_prompt.n_tokens, "token_dim": cfg.d_model,
+            "num_virtual_tokens": model.prefix.n_tokens, "token_dim": cfg.d_model,
             "num_transformer_submodules": 1, "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer,
             "prompt_tuning_init": "RANDOM", "inference_mode": True}
 
 
-# ---------------------------------------------------------------- the record's interface
-# The prompt-tuning record below calls only these functions (and apply_prompt_tuning,
-# prompt_peft_config, nearest_tokens above), whatever object holds the soft prompt.
-def has_prompt(model: nn.Module) -> bool:
-    return has_soft_prompt(model)
-
-
-def prompt_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"prompt_embeddings": P (n, C)}: peft's key for PROMPT_TUNING."""
-    return {"prompt_embeddings": model.soft_prompt.weight.detach()}
-
-
-def load_prompt_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy a saved P (n, C) into the model's (freshly applied) soft prompt."""
-    if "prompt_embeddings" not in weights:
-        raise LLMKitError("has no prompt_embeddings tensor")
-    load_trainable(model, {"soft_prompt.weight": weights["prompt_embeddings"]})
-
-
-def unload_prompt_tuning(model: nn.Module) -> nn.Module:
-    if has_soft_prompt(model):
-        del model.soft_prompt
-    return model
-
-
+# ---------------------------------------------------------------- the registered record
 @dataclass
 class PromptSection:
     """The `prompt:` section of a fine-tuning config."""
@@ -149,6 +144,5 @@ def _summary(model: nn.Module, tokenizer) -> dict:
 
 PROMPT = register(PeftMethod(
     name="prompt", default_lr=3e-2, apply=_apply, sections={"prompt": PromptSection},
-    supports_packing=False,  # the soft prompt is prepended to each row, not to each packed document
     peft_type="PROMPT_TUNING", is_applied=has_prompt, state=prompt_state, load_state=load_prompt_state,
     peft_config=prompt_peft_config, from_peft_config=_from_peft_config, unload=_unload, summary=_summary))

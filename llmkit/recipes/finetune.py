@@ -36,15 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LLMKitError
-from ..finetune.data import DocumentMask, example_stream, load_sft_data, packed_batch, pad_batch
+from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
 from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
-                    forward_with_prompt, get_method, memory_report, save_adapter, trainable_summary)
+                    get_method, memory_report, save_adapter, trainable_summary)
 from ..peft.lora import LoRAConfig
-from ..peft.prompt_tuning import has_soft_prompt
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
@@ -108,12 +107,10 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Mo
 
 # ------------------------------------------------------------------ loss
 def sft_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits (B, T, V) for a batch: with the soft prompt in front (prompt tuning), with document
-    masking and per-document positions (packed rows), or plainly."""
-    if has_soft_prompt(model):
-        return forward_with_prompt(model, batch["idx"])
+    """Logits (B, T, V) for a batch: with document masking and per-document positions (packed rows),
+    or plainly. A soft prompt (prompt tuning) is the model's own prefix, put in front by its forward."""
     if "doc" in batch:
-        return model(batch["idx"], input_pos=batch["input_pos"], cache=DocumentMask(batch["doc"]))
+        return model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
     return model(batch["idx"])
 
 
@@ -241,6 +238,10 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     # ---- model and optimiser (same seed on every rank: identical adapters)
     mem_before = memory_report(model)
     apply_method(model, cfg, tokenizer)
+    if d.seq_len > model.max_tokens:  # e.g. prompt tuning's virtual tokens take positions of the window
+        raise LLMKitError(f"data.seq_len {d.seq_len} does not fit the {model.max_tokens} tokens the model takes "
+                          f"(context window {model.cfg.max_seq_len}, less {model.n_prefix} for its prefix): "
+                          f"set data.seq_len <= {model.max_tokens}")
     model.train()
     params = trainable_summary(model)
     mem_after = memory_report(model)
