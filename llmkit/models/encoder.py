@@ -5,7 +5,8 @@ It differs from the decoder (transformer.py) where BERT does:
   - embeddings: token + learned absolute position + token type (segment), then LayerNorm;
   - attention is bidirectional: every token sees every other non-padding token (no causal mask);
   - post-norm blocks (Vaswani et al. 2017): x = LN(x + Attn(x)); x = LN(x + MLP(x)), biases everywhere.
-The MLP is the decoder's `GeluMLP` (exact erf GELU for BERT's "gelu").
+Attention is the decoder's registered attention (modules.ATTENTIONS) with causal=False, and the MLP
+the decoder's `GeluMLP` (exact erf GELU for BERT's "gelu"): `EncoderConfig.module_config()`.
 
 `Encoder.from_dir(path)` loads a Hugging Face BERT folder (config.json + model.safetensors), e.g.
 all-MiniLM-L6-v2 (`llmkit pull minilm-l6-v2`), without `transformers`; the outputs equal
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import LLMKitError, closest
-from .modules import GeluMLP
+from .config import ModelConfig
+from .modules import GeluMLP, attention_class
 
 # Hugging Face `hidden_act` -> the key of modules.ACTIVATIONS
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -50,6 +51,14 @@ class EncoderConfig:
     def __post_init__(self):
         if self.d_model % self.n_head:
             raise LLMKitError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+
+    def module_config(self) -> ModelConfig:
+        """The shared modules' view of this encoder: bidirectional (causal=False) multi-head attention
+        with biases, and the GELU MLP, taken from the registries of models/modules.py."""
+        return ModelConfig(family="bert", vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                           d_model=self.d_model, d_ff=self.d_ff, max_seq_len=self.max_seq_len, norm="layernorm",
+                           norm_eps=self.norm_eps, mlp="gelu", activation=self.activation, pos_emb="learned",
+                           bias=self.bias, causal=False)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EncoderConfig":
@@ -81,37 +90,19 @@ ENCODER_PRESETS = {
 }
 
 
-class BidirectionalAttention(nn.Module):
-    """Multi-head self-attention without a causal mask; `keep` masks padding keys only."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        C = cfg.d_model
-        self.n_head = cfg.n_head
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
-        self.o_proj = nn.Linear(C, C)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); keep (B, 1, 1, T) bool, False at padding keys (None: no padding)."""
-        B, T, C = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for lin in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=False)  # (B, H, T, D)
-        return self.o_proj(a.transpose(1, 2).reshape(B, T, C))
-
-
 class EncoderBlock(nn.Module):
     """Post-norm block: x = LN(x + Attn(x)); x = LN(x + W2·act(W1·x))."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = BidirectionalAttention(cfg)
+        mcfg = cfg.module_config()
+        self.self_attn = attention_class(mcfg)(mcfg, layer_idx)  # the decoder's registered attention, non-causal
         self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = GeluMLP(cfg)
+        self.mlp = GeluMLP(mcfg)
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.self_attn(x, keep))
+        x = self.attn_norm(x + self.self_attn(x, None, keep))  # no rotary: positions are learned embeddings
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -124,7 +115,7 @@ class Encoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_seq_len, C)
         self.embed_types = nn.Embedding(cfg.type_vocab_size, C)
         self.embed_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
-        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(EncoderBlock(cfg, i) for i in range(cfg.n_layer))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, num_layers: int | None = None,
                 token_types: torch.Tensor | None = None) -> torch.Tensor:
