@@ -35,8 +35,8 @@ def add_decode(bsub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median is reported")
     p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp")
-    p.add_argument("--quant", choices=["int8", "int4"], help="llmkit with weight-only quantised linears for decode "
-                   "and bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
+    p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="llmkit with quantised linears (int8/int4: "
+                   "weight-only kernels for decode, dequantised per call to bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_decode)
 
@@ -149,11 +149,10 @@ def run_decode(args) -> int:
         raise LLMKitError(f"unknown --compare engine {bad[0]!r} (known: hf, llama.cpp)")
     torch.set_num_threads(args.threads)
     kind, path = resolve(args.model)
-    model, tok = load_model(args.model)
-    if args.quant:
-        from ..inference.quant import quantize
+    from ..quant import fuse_projections
 
-        quantize(model, args.quant)
+    model, tok = load_model(args.model, quant=args.quant)
+    fuse_projections(model)
     prompt = _workload(tok, model.cfg.vocab_size, args.prompt_tokens)
     if args.prompt_tokens + args.new_tokens > model.cfg.max_seq_len:
         raise LLMKitError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
