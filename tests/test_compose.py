@@ -34,7 +34,7 @@ SEQ = torch.tensor([[(7 * i + 3) % 256 for i in range(16)]])
 def base_model() -> Transformer:
     # d_model and d_ff multiples of 64: every linear takes the int4 kernel and whole NF4 blocks
     torch.manual_seed(0)
-    return Transformer(ModelConfig.from_preset("tiny-llama", d_model=128, n_head=4, n_kv_head=2, d_ff=256)).eval()
+    return Transformer(ModelConfig.from_preset("tiny-llama", d_model=64, n_head=4, n_kv_head=2, d_ff=128)).eval()
 
 
 def logits(model, ids):

@@ -85,6 +85,10 @@ class QuantLinear(nn.Module):
                 raise LLMKitError(f"{self.method.name} tensor {k!r} has shape {tuple(t.shape)}, "
                                   f"a {self.out_features}x{self.in_features} weight needs {tuple(s)}")
         for k, v in self.method.to_runtime(storage, self.out_features, self.in_features).items():
+            if v.device.type == "cpu" and v.data_ptr() % 64:
+                # tensors read from a safetensors file can sit at any offset, and the int8/int4 kernels
+                # crash on unaligned rows (seen: int8 lm_head at an 8-byte offset): realign with a copy
+                v = v.clone()
             self.register_buffer(k, v)
 
     def tensors(self) -> dict[str, torch.Tensor]:
