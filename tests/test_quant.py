@@ -12,7 +12,7 @@ from llmkit.cli import main
 from llmkit.errors import LLMKitError
 from llmkit.models import ModelConfig, Transformer
 from llmkit.models.modules import concat_linears
-from llmkit.quant import METHODS, QuantLinear, fuse_projections, quantize
+from llmkit.quant import METHODS, QuantLinear, fuse_projections, keep_dense_copy, quantize
 from llmkit.quant.methods import _int4_quantize
 
 
@@ -34,7 +34,7 @@ def test_int4_storage_survives_torch_cpu_packing(N):
     codes = torch.stack([want["qweight"] & 15, want["qweight"] >> 4], -1).reshape(N, 96).float()
     s, z = want["scales"].float()[..., 0].t(), want["scales"].float()[..., 1].t()  # (N, K/32)
     ref = (codes.view(N, 3, 32) - 8) * s[..., None] + z[..., None]
-    torch.testing.assert_close(q.dequantize(), ref.reshape(N, 96), rtol=0, atol=0)
+    torch.testing.assert_close(q.dequantize(), ref.reshape(N, 96))  # fp32 round-off of q s + (z - 8 s)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -48,6 +48,13 @@ def test_quant_linear_paths_agree_and_hold_no_full_precision_copy(method):
     for rows in (1, 3, 20):  # kernel (few rows) and per-call dequantized GEMM (many rows)
         x = torch.randn(rows, 128)
         torch.testing.assert_close(q(x), torch.nn.functional.linear(x, w, lin.bias), atol=0.05, rtol=0.02)
+    # the opt-in dense copy for prefill gives the per-call dequantized GEMM's result
+    x = torch.randn(20, 128)
+    with torch.no_grad():
+        per_call = q(x)
+        keep_dense_copy(torch.nn.Sequential(q))
+        assert q.dense is not None and torch.equal(q(x), per_call)
+        keep_dense_copy(torch.nn.Sequential(q), False)
     # gradients reach the input through the custom autograd function: dx = dy W
     x = torch.randn(5, 128, requires_grad=True)
     gy = torch.randn(5, 64)

@@ -24,7 +24,7 @@ from ..errors import LLMKitError
 from ..io import atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
-from .hf import (config_from_hf, config_to_hf, load_hf_model, read_config_json, read_hf_weights, save_hf_model,
+from .hf import (config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
                  state_dict_from_hf)
 
 META_FILE = "llmkit.json"
@@ -78,6 +78,50 @@ def load_checkpoint(d: str | Path) -> tuple[Transformer, dict]:
     return load_hf_model(d, cfg), info.get("meta", {})
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_copy(d: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors read into fresh (64-byte aligned, anonymous) memory with plain reads.
+
+    Why not safetensors' load_file: it maps the file, and every page a tensor touches stays in the
+    process's RSS for as long as any tensor of the file lives; tensors converted on load (int4's CPU
+    packing) would then be counted twice. Format: 8-byte little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the data."""
+    import struct
+
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
+    else:
+        files = ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        p = d / name
+        try:
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+                start = 8 + n
+                for key, t in header.items():
+                    if key == "__metadata__":
+                        continue
+                    b, e = t["data_offsets"]
+                    buf = torch.empty(e - b, dtype=torch.uint8)
+                    f.seek(start + b)
+                    if f.readinto(memoryview(buf.numpy())) != e - b:
+                        raise ValueError(f"tensor {key} is truncated")
+                    out[key] = buf.view(_ST_DTYPES[t["dtype"]]).reshape(t["shape"])
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise LLMKitError(f"{p} is not a readable safetensors file ({e})") from None
+    return out
+
+
 def load_quantized(d: Path, cfg: ModelConfig, quantization: dict) -> Transformer:
     """Meta-device model -> empty QuantLinears for the recorded layers -> assign the stored tensors."""
     from ..quant import swap_empty
@@ -88,7 +132,7 @@ def load_quantized(d: Path, cfg: ModelConfig, quantization: dict) -> Transformer
     with torch.device("meta"):
         model = Transformer(cfg)
     swap_empty(model, layers)
-    sd = state_dict_from_hf(read_hf_weights(d), cfg)
+    sd = state_dict_from_hf(read_safetensors_copy(d), cfg)
     tied = cfg.tie_embeddings and "lm_head" not in layers
     if tied:
         sd.pop("lm_head.weight", None)

@@ -5,7 +5,7 @@ A record says, for a weight W (N, K) (N outputs, K inputs):
   quantize    W fp32 -> those tensors
   dequantize  runtime tensors -> W (N, K) in a dtype
   matmul      optional weight-only kernel for few rows: x (M, K) bf16 -> (M, N) bf16
-  concat      stack several weights' tensors along N (fusing q/k/v, gate/up)
+  concat      stack several weights' runtime tensors along N (fusing q/k/v, gate/up)
   to_runtime / from_runtime  storage <-> the layout the kernel wants (identity unless a kernel's
               layout depends on the CPU, as torch's int4 packing does)
 Adding a method (a GGUF K-quant, HQQ, ...) is one more record here.
@@ -43,7 +43,7 @@ class QuantMethod:
     shapes: Callable[[int, int], dict]  # (N, K) -> {name: (shape, dtype)} of the stored tensors
     quantize: Callable[[torch.Tensor], Tensors]  # W (N, K) fp32 -> storage tensors
     dequantize: Callable[[Tensors, int, int, torch.dtype], torch.Tensor]  # runtime tensors -> W (N, K)
-    concat: Callable[[list[Tensors], list[int], int], Tensors] | None  # storages of (N_i, K) -> (sum N_i, K)
+    concat: Callable[[list[Tensors], list[int], int], Tensors] | None  # runtimes of (N_i, K) -> (sum N_i, K)
     matmul: Callable[[torch.Tensor, Tensors, int], torch.Tensor] | None = None  # x (M, K) bf16 -> (M, N)
     dense_dtype: torch.dtype | None = None  # GEMM dtype of the dequantize path (None: the input's)
     head: str | None = None  # method for lm_head (None: left in full precision)
@@ -67,7 +67,7 @@ INT8 = QuantMethod(
     accepts=lambda N, K: K % 16 == 0,
     shapes=lambda N, K: {"qweight": ((N, K), torch.int8), "scales": ((N,), torch.bfloat16)},
     quantize=_int8_quantize,
-    dequantize=lambda t, N, K, dt: (t["qweight"].to(dt) * t["scales"].to(dt)[:, None]),
+    dequantize=lambda t, N, K, dt: t["qweight"].to(dt).mul_(t["scales"].to(dt)[:, None]),  # one (N, K) buffer
     # per-row quantization: rows concatenate exactly
     concat=lambda ts, Ns, K: {k: torch.cat([t[k] for t in ts]) for k in ("qweight", "scales")},
     matmul=lambda x, t, N: torch._weight_int8pack_mm(x, t["qweight"], t["scales"]),
@@ -112,17 +112,13 @@ def _int4_unpack_kernel(packed: torch.Tensor, N: int, K: int, block: int) -> tor
     """torch's CPU int4 layout (N, K/2) -> (N, K) codes. Rows come in blocks of `block`; inside a block
     the bytes are k-major, byte j of row k holding rows j (low nibble) and j + block/2 (high); a
     shorter last block (16, 32 or 48 rows) pairs rows 2j and 2j + 1 instead."""
-    flat, out, n0 = packed.reshape(-1), [], 0
-    while n0 < N:
-        nb = min(block, N - n0)
-        seg = flat[n0 * K // 2:(n0 + nb) * K // 2].view(K, nb // 2)
-        lo, hi = seg & 15, seg >> 4
-        blk = torch.cat([lo, hi], 1) if nb == block else torch.stack([lo, hi], 2).reshape(K, nb)
-        out.append(blk.t())  # (nb, K)
-        n0 += nb
-    return torch.cat(out)
-
-
+    full = N // block * block
+    p = packed.reshape(-1)[:full * K // 2].view(N // block, K, block // 2)  # whole blocks in one go
+    out = [torch.cat([p & 15, p >> 4], 2).transpose(1, 2).reshape(full, K)]
+    if full < N:
+        seg = packed.reshape(-1)[full * K // 2:].view(K, (N - full) // 2)
+        out.append(torch.stack([seg & 15, seg >> 4], 2).reshape(K, N - full).t())
+    return torch.cat(out) if len(out) > 1 else out[0]
 def _int4_to_runtime(t: Tensors, N: int, K: int) -> Tensors:
     if t["qweight"].device.type == "meta":
         return dict(t)
@@ -136,10 +132,23 @@ def _int4_from_runtime(t: Tensors, N: int, K: int) -> Tensors:
 
 
 def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
-    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).float()
-    sc = t["scales"].float()  # (K/G, N, 2)
+    """w = q s + m with m = z - 8 s, as one fused multiply-add in `dtype` (bf16 for prefill: two bytes a
+    weight written once, instead of fp32 temporaries)."""
+    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).to(dtype)
+    sc = t["scales"].to(dtype)  # (K/G, N, 2)
     s, z = sc[..., 0].t()[..., None], sc[..., 1].t()[..., None]  # (N, K/G, 1)
-    return ((q - 8) * s + z).reshape(N, K).to(dtype)
+    return torch.addcmul(z - 8 * s, q, s).reshape(N, K)
+
+
+def _int4_concat(ts: list[Tensors], Ns: list[int], K: int) -> Tensors:
+    """Per-row groups: rows (and the scales' N axis) concatenate exactly. When every part is a whole
+    number of the kernel's row blocks (SmolLM2: 576, 192, 1536 rows), the packed blocks concatenate as
+    they are; otherwise through the portable codes."""
+    scales = torch.cat([t["scales"] for t in ts], 1)
+    if all(n % _int4_block() == 0 for n in Ns):
+        return {"qweight": torch.cat([t["qweight"] for t in ts]), "scales": scales}
+    q = torch.cat([_int4_from_runtime(t, n, K)["qweight"] for t, n in zip(ts, Ns)])
+    return _int4_to_runtime({"qweight": q, "scales": scales}, sum(Ns), K)
 
 
 INT4 = QuantMethod(
@@ -147,9 +156,7 @@ INT4 = QuantMethod(
     accepts=lambda N, K: K % GROUP == 0 and N % 16 == 0,
     shapes=lambda N, K: {"qweight": ((N, K // 2), torch.uint8), "scales": ((K // GROUP, N, 2), torch.bfloat16)},
     quantize=_int4_quantize, dequantize=_int4_dequantize,
-    # per-row groups: rows (and the scales' N axis) concatenate exactly
-    concat=lambda ts, Ns, K: {"qweight": torch.cat([t["qweight"] for t in ts]),
-                              "scales": torch.cat([t["scales"] for t in ts], 1)},
+    concat=_int4_concat,
     matmul=lambda x, t, N: torch.ops.aten._weight_int4pack_mm_for_cpu(x, t["qweight"], GROUP, t["scales"]),
     dense_dtype=torch.bfloat16, head="int8", fallback="int8",
     to_runtime=_int4_to_runtime, from_runtime=_int4_from_runtime)
@@ -175,7 +182,7 @@ def nf4_method(blocksize: int = 64, double_quant: bool = True) -> QuantMethod:
     def dequantize(t, N, K, dtype):
         return nf4_dequantize(t, (N, K), blocksize, dtype)
 
-    def concat(ts, Ns, K):
+    def concat(ts, Ns, K):  # runtime layout = storage layout
         return nf4_quantize(torch.cat([dequantize(t, n, K, torch.float32) for t, n in zip(ts, Ns)]),
                             blocksize, double_quant)
 
