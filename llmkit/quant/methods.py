@@ -132,12 +132,13 @@ def _int4_from_runtime(t: Tensors, N: int, K: int) -> Tensors:
 
 
 def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """w = q s + m with m = z - 8 s, as one fused multiply-add in `dtype` (bf16 for prefill: two bytes a
-    weight written once, instead of fp32 temporaries)."""
-    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).to(dtype)
+    """w = (q - 8) s + z, the kernel's formula, as one fused multiply-add in `dtype`: q - 8, s and z are
+    exact in bf16, so the weight is rounded once (as a bf16 copy of the fp32 dequantization would be).
+    Not z - 8 s first: that difference rounded to bf16 would shift whole groups."""
+    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).to(dtype).sub_(8)
     sc = t["scales"].to(dtype)  # (K/G, N, 2)
     s, z = sc[..., 0].t()[..., None], sc[..., 1].t()[..., None]  # (N, K/G, 1)
-    return torch.addcmul(z - 8 * s, q, s).reshape(N, K)
+    return torch.addcmul(z, q, s).reshape(N, K)
 
 
 def _int4_concat(ts: list[Tensors], Ns: list[int], K: int) -> Tensors:
