@@ -1,12 +1,14 @@
 """Peak RSS and wall time of `llmkit generate` on fp32 and quantized SmolLM2-135M-Instruct checkpoints.
 
-    PYTHONPATH=. python benchmarks/quant_memory.py [--work DIR] [--repeat 3] [--max-new-tokens 16]
+    PYTHONPATH=. python benchmarks/quant_memory.py [--work DIR] [--repeat 3] [--max-new-tokens 16] [--prefill]
 
 Each variant runs as its own process (`python -m llmkit generate --model <checkpoint> ...`); its peak
 resident set is the child's ru_maxrss from os.wait4, so one run never inherits another's memory.
 The fp32 checkpoint is the GGUF converted once (llmkit's cache does the same); the others are made
 with `llmkit quantize`. llama-cpp-python, when importable, runs the same GGUF in a child process too.
-Prints a markdown table (median of --repeat runs).
+Prints a markdown table (median of --repeat runs). --prefill then also times what holding no
+full-precision copy costs prefill: every (fused) quantized linear of SmolLM2 at 128 rows, dequantized
+per call vs a kept bf16 copy (`llmkit.quant.keep_dense_copy`), best of 5 interleaved rounds.
 """
 
 from __future__ import annotations
@@ -45,11 +47,41 @@ print(out["choices"][0]["message"]["content"])
 """
 
 
+def prefill_cost(threads: int = 2) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from llmkit.loading import load_model
+    from llmkit.quant import QuantLinear, fuse_projections
+
+    torch.set_num_threads(threads)
+    print(f"\n| method | 128-row GEMMs, dequantized per call | with a bf16 copy | copy holds |\n|---|---:|---:|---:|")
+    for q in ("int8", "int4"):
+        m, _ = load_model("smollm2-135m-instruct", quant=q, with_tokenizer=False)
+        mods = [mod for mod in fuse_projections(m).modules() if isinstance(mod, QuantLinear)]
+        w16 = [mod.dequantize(torch.bfloat16) for mod in mods]
+        xs = [torch.randn(128, mod.in_features) for mod in mods]
+        per_call, copy = [], []
+        with torch.no_grad():
+            for _ in range(5):
+                t = time.perf_counter()
+                for x, mod in zip(xs, mods):
+                    mod(x)
+                per_call.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                for x, w in zip(xs, w16):
+                    F.linear(x.to(torch.bfloat16), w).float()
+                copy.append(time.perf_counter() - t)
+        print(f"| {q} | {min(per_call) * 1e3:.0f} ms | {min(copy) * 1e3:.0f} ms | "
+              f"{sum(w.numel() * 2 for w in w16) / 2**20:.0f} MiB |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "llmkit" / "bench-quant"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--prefill", action="store_true", help="also time prefill GEMMs with and without a bf16 copy")
     args = ap.parse_args()
 
     # the models are made in child processes: on Linux a child's ru_maxrss starts from its parent's
@@ -103,6 +135,8 @@ def main() -> int:
         print(f"| {name} | {size:.0f} | {rss:.0f} | {rss / fp32:.2f} | {wall:.1f} | {out[:40]!r} |")
     if skipped:
         print(f"\n{skipped}")
+    if args.prefill:
+        prefill_cost()
     return 0
 
 

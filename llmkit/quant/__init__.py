@@ -13,8 +13,9 @@ it holds only the quantized tensors (no full-precision copy):
 
   * few rows (decode, speculative verification) with a kernel: the kernel on bf16 activations;
   * many rows (prefill) or no kernel: the weight dequantized for this call only, then one GEMM in the
-    method's dense dtype (bf16 for int8/int4: AMX/AVX512-bf16, ~5x fp32 at 128 rows); prefill costs
-    about 2x (int8) to 5x (int4) the GEMM with a kept bf16 copy, which `keep_dense_copy` opts into;
+    method's dense dtype (bf16 for int8/int4: AMX/AVX512-bf16, ~5x fp32 at 128 rows); prefill GEMMs
+    take about 1.8x (int8) to 4.6x (int4) as long as with a kept bf16 copy, which `keep_dense_copy`
+    opts into;
   * input that needs a gradient (LoRA, adapters, prompt tuning on a quantized base): a custom
     autograd function that dequantizes again in backward instead of saving the (N, K) weight.
 """
@@ -189,8 +190,8 @@ def keep_dense_copy(model: nn.Module, keep: bool = True) -> nn.Module:
     """Opt-in faster prefill: each QuantLinear keeps its weight dequantized to the method's dense dtype
     (bf16 for int8/int4) for many-row inputs, instead of dequantizing per call. Costs 2 bytes a weight
     on top of the quantized ones (256 MiB for SmolLM2-135M); not saved in the state dict. Measured on
-    SmolLM2-135M, all linears at 128 rows (2-core Xeon, 2 threads): int8 70 ms with the copy vs 140 ms
-    dequantizing per call, int4 123 vs ~600 ms (BENCHMARKS.md)."""
+    SmolLM2-135M, all fused linears at 128 rows (2-core Xeon, 2 threads): int8 50 ms with the copy vs
+    91 ms dequantizing per call, int4 52 vs 239 ms (BENCHMARKS.md, benchmarks/quant_memory.py)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.dense = m.dequantize(m.method.dense_dtype or torch.float32) if keep else None
@@ -200,9 +201,10 @@ def keep_dense_copy(model: nn.Module, keep: bool = True) -> nn.Module:
 def _layer_method(rec: QuantMethod, name: str, N: int, K: int) -> QuantMethod | None:
     """The method a linear named `name` gets under `rec`: the head may get another (its errors land on
     the logits directly), and shapes a method's kernel does not take fall back (int4 -> int8 -> none)."""
-    m = get_method(rec.head) if name.rsplit(".", 1)[-1] == "lm_head" and rec.head is not None else rec
-    if name.rsplit(".", 1)[-1] == "lm_head" and rec.head is None:
+    is_head = name.rsplit(".", 1)[-1] == "lm_head"
+    if is_head and rec.head is None:
         return None
+    m = get_method(rec.head) if is_head else rec
     while m is not None and not m.accepts(N, K):
         m = get_method(m.fallback) if m.fallback else None
     return m
