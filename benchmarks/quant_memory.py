@@ -55,7 +55,7 @@ def prefill_cost(threads: int = 2) -> None:
     from llmkit.quant import QuantLinear, fuse_projections
 
     torch.set_num_threads(threads)
-    print(f"\n| method | 128-row GEMMs, dequantized per call | with a bf16 copy | copy holds |\n|---|---:|---:|---:|")
+    print("\n| method | 128-row GEMMs, dequantized per call | with a bf16 copy | copy holds |\n|---|---:|---:|---:|")
     for q in ("int8", "int4"):
         m, _ = load_model("smollm2-135m-instruct", quant=q, with_tokenizer=False)
         mods = [mod for mod in fuse_projections(m).modules() if isinstance(mod, QuantLinear)]

@@ -10,9 +10,13 @@ import torch.nn as nn
 
 from ..quant import QuantLinear, quantize
 from ..quant.methods import nf4_method
-from ..quant.nf4 import (BLOCKSIZE, BLOCKSIZE2, DYNAMIC_CODE, NF4_CODE, dequantize_blockwise,  # noqa: F401
-                         dynamic_code, nf4_absmax, nf4_bits_per_param, nf4_code_from_quantiles, nf4_dequantize,
-                         nf4_quantize, pack_4bit, quantize_blockwise, unpack_4bit)
+from ..quant.nf4 import (BLOCKSIZE, BLOCKSIZE2, DYNAMIC_CODE, NF4_CODE, dequantize_blockwise, dynamic_code,
+                         nf4_absmax, nf4_bits_per_param, nf4_code_from_quantiles, nf4_dequantize, nf4_quantize,
+                         pack_4bit, quantize_blockwise, unpack_4bit)
+
+__all__ = ["NF4Linear", "quantize_model_nf4", "memory_report", "BLOCKSIZE", "BLOCKSIZE2", "DYNAMIC_CODE", "NF4_CODE",
+           "dequantize_blockwise", "dynamic_code", "nf4_absmax", "nf4_bits_per_param", "nf4_code_from_quantiles",
+           "nf4_dequantize", "nf4_quantize", "pack_4bit", "quantize_blockwise", "unpack_4bit"]
 
 
 def NF4Linear(linear: nn.Linear, blocksize: int = BLOCKSIZE, double_quant: bool = True) -> QuantLinear:

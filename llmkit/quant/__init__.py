@@ -262,7 +262,8 @@ def swap_empty(model: nn.Module, layers: dict[str, str], device="meta") -> nn.Mo
         try:
             lin = model.get_submodule(name)
         except AttributeError:
-            raise LLMKitError(f"checkpoint names quantized layer {name!r}, which this model config does not have") from None
+            raise LLMKitError(f"checkpoint names quantized layer {name!r}, which this model config does not "
+                              "have") from None
         if not isinstance(lin, nn.Linear):
             raise LLMKitError(f"checkpoint quantized layer {name!r} is not a linear layer")
         _set_module(model, name, QuantLinear(method, lin.in_features, lin.out_features, lin.bias is not None,

@@ -23,8 +23,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import LLMKitError
-
 # bitsandbytes' NF4 table (bitsandbytes/backends/utils.py, _NF4_QUANT_TABLE; QLoRA appendix E)
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
