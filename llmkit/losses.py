@@ -119,7 +119,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
         loss = masked_mean(per_token, mask)
     with torch.no_grad():
         is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
-        metrics = {"loss": loss.detach(), "kl": masked_mean(kl, mask), "clip_frac": masked_mean(is_clipped.float(), mask),
+        metrics = {"loss": loss.detach(), "kl": masked_mean(kl, mask),
+                   "clip_frac": masked_mean(is_clipped.float(), mask),
                    "ratio": masked_mean(ratio, mask)}
     return loss, metrics
 

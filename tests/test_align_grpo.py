@@ -88,6 +88,7 @@ def test_toy_task_and_prompt_files(tmp_path, tok):
     ids = chat_prompt(tok, rows[0])
     text = tok.decode(ids)
     assert "<think>" in text and rows[0]["question"] in text and text.endswith("<|im_start|>assistant\n")
+    assert tok.decode(chat_prompt(tok, rows[0], prefill="<think>")) == text + "<think>"
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"input": "1+1?", "target": 2.0}) + "\n\n" + json.dumps({"question": "x"}) + "\n")
     with pytest.raises(LLMKitError, match="p.jsonl:3"):

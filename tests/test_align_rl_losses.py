@@ -80,7 +80,8 @@ def test_grpo_at_the_start_of_a_rollout():
     assert float(loss) == pytest.approx(float(-(ADV * n).sum() / n.sum()), abs=1e-6)
     full, _ = grpo_loss(LOGPS, OLD, REF, ADV, MASK)
     N = float(MASK.sum())
-    parts = [grpo_loss(LOGPS[s], OLD[s], REF[s], ADV[s], MASK[s], n_tokens=N / 2)[0] for s in (slice(0, 2), slice(2, 3))]
+    parts = [grpo_loss(LOGPS[s], OLD[s], REF[s], ADV[s], MASK[s], n_tokens=N / 2)[0]
+             for s in (slice(0, 2), slice(2, 3))]
     assert float(sum(parts) / 2) == pytest.approx(float(full), abs=1e-6)
 
 

@@ -45,7 +45,8 @@ class Rollout:
                 "old_logps": self.old_logps[sel]}
 
 
-def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def build_batch(prompts: list[list[int]], completions: list[list[int]],
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + completion per row, right-padded: (idx, targets) (N, L) with targets = the next token
     on completion positions and IGNORE elsewhere (the prompt is given, not sampled). Causal attention
     makes right padding harmless: no real token attends to a pad after it."""
@@ -69,7 +70,8 @@ def batched_logprobs(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor,
     out = []
     for i in range(0, idx.size(0), micro_batch):
         with autocast or contextlib.nullcontext():
-            out.append(sequence_logprobs(model, idx[i:i + micro_batch].to(dev), targets[i:i + micro_batch].to(dev)).float())
+            rows = slice(i, i + micro_batch)
+            out.append(sequence_logprobs(model, idx[rows].to(dev), targets[rows].to(dev)).float())
     return torch.cat(out).to(idx.device)
 
 

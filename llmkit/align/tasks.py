@@ -69,7 +69,11 @@ def load_prompts(path: str | Path, max_records: int | None = None) -> list[dict]
     return rows
 
 
-def chat_prompt(tokenizer, row: dict, system: str | None = SYSTEM) -> list[int]:
-    """Token ids of the chat-templated prompt (system + user question, generation prompt added)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": row["question"]}]
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+def chat_prompt(tokenizer, row: dict, system: str | None = SYSTEM, prefill: str = "") -> list[int]:
+    """Token ids of the chat-templated prompt (system + user question, generation prompt added), followed by
+    `prefill`: the start of the assistant's answer written for it (e.g. "<think>", as TinyZero does, so a
+    small model starts in the format and RL has rewards to compare from the first rollout)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": row["question"]})
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True) + prefill,
+                            add_bos=False)

@@ -1,7 +1,8 @@
 """GRPO recipe (Shao et al. 2024, DeepSeekMath sec. 4; DeepSeek-AI 2025, DeepSeek-R1): RL with
 verifiable rewards and no value model. One explicit loop; each iteration is
 
-    rollout     P prompts x G sampled completions (inference engine, KV cache) + old log-probs
+    rollout     P prompts x G sampled completions (inference engine, KV cache) + old log-probs; each prompt
+                ends with data.prefill ("<think>"), so even a 135M model starts in the R1 format
     rewards     the chosen plain reward functions (llmkit.align.rewards), summed per completion
     advantages  standardised within each prompt's group (losses.group_advantages)
     reference   per-token log-probs of the reference policy (the model before training), for β·KL
@@ -58,6 +59,7 @@ class GRPODataSection(DataSection):
     val_prompts: int = 32  # held out for the greedy accuracy / format-rate evaluation
     max_records: int | None = None  # per file, for quick runs
     system: str | None = SYSTEM  # system prompt asking for <think>…</think> then the answer
+    prefill: str = "<think>"  # the answer's start, written into the prompt; rewards see prefill + completion
 
 
 @dataclass
@@ -100,7 +102,8 @@ class GRPOConfig:
         micro, accum = check_sections(self.data, self.optim, self.train, 1)
         g = self.grpo
         if g.group_size < 2:
-            raise LLMKitError(f"grpo.group_size must be >= 2 (advantages compare completions of a prompt), got {g.group_size}")
+            raise LLMKitError(f"grpo.group_size must be >= 2 (advantages compare completions of a prompt), "
+                              f"got {g.group_size}")
         for name in ("prompts_per_step", "max_new_tokens", "epochs"):
             if getattr(g, name) < 1:
                 raise LLMKitError(f"grpo.{name} must be >= 1, got {getattr(g, name)}")
@@ -183,15 +186,15 @@ def score_completions(texts: list[str], rows: list[dict], reward_fns: dict) -> d
 
 @torch.no_grad()
 def evaluate_rewards(model: nn.Module, tokenizer, rows: list[dict], reward_fns: dict, system: str | None,
-                     max_new_tokens: int, batch: int = 16) -> dict[str, float]:
+                     max_new_tokens: int, prefill: str = "", batch: int = 16) -> dict[str, float]:
     """Greedy answers to `rows`: the mean of each reward (reward_correct = accuracy, reward_format = format rate)."""
     was = model.training
     model.eval()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,))
     texts = []
     for i in range(0, len(rows), batch):
-        gens = generate_batch(model, [chat_prompt(tokenizer, r, system) for r in rows[i:i + batch]], params)
-        texts += [tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
+        gens = generate_batch(model, [chat_prompt(tokenizer, r, system, prefill) for r in rows[i:i + batch]], params)
+        texts += [prefill + tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
     model.train(was)
     return {f"reward_{k}": float(v.mean()) for k, v in score_completions(texts, rows, reward_fns).items()}
 
@@ -271,7 +274,7 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
     device = resolve_device(t.device)
     reward_fns = rewards if rewards is not None else get_rewards(g.rewards)
     train_rows, val_rows = load_prompt_rows(d, t.seed)
-    longest = max(len(chat_prompt(tokenizer, r, d.system)) for r in train_rows + val_rows)
+    longest = max(len(chat_prompt(tokenizer, r, d.system, d.prefill)) for r in train_rows + val_rows)
     if longest + g.max_new_tokens > min(d.seq_len, model.max_tokens):
         raise LLMKitError(f"a prompt of {longest} tokens + grpo.max_new_tokens {g.max_new_tokens} does not fit "
                           f"data.seq_len {d.seq_len} / the model's {model.max_tokens} tokens")
@@ -295,7 +298,8 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
 
     def held_out() -> dict:
         return {f"eval_{k[len('reward_'):]}": v for k, v in
-                evaluate_rewards(model, tokenizer, val_rows, reward_fns, d.system, g.max_new_tokens).items()} \
+                evaluate_rewards(model, tokenizer, val_rows, reward_fns, d.system, g.max_new_tokens,
+                                 d.prefill).items()} \
             if val_rows else {}
 
     before = held_out()
@@ -306,11 +310,11 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
     t0, opt_step = time.perf_counter(), 0
     for it in range(1, t.steps + 1):
         rows = [next(stream) for _ in range(g.prompts_per_step)]
-        prompts = [chat_prompt(tokenizer, r, d.system) for r in rows]
+        prompts = [chat_prompt(tokenizer, r, d.system, d.prefill) for r in rows]
         r = sample_rollouts(model, tokenizer, prompts, g.group_size,
                             dataclasses.replace(sampling, seed=t.seed * 100003 + it), micro_batch=micro,
                             autocast=autocast)
-        scores = score_completions(r.texts, [rows[i] for i in r.prompt_index], reward_fns)
+        scores = score_completions([d.prefill + x for x in r.texts], [rows[i] for i in r.prompt_index], reward_fns)
         total = sum(scores.values())  # (N,) prompt-major: row = prompt * G + sample
         adv = group_advantages(total.view(g.prompts_per_step, g.group_size)).view(-1)
         ref = reference.logps(model, r.idx, r.targets, micro, autocast) if reference is not None else None
