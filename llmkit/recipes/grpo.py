@@ -229,9 +229,10 @@ def plot_rewards(records: list[dict], out_png: str | Path, title: str = "GRPO") 
 
 
 # ------------------------------------------------------------------ the run
-def update_batches(r: Rollout, advantages: torch.Tensor, ref_logps: torch.Tensor | None, batch_size: int,
-                   micro: int, gen: torch.Generator, device) -> list[list[dict]]:
-    """One epoch over the rollout: shuffled minibatches of batch_size rows, each as micro-batches carrying
+def update_batches(r: Rollout, per_row: dict[str, torch.Tensor], batch_size: int, micro: int,
+                   gen: torch.Generator, device) -> list[list[dict]]:
+    """One epoch over the rollout: shuffled minibatches of batch_size rows, each as micro-batches of the
+    rollout's tensors plus `per_row`'s (advantages, reference log-probs, values...: first dim = rows), carrying
     loss_tokens = the minibatch's completion tokens / micro-batches (the token mean over the minibatch)."""
     perm = torch.randperm(r.idx.size(0), generator=gen)
     steps = []
@@ -242,9 +243,7 @@ def update_batches(r: Rollout, advantages: torch.Tensor, ref_logps: torch.Tensor
         mbs = []
         for m in range(0, len(rows), micro):
             sel = rows[m:m + micro]
-            b = {**r.rows(sel), "advantages": advantages[sel], "loss_tokens": share}
-            if ref_logps is not None:
-                b["ref_logps"] = ref_logps[sel]
+            b = {**r.rows(sel), **{k: v[sel] for k, v in per_row.items()}, "loss_tokens": share}
             mbs.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
         steps.append(mbs)
     return steps
@@ -321,7 +320,8 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
         sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(g.epochs):
-            for mbs in update_batches(r, adv, ref, t.batch_size, micro, gen, device):
+            per_row = {"advantages": adv, **({"ref_logps": ref} if ref is not None else {})}
+            for mbs in update_batches(r, per_row, t.batch_size, micro, gen, device):
                 cur = lr_at(opt_step, max_lr=lr, total_steps=opt_steps, warmup_steps=min(o.warmup_steps, opt_steps),
                             min_lr=min_lr, kind=o.schedule)
                 set_lr(optimizer, cur)
