@@ -10,6 +10,7 @@ import importlib
 # Imported only when that method runs.
 RECIPES = {
     "grpo": ("llmkit.recipes.grpo", "GRPOConfig", "grpo"),
+    "ppo": ("llmkit.recipes.ppo", "PPOConfig", "ppo"),
 }
 
 
