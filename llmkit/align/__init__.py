@@ -1,0 +1,1 @@
+"""Alignment: preference data, reward models, and the RL pieces (verifiable rewards, rollouts)."""
