@@ -1,5 +1,6 @@
 """Reward model: Bradley-Terry loss against TRL, HF sequence-classification parity both ways, LoRA on the RM."""
 
+import json
 import types
 from collections import defaultdict
 
@@ -74,7 +75,7 @@ def test_bradley_terry_equals_trl_and_the_closed_form():
     z = torch.zeros(4, requires_grad=True)
     loss, m = bradley_terry_loss(z, torch.zeros(4))
     loss.backward()
-    assert abs(float(loss) - 0.6931471805599453) < 1e-7 and float(m["accuracy"]) == 0
+    assert abs(loss.item() - 0.6931471805599453) < 1e-7 and float(m["accuracy"]) == 0
     assert torch.allclose(z.grad, torch.full((4,), -0.5 / 4))
 
 
@@ -165,3 +166,163 @@ def test_lora_on_the_backbone_trains_the_head_too_and_merges_for_saving(tmp_path
         save_reward_model(rm, tmp_path / "merged")
         hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
         assert torch.allclose(hf(input_ids=idx).logits.squeeze(-1), before, atol=TOL)
+
+
+# ------------------------------------------------------------------ the recipe and the CLI
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer as HFT
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    hf = HFT(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return Tokenizer(hf, eos_token="<|im_end|>")
+
+
+def toy_pairs(path, n=24):
+    """A preference a tiny RM learns in a few steps: polite replies beat rude ones."""
+    rows = [{"prompt": f"can you help with task {i}?", "chosen": f"sure, happy to help {i}",
+             "rejected": f"no. go away {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_policy(tok, seed=0):
+    from llmkit.models import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=260, max_seq_len=256))
+
+
+def rm_cfg(data, out, *over):
+    from llmkit.config import load_config
+    from llmkit.recipes.reward import RewardConfig
+
+    return load_config(RewardConfig, None, ["model=tiny", f"data.files=[{data}]", f"train.out_dir={out}",
+                                            "train.threads=1", "train.device=cpu", "data.seq_len=96",
+                                            "train.batch_size=4", "data.val_fraction=0.25", "optim.lr=1e-2",
+                                            "optim.warmup_steps=0", *over])
+
+
+def test_recipe_learns_a_toy_preference_and_writes_an_hf_rm(tmp_path, tok):
+    from transformers import AutoModelForSequenceClassification
+
+    from llmkit.align.data import load_preference_data, preference_batch
+    from llmkit.recipes.reward import train_reward
+
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    s = train_reward(rm_cfg(data, tmp_path / "rm", "train.steps=12", "train.eval_every=6"),
+                     model=reward_model_from(tiny_policy(tok), tok), tokenizer=tok, quiet=True)
+    assert s["val_pairs"] == 6 and s["train_pairs"] == 18
+    assert s["val_accuracy_after"] == 1.0 and s["val_loss_after"] < s["val_loss_before"]
+    out = tmp_path / "rm"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "reward.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not (tmp_path / "rm.partial").exists()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 0 and "val_accuracy" in recs[0] and recs[-1]["step"] == 12
+    # the written RM (LoRA merged) gives transformers the rewards llmkit gives
+    rm, rm_tok = load_reward_model(out)
+    pairs = load_preference_data(str(data), rm_tok, 96, 0.25, 0).val
+    b = preference_batch(pairs, rm.pad_id)
+    idx = b["idx"]
+    # pad = eos = <|im_end|> also ends every turn: the attention mask comes from the lengths, as a tokenizer's
+    # padding gives it; the reward is read at the final "\n" by both (the rightmost non-pad token)
+    mask = (torch.arange(idx.size(1))[None] < b["lengths"][:, None]).long()
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        r = rm(idx)
+        assert torch.allclose(hf(input_ids=idx, attention_mask=mask).logits.squeeze(-1), r, atol=TOL)
+    assert bool((r[:6] > r[6:]).all())
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok, monkeypatch):
+    import llmkit.recipes.reward as rr
+    from llmkit.recipes.reward import train_reward
+    from llmkit.train import checkpoint as ckpt
+
+    class Cut(Exception):
+        pass
+
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    common = ["train.steps=6", "train.ckpt_every=2", "train.eval_every=3", "lora.dropout=0.2",
+              "train.micro_batch_size=2"]
+    ref = train_reward(rm_cfg(data, tmp_path / "ref", *common), model=reward_model_from(tiny_policy(tok), tok),
+                       tokenizer=tok, quiet=True)
+    real, calls = rr.train_step, []
+
+    def dies_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Cut
+        return real(*a, **k)
+
+    monkeypatch.setattr(rr, "train_step", dies_at_step_5)
+    with pytest.raises(Cut):
+        train_reward(rm_cfg(data, tmp_path / "cut", *common), model=reward_model_from(tiny_policy(tok), tok),
+                     tokenizer=tok, quiet=True)
+    monkeypatch.undo()
+    left = ckpt.list_checkpoints(tmp_path / "cut.partial" / "checkpoints")
+    assert [p.name for p in left] == ["step_00000002", "step_00000004"]
+    with pytest.raises(LLMKitError, match="interrupted run"):
+        train_reward(rm_cfg(data, tmp_path / "cut", *common), model=reward_model_from(tiny_policy(tok), tok),
+                     tokenizer=tok, quiet=True)
+    s = train_reward(rm_cfg(data, tmp_path / "cut", *common), model=reward_model_from(tiny_policy(tok), tok),
+                     tokenizer=tok, quiet=True, resume=True)
+    a = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(a) == len(b) == 7
+    for x, y in zip(a, b):
+        x, y = json.loads(x), json.loads(y)
+        for k in ("loss", "val_loss", "val_accuracy", "accuracy"):
+            assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 1e-6
+    assert abs(s["val_loss_after"] - ref["val_loss_after"]) < 1e-6
+
+
+def test_config_refuses_methods_that_do_not_merge(tmp_path):
+    from llmkit.recipes.reward import train_reward
+
+    with pytest.raises(LLMKitError, match="cannot be folded"):
+        train_reward(rm_cfg(tmp_path / "x.jsonl", tmp_path / "o", "method=prompt"))
+
+
+def test_cli_align_rm_then_llmkit_reward(tmp_path, tok, capsys):
+    """`llmkit align --method rm` on an llmkit checkpoint, then `llmkit reward` on both kinds of rows."""
+    from llmkit.checkpoint import save_checkpoint
+    from llmkit.cli import main
+
+    save_checkpoint(tiny_policy(tok), tmp_path / "policy", tokenizer=tok)
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    rc = main(["align", "--method", "rm", "--model", str(tmp_path / "policy"), "--data", str(data),
+               "--out", str(tmp_path / "rm"), "train.steps=10", "train.batch_size=4", "optim.lr=1e-2",
+               "optim.warmup_steps=0", "data.seq_len=96", "data.val_fraction=0.25", "train.progress=false",
+               "train.device=cpu"])
+    assert rc == 0 and "held-out accuracy" in capsys.readouterr().out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "can you help with task 3?", "response": "sure, happy to help 3"}) + "\n"
+                    + json.dumps({"prompt": "can you help with task 5?", "chosen": "sure, happy to help 5",
+                                  "rejected": "no. go away 5"}) + "\n")
+    assert main(["reward", "--model", str(tmp_path / "rm"), "--input", str(rows), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [sorted(r) for r in res["results"]] == [["reward", "row"], ["chosen", "margin", "rejected", "row"]]
+    rm, rm_tok = load_reward_model(tmp_path / "rm")
+    from llmkit.align.data import tokenize_pair
+    from llmkit.align.reward import score_batches
+
+    p, c, _ = tokenize_pair(rm_tok, [{"role": "user", "content": "can you help with task 3?"}],
+                            "sure, happy to help 3", "x")
+    assert abs(res["results"][0]["reward"] - score_batches(rm, [p + c])[0]) < 1e-5
+    assert res["summary"]["preference_rows"] == 1
+    assert main(["reward", "--model", str(tmp_path / "rm"), "--input", str(rows)]) == 0
+    assert "margin" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    assert main(["reward", "--model", str(tmp_path / "rm"), "--input", str(bad)]) == 2
+    assert f"{bad}:1: record has no 'rejected'" in capsys.readouterr().err
+    assert main(["reward", "--model", str(tmp_path / "policy"), "--input", str(rows)]) == 2
+    assert "not a reward model" in capsys.readouterr().err

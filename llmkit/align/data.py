@@ -26,6 +26,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -167,12 +168,12 @@ def _finish(prompt: list[dict], chosen: str, rejected: str, where: str, system: 
 
 
 # ------------------------------------------------------------------ tokenising
-@dataclass
-class PreferencePair:
+class PreferencePair(NamedTuple):
+    """One tokenised pair; unpacks as (prompt_ids, chosen_ids, rejected_ids)."""
+
     prompt_ids: list[int]  # chat-templated prompt, ending with the generation prompt
     chosen_ids: list[int]  # the chosen reply's tokens (end-of-turn included)
     rejected_ids: list[int]
-    where: str = ""  # FILE:ROW, for messages
 
 
 def tokenize_pair(tok, prompt: list[dict], chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
@@ -221,7 +222,7 @@ def load_preference_data(files, tok, seq_len: int, val_fraction: float = 0.05, s
             if len(c) > room or len(r) > room:
                 truncated += 1
                 c, r = c[:room], r[:room]
-            pairs.append(PreferencePair(p, c, r, where))
+            pairs.append(PreferencePair(p, c, r))
         if not pairs:
             raise LLMKitError(f"{path}: no preference pairs fit seq_len {seq_len} ({dropped} prompts too long)")
         random.Random(seed).shuffle(pairs)
