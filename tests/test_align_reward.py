@@ -326,3 +326,39 @@ def test_cli_align_rm_then_llmkit_reward(tmp_path, tok, capsys):
     assert f"{bad}:1: record has no 'rejected'" in capsys.readouterr().err
     assert main(["reward", "--model", str(tmp_path / "policy"), "--input", str(rows)]) == 2
     assert "not a reward model" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_is_one_line(tok):
+    from llmkit.align.reward import check_same_tokenizer
+    from llmkit.tokenizer import Tokenizer
+
+    check_same_tokenizer(tok, tok)
+    from tokenizers import Tokenizer as HFT
+    from tokenizers import models
+
+    other = Tokenizer(HFT(models.WordLevel(vocab={"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    with pytest.raises(LLMKitError, match="tokenizer differs from the policy's") as e:
+        check_same_tokenizer(other, tok)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok, monkeypatch):
+    import llmkit.recipes.reward as rr
+    from llmkit.recipes.reward import train_reward
+    from llmkit.train import checkpoint as ckpt
+
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    real, calls = rr.train_step, []
+
+    def nan_at_step_3(*a, **k):
+        calls.append(1)
+        stats = real(*a, **k)
+        return {**stats, "loss": float("nan")} if len(calls) == 3 else stats
+
+    monkeypatch.setattr(rr, "train_step", nan_at_step_3)
+    with pytest.raises(LLMKitError, match="loss became nan at step 3.*last good step checkpoint") as e:
+        train_reward(rm_cfg(data, tmp_path / "o", "train.steps=6", "train.ckpt_every=2"),
+                     model=reward_model_from(tiny_policy(tok), tok), tokenizer=tok, quiet=True)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "o.partial" / "checkpoints")] == ["step_00000002"]
+    assert not (tmp_path / "o").exists()

@@ -194,3 +194,14 @@ def score_batches(rm: RewardModel, sequences: list[list[int]], batch_size: int =
             idx[b, :len(s)] = torch.tensor(s)
         out += rm(idx.to(device)).tolist()
     return out
+
+
+def check_same_tokenizer(rm_tokenizer, policy_tokenizer, rm_name: str = "the reward model") -> None:
+    """RLHF scores the policy's token ids with the RM: both must tokenise alike (equal tokenizer.json
+    fingerprints), else a one-line LLMKitError."""
+    if rm_tokenizer is None or policy_tokenizer is None:
+        raise LLMKitError(f"cannot check that {rm_name} and the policy share a tokenizer: one of them has none")
+    if rm_tokenizer.fingerprint() != policy_tokenizer.fingerprint():
+        raise LLMKitError(f"{rm_name}'s tokenizer differs from the policy's (vocabularies of {rm_tokenizer.vocab_size} "
+                          f"and {policy_tokenizer.vocab_size} tokens): train the reward model from the policy's "
+                          "family (llmkit align --method rm --model POLICY)")
