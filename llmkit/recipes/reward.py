@@ -164,7 +164,8 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
         start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
     elif partial.exists():
         if not force:
-            raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it or --force to start over")
+            raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
+                              "or --force to start over")
         shutil.rmtree(partial)
 
     torch.manual_seed(t.seed)
@@ -231,7 +232,8 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
             logger.log(rec)
         if every(t.ckpt_every, step) and step < t.steps:
             ckpt.save_train_state(ckpt_root, step, model, optimizer,
-                                  {**batches.state_dict(), "val_before": before, "last_val": last, "elapsed_s": elapsed},
+                                  {**batches.state_dict(), "val_before": before, "last_val": last,
+                                   "elapsed_s": elapsed},
                                   dataclasses.asdict(cfg), {"loss": stats["loss"]}, keep=t.keep_last,
                                   trainable_only=True)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}",
