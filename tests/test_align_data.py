@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _shared import byte_chat_tokenizer
 
 from llmkit.align.data import load_preference_data, preference_batch, split_hh, to_pair, tokenize_pair
 from llmkit.errors import LLMKitError
@@ -14,17 +15,7 @@ from llmkit.models import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    hf = HFT(models.BPE(vocab=vocab, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")  # no template: ChatML; pad = eos = 257
+    return byte_chat_tokenizer()  # ChatML; pad = eos = <|im_end|> (257)
 
 
 def write_jsonl(path, records):

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from _shared import byte_chat_tokenizer
 
 from llmkit.align.reward import (RewardModel, apply_method, last_token_index, load_reward_model, reward_model_from,
                                  save_reward_model)
@@ -171,17 +172,7 @@ def test_lora_on_the_backbone_trains_the_head_too_and_merges_for_saving(tmp_path
 # ------------------------------------------------------------------ the recipe and the CLI
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    hf = HFT(models.BPE(vocab=vocab, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")
+    return byte_chat_tokenizer()  # ChatML; pad = eos = <|im_end|> (257)
 
 
 def toy_pairs(path, n=24):
