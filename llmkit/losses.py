@@ -48,6 +48,21 @@ def sequence_logprobs(model, idx: torch.Tensor, targets: torch.Tensor, ignore_in
     return gather_logprobs(model(idx, **forward_kw), targets, ignore_index)
 
 
+# ------------------------------------------------------------------ preference models (reward model, DPO, IPO)
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Reward-model loss (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1):
+    P(chosen > rejected) = σ(r_c − r_r), loss = −mean log σ(r_c − r_r). r_chosen, r_rejected: (B,) rewards
+    of the two replies to the same prompt. TRL's RewardTrainer computes the same (without its optional margin).
+
+    -> (loss, {"loss", "accuracy": share of pairs with r_c > r_r, "margin": mean r_c − r_r,
+    "reward_chosen", "reward_rejected": mean rewards})."""
+    diff = r_chosen.float() - r_rejected.float()  # (B,)
+    loss = -F.logsigmoid(diff).mean()
+    metrics = {"loss": loss.detach(), "accuracy": (diff > 0).float().mean(), "margin": diff.mean().detach(),
+               "reward_chosen": r_chosen.detach().float().mean(), "reward_rejected": r_rejected.detach().float().mean()}
+    return loss, metrics
+
+
 # ------------------------------------------------------------------ reinforcement learning (GRPO, PPO)
 # Shapes: B sequences (rows) of T tokens; `mask` (B, T) is 1 on response tokens (the ones the policy
 # sampled) and 0 on prompt and padding. Per-token log-probs come from `sequence_logprobs`.
