@@ -42,9 +42,10 @@ from .selective import SelectiveSection, select_trainable
 __all__ = ["apply_lora", "LoRAConfig", "LoRALinear", "merge_lora", "unmerge_lora", "unload_lora",
            "quantize_model_nf4", "NF4Linear", "memory_report", "apply_adapters", "apply_prompt_tuning",
            "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
-           "save_adapter", "load_adapter", "adapter_method", "unload", "disabled", "can_disable", "CONFIG_FILE", "WEIGHTS_FILE",
+           "save_adapter", "load_adapter", "adapter_method", "unload", "CONFIG_FILE", "WEIGHTS_FILE",
            "PeftMethod", "register", "get_method", "default_sections", "apply_method", "default_lr", "METHODS",
-           "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection"]
+           "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection",
+           "disabled", "can_disable"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -58,7 +58,8 @@ from .finetune import load_base, start_point, write_model
 @dataclass(frozen=True)
 class Objective:
     """One preference loss: the pure function, and whether it takes per-token mean log-probs (IPO, as
-    trl) rather than sums."""
+    trl) rather than sums. The logged implicit rewards are β·(log π − log π_ref) of what the loss
+    sees: per response for DPO, per token for IPO."""
 
     loss: Callable
     length_normalised: bool = False
