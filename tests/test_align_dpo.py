@@ -249,8 +249,9 @@ def test_resume_and_nan_keep_the_last_good_checkpoint(tmp_path, tok, monkeypatch
     b = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
     for x, y in zip(a, b):
-        assert abs(x.get("loss", 0) - y.get("loss", 0)) < 1e-6 and abs(x["val_loss"] - y["val_loss"]) < 1e-6 \
-            if "val_loss" in x else abs(x["loss"] - y["loss"]) < 1e-6
+        for k in ("loss", "reward_margin", "val_loss", "val_reward_accuracy"):
+            assert (k in x) == (k in y) and abs(x.get(k, 0) - y.get(k, 0)) < 1e-6, (k, x, y)
+    assert a[-1]["loss"] < a[1]["loss"]  # it trained
     assert abs(s["val_after"]["val_loss"] - ref["val_after"]["val_loss"]) < 1e-6
 
 
