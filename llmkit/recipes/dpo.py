@@ -118,6 +118,8 @@ class DPOConfig:
         if not self.train.out_dir:
             raise LLMKitError("no output directory given (--out)")
         micro, accum = check_sections(self.data, self.optim, self.train, world)
+        if world > 1 and self.train.strategy == "fsdp":  # the output gathering of finetune is not wired here
+            raise LLMKitError("the preference recipe runs multi-process with train.strategy=ddp, not fsdp")
         if method.validate is not None:
             method.validate(self)
         return micro, accum
