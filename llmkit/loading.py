@@ -84,8 +84,10 @@ def _converted_gguf(path: Path) -> Path | None:
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", adapter: str | None = None,
-               with_tokenizer: bool = True):
-    """-> (Transformer in eval mode, Tokenizer or None)."""
+               with_tokenizer: bool = True, quant: str | None = None):
+    """-> (Transformer in eval mode, Tokenizer or None). A quantized checkpoint loads straight into
+    quantized modules; `quant` quantizes on the fly (llmkit.quant.quantize) before the adapter is
+    applied, so the adapter sits on the quantized base as in QLoRA."""
     from .checkpoint import load_checkpoint, load_gguf, load_hf_model
 
     kind, path = resolve(spec)
@@ -100,6 +102,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         model, _ = load_checkpoint(path)
     else:
         model = load_hf_model(path)
+    if quant:
+        from .quant import quantize
+
+        quantize(model, quant)
     if adapter:
         from .peft import load_adapter
 

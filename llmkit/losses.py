@@ -96,3 +96,145 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     rejected = policy_rejected_logps - ref_rejected_logps
     loss = ((chosen - rejected - 1 / (2 * beta)) ** 2).mean()
     return loss, {"loss": loss.detach(), **_preference_metrics(beta * chosen, beta * rejected)}
+
+
+# ------------------------------------------------------------------ reinforcement learning (GRPO, PPO)
+# Shapes: B sequences (rows) of T tokens; `mask` (B, T) is 1 on response tokens (the ones the policy
+# sampled) and 0 on prompt and padding. Per-token log-probs come from `sequence_logprobs`.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (all of them, or along `dim`); 0 where there are none."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy: Schulman's k3,
+    r - log r - 1 with r = p_ref / p_policy = exp(ref_logp - logp) (J. Schulman, "Approximating KL
+    divergence", 2020; DeepSeekMath eq. 4). Unbiased, always >= 0, and exactly 0 where the two agree.
+    logp, ref_logp (B, T) -> (B, T)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantages (DeepSeekMath sec. 4.1.2): each of a prompt's G completions gets its reward
+    standardised within its group, (r - mean) / (std + eps). rewards (P, G) -> (P, G).
+    std is the sample std (Bessel-corrected) and eps is added to it, as trl's GRPOTrainer does, so a
+    group whose rewards are all equal gets advantage 0 (it carries no learning signal)."""
+    r = rewards.float()
+    if r.dim() != 2:
+        raise ValueError(f"rewards must be (prompts, group) = 2-D, got shape {tuple(r.shape)}")
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if r.size(1) > 1 else torch.zeros_like(mean)
+    return (r - mean) / (std + eps)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
+              per_sequence: bool = False, n_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """GRPO objective (DeepSeekMath eq. 3), negated for minimisation.
+
+    logps (B, T): the policy's per-token log-probs (with gradients); old_logps (B, T): those of the policy
+    that sampled the rollout (no grad); ref_logps (B, T) or None (beta = 0): the reference's; advantages
+    (B,) one per completion (group_advantages, flattened) or (B, T); mask (B, T) response tokens.
+
+    Per token: -min(ρ A, clip(ρ, 1-ε, 1+ε) A) + β k3(π, π_ref), ρ = exp(logps - old_logps).
+    Normalisation: by default a token-level mean over every response token of the batch (trl's
+    loss_type="bnpo"; DAPO sec. 3.3), so each token weighs the same whatever its completion's length;
+    DeepSeekMath's eq. 3 (trl loss_type="grpo") first averages within each completion (1/|o_i|) and then
+    over completions, which gives the tokens of long answers less weight: `per_sequence=True`.
+    n_tokens: divide the token sum by this instead (the response tokens of the whole optimiser step per
+    micro-batch, as sft_loss's loss_tokens), so gradient accumulation gives the full batch's token mean.
+    Returns (loss, metrics) with metrics kl (mean k3), clip_frac (share of tokens whose ratio was clipped
+    in the direction that matters, as trl's clip_ratio/region_mean) and ratio (mean ρ)."""
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, 1) broadcast over T
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = kl_k3(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
+    if beta:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta > 0 needs ref_logps")
+        per_token = per_token + beta * kl
+    if per_sequence:
+        loss = masked_mean(per_token, mask, dim=-1).mean()
+    elif n_tokens is not None:
+        loss = (per_token * mask).sum() / n_tokens
+    else:
+        loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+        metrics = {"loss": loss.detach(), "kl": masked_mean(kl, mask),
+                   "clip_frac": masked_mean(is_clipped.float(), mask),
+                   "ratio": masked_mean(ratio, mask)}
+    return loss, metrics
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), per token of the response.
+
+    rewards, values, mask (B, T): the per-token reward (RLHF: -β·KL each token, plus the reward model's
+    score on the last one), the value head's estimates, and the response mask (right-padded: each row's
+    response is a contiguous run). δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last response token;
+    A_t = δ_t + γλ A_{t+1}. Returns (advantages, returns = advantages + values), both 0 off the mask."""
+    mask = mask.to(values.dtype)
+    B, T = values.shape
+    adv = torch.zeros_like(values)
+    next_adv = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    for t in reversed(range(T)):  # the recursion runs backwards in time; T is a response length, small
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        # off the mask (padding after a response, or the prompt before it) the chain restarts from 0
+        next_adv = a * m
+        next_value = values[:, t] * m
+    return adv, (adv + values) * mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution, logits (..., V) -> (...) in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+               old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+               value_clip: float = 0.2, vf_coef: float = 0.1, entropy: torch.Tensor | None = None,
+               ent_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """PPO-clip for RLHF (Schulman et al. 2017 eq. 7 and 9; Ouyang et al. 2022), token-level means over mask.
+
+    logps/old_logps (B, T): current and rollout log-probs of the sampled tokens; advantages, returns (B, T)
+    from `gae` (whitened by the caller if wanted); values (B, T) the value head now, old_values at rollout
+    time; entropy (B, T) of the policy (optional). Terms:
+      policy   mean max(-A ρ, -A clip(ρ, 1±ε))
+      value    ½ mean max((V - R)², (clip(V, V_old ± ε_v) - R)²)
+      entropy  -ent_coef · mean H  (a bonus: higher entropy lowers the loss)
+    loss = policy + vf_coef · value - ent_coef · entropy. Metrics: policy_loss, value_loss, entropy,
+    clip_frac (share of tokens where the clipped term was the larger), approx_kl ½ mean (log ρ)²
+    (as trl's PPO trainer logs it), value_clip_frac."""
+    mask = mask.to(logps.dtype)
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    policy = masked_mean(torch.max(pg1, pg2), mask)
+    v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    vf1 = (values - returns) ** 2
+    vf2 = (v_clipped - returns) ** 2
+    value = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    ent = masked_mean(entropy, mask) if entropy is not None else torch.zeros((), dtype=logps.dtype)
+    loss = policy + vf_coef * value - ent_coef * ent
+    with torch.no_grad():
+        metrics = {"loss": loss.detach(), "policy_loss": policy.detach(), "value_loss": value.detach(),
+                   "entropy": ent.detach(), "clip_frac": masked_mean((pg2 > pg1).float(), mask),
+                   "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask),
+                   "value_clip_frac": masked_mean((vf2 > vf1).float(), mask)}
+    return loss, metrics

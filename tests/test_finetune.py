@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _shared import byte_chat_tokenizer
+
 from llmkit.errors import LLMKitError
 from llmkit.finetune.data import (IGNORE, document_mask, Example, example_stream, load_sft_data, packed_batch,
                                   read_records, to_messages, tokenize_chat)
@@ -14,17 +16,7 @@ from llmkit.models import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    hf = HFT(models.BPE(vocab=vocab, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")  # no template: ChatML
+    return byte_chat_tokenizer()
 
 
 def tiny(seed=0):
@@ -106,7 +98,7 @@ def test_prompt_tuned_packed_rows_and_seq_len_budget(tmp_path, tok):
     """A packed row through a prompt-tuned model: every document sees the soft prompt and only it
     (equal to the base model on [P; E[doc]]); a seq_len that leaves no room for the prompt is a clear error."""
     from llmkit.peft import apply_prompt_tuning
-    from llmkit.recipes.finetune import FinetuneConfig, finetune, sft_logits
+    from llmkit.recipes.finetune import finetune, sft_logits
 
     model = apply_prompt_tuning(tiny().eval(), n_tokens=3)
     P = model.prefix.weight

@@ -3,13 +3,13 @@ one process with the same global batch (the SFT loss is normalised by the global
 tokens, so the split does not matter), and the same output weights."""
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from _shared import byte_chat_tokenizer, free_port, rank_env
 
 from llmkit.config import load_config
 from llmkit.recipes.finetune import FinetuneConfig, finetune
@@ -22,16 +22,7 @@ TOY = [{"instruction": f"colour of {k}", "output": v} for k, v in
 
 
 def _tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    hf = HFT(models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")
+    return byte_chat_tokenizer()
 
 
 def _cfg(root, out, method, strategy="ddp", *extra):
@@ -45,8 +36,7 @@ def _cfg(root, out, method, strategy="ddp", *extra):
 
 
 def _worker(rank, world, port, root, strategy):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    rank_env(rank, world, port)
     from llmkit.train.dist import cleanup
 
     try:
@@ -54,12 +44,6 @@ def _worker(rank, world, port, root, strategy):
             finetune(_cfg(Path(root), Path(root) / f"{method}-{strategy}", method, strategy), quiet=True, force=True)
     finally:
         cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _curve(out):
@@ -94,7 +78,7 @@ def _weights(out: Path) -> dict:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(root, strategy):
-    mp.spawn(_worker, args=(2, _free_port(), str(root), strategy), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(root), strategy), nprocs=2)
     for method in ("lora", "full"):
         _check(root, method, strategy)
 

@@ -291,14 +291,15 @@ def test_quant_linear_matches_dequantised_weights(mode):
         q = torch.randint(0, 16, (48, 3, GROUP))
         q[..., 0], q[..., 1] = 0, 15
         w.copy_(q * s + m)
-    ql = QuantLinear(lin, mode)
-    for rows in (1, 3, 20):  # kernel path and bf16 path
+    ql = QuantLinear.from_linear(lin, mode)
+    for rows in (1, 3, 20):  # kernel path and per-call dequantized bf16 path
         x = torch.randn(rows, 96)
         torch.testing.assert_close(ql(x), lin(x), atol=0.03, rtol=0.02)
-    with pytest.raises(LLMKitError, match="int4 needs in_features divisible by 32"):
-        QuantLinear(torch.nn.Linear(50, 8), "int4")
-    with pytest.raises(LLMKitError, match="int8 needs in_features divisible by 16"):
-        QuantLinear(torch.nn.Linear(172, 8), "int8")
+    assert not any(b.is_floating_point() and b.numel() >= 96 * 48 for b in ql.buffers())  # no full-precision copy
+    with pytest.raises(LLMKitError, match="int4 does not take.*in_features divisible by 32"):
+        QuantLinear.from_linear(torch.nn.Linear(50, 8), "int4")
+    with pytest.raises(LLMKitError, match="int8 does not take.*in_features divisible by 16"):
+        QuantLinear.from_linear(torch.nn.Linear(172, 8), "int8")
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 0.06), ("int4", 0.15)])
@@ -318,9 +319,9 @@ def test_quantized_model_close_to_fp32(mode, tol):
 
     ref = logprobs()
     quantize(model, mode)
-    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.mode == "int8"
-    assert model.layers[0].self_attn.qkv_proj.mode == mode  # q/k/v fused, then quantised
-    assert model.layers[0].mlp.down_proj.mode == "int8"  # out_features 64 ok for int4, in_features 176 not
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.method.name == "int8"
+    assert model.layers[0].self_attn.q_proj.method.name == mode  # quantize does not fuse
+    assert model.layers[0].mlp.down_proj.method.name == "int8"  # out_features 64 ok for int4, in_features 176 not
     err = float((logprobs() - ref).abs().max() / ref.std())
     assert err < tol
 
@@ -345,8 +346,10 @@ def test_fused_projections_equal_separate(name):
 def test_quantize_skips_shapes_no_kernel_takes():
     from llmkit.inference.quant import quantize
 
-    model = quantize(tiny(), "int8")  # d_ff=172: down_proj's in_features is not a multiple of 16
+    from llmkit.quant import fuse_projections
+
+    model = fuse_projections(quantize(tiny(), "int8"))  # d_ff=172: down_proj's in_features is not a multiple of 16
     assert type(model.layers[0].mlp.down_proj) is torch.nn.Linear
-    assert model.layers[0].mlp.gate_up_proj.mode == "int8"
+    assert model.layers[0].mlp.gate_up_proj.method.name == "int8"
     g = generate(model, ids(6, 19), SamplingParams(max_new_tokens=5, logprobs=1))
     assert all(lp == lp and lp > -1e4 for lp in g.completions[0].logprobs)  # finite, no garbage reads

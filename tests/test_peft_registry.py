@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _shared import byte_chat_tokenizer
+
 from llmkit.config import load_config
 from llmkit.errors import LLMKitError
 from llmkit.models import ModelConfig, Transformer
@@ -133,16 +135,7 @@ def toy_registered(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    hf = HFT(models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")
+    return byte_chat_tokenizer()
 
 
 def test_a_method_registered_elsewhere_runs_through_finetune(tmp_path, tok, toy_registered):

@@ -3,13 +3,13 @@ same global batch (tail weight averaging included), and a checkpoint written by 
 state and the running weight mean) resumes in a single process."""
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from _shared import free_port, rank_env
 
 from llmkit.config import load_config
 from llmkit.recipes.pretrain import PretrainConfig, pretrain
@@ -33,20 +33,13 @@ def _cfg(data_dir, out, strategy="ddp", *extra):
 
 
 def _worker(rank, world, port, data_dir, out, strategy):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    rank_env(rank, world, port)
     from llmkit.train.dist import cleanup
 
     try:
         pretrain(_cfg(data_dir, out, strategy), force=True)
     finally:
         cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _curve(out):
@@ -72,7 +65,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(setup, strategy):
     out = setup / strategy
-    mp.spawn(_worker, args=(2, _free_port(), str(setup / "tokens"), str(out), strategy), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(setup / "tokens"), str(out), strategy), nprocs=2)
     (single, single_val), (multi, multi_val) = _curve(setup / "single"), _curve(out)
     assert len(single) == len(multi) == STEPS and len(multi_val) == len(single_val) == 2
     diff = max(abs(a - b) for a, b in zip(single + single_val, multi + multi_val))

@@ -1,2 +1,1 @@
-"""Alignment: preference data, reward models, and the data and rewards of the DPO/PPO/GRPO recipes
-(llmkit/recipes/)."""
+"""Alignment: preference data, reward models, and the RL pieces (verifiable rewards, rollouts)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass, field
 
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 class AlignRecipe:
     module: str  # llmkit.recipes.<name>, imported only when the method runs
     config: str  # its config dataclass
-    run: str  # run(cfg, resume=..., force=...) -> summary dict; the module may define summary_lines(summary)
+    run: str  # run(cfg, force=...[, resume=...]) -> summary dict; the module may define summary_lines(summary)
     help: str
     preset: tuple[str, ...] = ()  # key=value the method implies, applied before the user's overrides
     # flag -> config key; a flag the method has no key for is an error
@@ -29,11 +30,13 @@ RECIPES: dict[str, AlignRecipe] = {
                        preset=("loss_type=dpo",)),
     "ipo": AlignRecipe("llmkit.recipes.dpo", "DPOConfig", "train_dpo", "Identity Preference Optimisation",
                        preset=("loss_type=ipo",)),
+    "grpo": AlignRecipe("llmkit.recipes.grpo", "GRPOConfig", "grpo", "Group Relative Policy Optimization"),
+    "ppo": AlignRecipe("llmkit.recipes.ppo", "PPOConfig", "ppo", "PPO against a reward model"),
 }
 
 
 def register(sub) -> None:
-    from ..train.dist import DEVICES
+    from ..devices import DEVICES
 
     p = sub.add_parser("align", help="align a model: reward model, DPO/IPO, PPO, GRPO",
                        description="Alignment recipes: " + "; ".join(f"{k}: {r.help}" for k, r in RECIPES.items())
@@ -41,7 +44,7 @@ def register(sub) -> None:
                        "optim.lr=5e-5 lora.r=16).")
     p.add_argument("--method", required=True, choices=sorted(RECIPES), help="the alignment method")
     p.add_argument("--model", help="the model to align: registry name, GGUF file, HF directory or llmkit checkpoint")
-    p.add_argument("--data", help="data file(s), comma-separated (data.files)")
+    p.add_argument("--data", help="data file(s), comma-separated (data.files; grpo: prompt JSONL or toy-arithmetic)")
     p.add_argument("--reward-model", help="reward model (methods that score with one: ppo)")
     p.add_argument("--config", help="YAML file with the recipe's config fields")
     p.add_argument("--out", help="output directory (adapter, or a checkpoint for full weights)")
@@ -76,8 +79,13 @@ def run(args) -> int:
         if "data" not in top:
             raise LLMKitError(f"--data is not used by --method {args.method}")
         cfg.data.files = [s for s in args.data.split(",") if s]
+    kw = {"force": args.force}
+    if args.resume:
+        if "resume" not in inspect.signature(run_fn).parameters:
+            raise LLMKitError(f"--resume is not supported by --method {args.method}")
+        kw["resume"] = args.resume
     try:
-        summary = run_fn(cfg, resume=args.resume, force=args.force)
+        summary = run_fn(cfg, **kw)
     finally:
         cleanup()
     if summary:  # rank 0

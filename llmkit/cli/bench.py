@@ -37,8 +37,11 @@ def add_decode(bsub) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median is reported")
     p.add_argument("--compare", default="", help="comma list of references run on the same workload: hf, llama.cpp "
                    "(on the CPU: compare with --device cpu)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="llmkit with weight-only quantised linears for decode "
-                   "and bf16 for prefill (default: the model's fp32 weights, the same work as the references)")
+    p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="llmkit with quantised linears (int8/int4: "
+                   "weight-only kernels for decode, dequantised per call to bf16 for prefill; nf4: dequantised per "
+                   "call). Default: the model's fp32 weights, the same work as the references")
+    p.add_argument("--dense-copy", action="store_true", help="with --quant: keep a bf16 copy of each quantized "
+                   "weight for prefill (faster prefill, +2 bytes per weight) instead of dequantizing per call")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_device_arg(p)
     p.set_defaults(func=run_decode)
@@ -153,7 +156,10 @@ def run_decode(args) -> int:
         raise LLMKitError(f"unknown --compare engine {bad[0]!r} (known: hf, llama.cpp)")
     torch.set_num_threads(args.threads)
     kind, path = resolve(args.model)
-    model, tok = load(args.model, args, need_tokenizer=False)
+    from ..quant import keep_dense_copy
+
+    model, tok = load(args.model, args, need_tokenizer=False)  # fused, quantized with --quant
+    keep_dense_copy(model, args.dense_copy)
     prompt = _workload(tok, model.cfg.vocab_size, args.prompt_tokens)
     if args.prompt_tokens + args.new_tokens > model.cfg.max_seq_len:
         raise LLMKitError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "

@@ -30,8 +30,8 @@ def add_sampling_args(p) -> None:
     g.add_argument("--seed", type=int, help="seed for reproducible sampling")
     g.add_argument("--truncate", action="store_true",
                    help="drop the oldest prompt tokens when the prompt does not fit the context window")
-    g.add_argument("--quant", choices=["int8", "int4"], help="weight-only quantised linears for faster CPU "
-                   "decoding (bf16 prefill)")
+    g.add_argument("--quant", choices=["int8", "int4", "nf4"], help="quantize the weights on the fly (int8/int4: "
+                   "weight-only kernels for faster CPU decoding); `llmkit quantize` writes such a checkpoint once")
 
 
 def sampling_params(args, tok, **over):
@@ -59,14 +59,12 @@ def load(spec: str, args, need_tokenizer: bool = True):
     device = resolve_device("cpu" if quant and name == "auto" else name)
     if quant and device.type != "cpu":
         raise LLMKitError(f"--quant {quant} runs on the CPU only (CPU int8/int4 kernels): drop --device {name}")
-    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device)
+    from ..quant import fuse_projections
+
+    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device, quant=quant)
     if tok is None and need_tokenizer:
         raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
-    if quant:
-        from ..inference.quant import quantize
-
-        quantize(model, quant)
-    return model, tok
+    return fuse_projections(model), tok  # q/k/v and gate/up in one matmul each (any kind of projection)
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:

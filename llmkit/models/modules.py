@@ -96,6 +96,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+# ---------------------------------------------------------------- fusing projections
+@torch.no_grad()
+def concat_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One module computing cat([p(x) for p in parts], -1) for x (..., C): nn.Linear by concatenating
+    the weights' rows; any other kind by its own `concat(parts)` classmethod (quantized linears stack
+    their quantized rows, LoRA wrappers their adapters). None when the parts cannot be fused (mixed
+    kinds, or a kind without `concat`): the caller keeps them separate."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts):
+        return None
+    if kind is not nn.Linear:
+        concat = getattr(kind, "concat", None)
+        return concat(parts) if concat is not None else None
+    w = parts[0].weight
+    if any((p.bias is None) != (parts[0].bias is None) for p in parts):
+        return None
+    fused = nn.Linear(w.size(1), sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device=w.device, dtype=w.dtype)
+    fused.weight.copy_(torch.cat([p.weight for p in parts]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.weight.requires_grad_(w.requires_grad)
+    if fused.bias is not None:
+        fused.bias.requires_grad_(parts[0].bias.requires_grad)
+    return fused.train(parts[0].training)
+
+
 # ---------------------------------------------------------------- attention
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads (Ainslie et al. 2023; K=1 is MQA, Shazeer 2019).
@@ -120,17 +147,21 @@ class Attention(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Replace q/k/v_proj by one qkv_proj ((H + 2K) D, C): one weight read and one kernel call per
-        decode step instead of three (as gpt-fast's wqkv). Inference only: adapters target q/k/v."""
-        ps = (self.q_proj, self.k_proj, self.v_proj) if self.qkv_proj is None else ()
-        if not ps or any(type(p) is not nn.Linear for p in ps):  # already fused, or adapted/quantised
+        decode step instead of three (as gpt-fast's wqkv). Plain, quantized or LoRA-wrapped parts
+        alike (`concat_linears`); parts of different kinds stay separate."""
+        if self.qkv_proj is not None:
             return
-        fused = nn.Linear(ps[0].in_features, sum(p.out_features for p in ps), bias=ps[0].bias is not None,
-                          device=ps[0].weight.device, dtype=ps[0].weight.dtype)
-        fused.weight.copy_(torch.cat([p.weight for p in ps]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in ps]))
-        del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj = fused
+        fused = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+            self.qkv_proj = fused
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, H*D), k (B, T, K*D), v (B, T, K*D), fused or not."""
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     @classmethod
     def new_cache(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
@@ -208,16 +239,12 @@ class SwiGLU(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Replace gate/up_proj by one gate_up_proj (2F, C): one matmul per step instead of two."""
-        if self.gate_up_proj is not None or type(self.gate_proj) is not nn.Linear or type(self.up_proj) is not nn.Linear:
-            return  # already fused, or adapted/quantised
-        g, u = self.gate_proj, self.up_proj
-        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=g.bias is not None,
-                          device=g.weight.device, dtype=g.weight.dtype)
-        fused.weight.copy_(torch.cat([g.weight, u.weight]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([g.bias, u.bias]))
-        del self.gate_proj, self.up_proj
-        self.gate_up_proj = fused
+        if self.gate_up_proj is not None:
+            return
+        fused = concat_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            del self.gate_proj, self.up_proj
+            self.gate_up_proj = fused
 
     def forward(self, x):
         if self.gate_up_proj is not None:

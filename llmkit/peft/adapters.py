@@ -49,8 +49,8 @@ class AdapterWrapped(nn.Module):
     def __init__(self, module: nn.Module, dim: int, bottleneck: int):
         super().__init__()
         self.module = module
-        p = next(module.parameters())
-        self.adapter = Bottleneck(dim, bottleneck, device=p.device, dtype=p.dtype)
+        t = next(iter([*module.parameters(), *module.buffers()]))  # a quantized sub-layer may hold only buffers
+        self.adapter = Bottleneck(dim, bottleneck, device=t.device, dtype=t.dtype if t.is_floating_point() else None)
         self.enabled = True  # False: the wrapped sub-layer alone (llmkit.peft.disabled)
 
     def forward(self, *args, **kwargs):

@@ -42,23 +42,26 @@ class AdaptedAttention(nn.Module):
         super().__init__()
         self.model = attn
         self.adapter_len = adapter_len
-        w = attn.q_proj.weight
-        c = attn.q_proj.in_features
+        t = next(iter([*attn.parameters(), *attn.buffers()]))
+        device, dtype = t.device, t.dtype if t.is_floating_point() else torch.float32  # quantized base: fp32
+        c = attn.o_proj.out_features  # d_model
         # peft initialises the prompts N(0, 1) and the gate at 0
-        self.adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, c, device=w.device, dtype=w.dtype))
-        self.adaption_gate = nn.Parameter(torch.zeros(1, device=w.device, dtype=w.dtype))
+        self.adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, c, device=device, dtype=dtype))
+        self.adaption_gate = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
         out = self.model(x, rope, mask, cache, input_pos)  # (B, T, C)
         a = self.model
         B, T, _ = x.shape
         H, K, D = a.n_head, a.n_kv_head, a.head_dim
-        q = a.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), recomputed: attn does not return it
+        # the projections through `qkv`, so that fused (qkv_proj), quantized or LoRA-wrapped ones serve alike
+        q = a.qkv(x)[0].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), recomputed: attn does not return it
         if rope is not None:
             q = apply_rope(q, *rope)
         p = self.adaption_prompt.to(x.dtype)
-        pk = a.k_proj(p).view(1, self.adapter_len, K, D).transpose(1, 2)  # (1, K, L_a, D), no rotation
-        pv = a.v_proj(p).view(1, self.adapter_len, K, D).transpose(1, 2)
+        _, pk, pv = a.qkv(p)  # (1, L_a, K*D) each; the prompt's q is not used (L_a rows: cheap)
+        pk = pk.view(1, self.adapter_len, K, D).transpose(1, 2)  # (1, K, L_a, D), no rotation
+        pv = pv.view(1, self.adapter_len, K, D).transpose(1, 2)
         pk, pv = pk.repeat_interleave(H // K, dim=1), pv.repeat_interleave(H // K, dim=1)  # (1, H, L_a, D)
         scores = q @ pk.transpose(2, 3) / math.sqrt(D)  # (B, H, T, L_a)
         scores = self.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)

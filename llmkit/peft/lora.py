@@ -9,7 +9,7 @@ adapted model starts out exactly equal to the base model (sec. 4.1). After train
 folds into the weights, W' = W + (alpha/r) B A ("merge"), giving a model with no extra latency;
 "unmerge" subtracts it again. rsLoRA (Kalajdzievski 2023) scales by alpha/sqrt(r) instead.
 
-`LoRALinear` wraps any linear-like module (nn.Linear or `NF4Linear` for QLoRA) under the name
+`LoRALinear` wraps any linear-like module (nn.Linear, or a `QuantLinear`: NF4 for QLoRA, int8, int4) under the name
 `base_layer`, with `lora_A`/`lora_B` beside it: the same layout as `peft`, so adapter tensor
 names match theirs one to one.
 """
@@ -73,10 +73,36 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight.to(x.dtype)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, parts: list[LoRALinear]) -> LoRALinear | None:
+        """Fuse LoRA-wrapped projections (q/k/v, gate/up): the bases concatenate (`concat_linears`) and
+        each part's update stays on its own output slice, as one LoRA of rank sum(r_i) with
+        A = cat(A_i) (sum r_i, in) and block-diagonal B = diag(B_1, ..., B_n) (sum out_i, sum r_i):
+        outputs are unchanged. Training it afterwards trains the off-diagonal blocks too (a plain
+        rank-sum(r_i) LoRA on the fused projection). None when the parts differ in scaling or dropout."""
+        from ..models.modules import concat_linears
+
+        first = parts[0]
+        p_drop = [m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in parts]
+        if any(m.merged or m.scaling != first.scaling for m in parts) or len(set(p_drop)) > 1:
+            return None
+        base = concat_linears([m.base_layer for m in parts])
+        if base is None:
+            return None
+        r = sum(m.r for m in parts)
+        fused = cls(base, r, first.scaling * r, p_drop[0])  # alpha chosen so that alpha / r = the parts' scaling
+        fused.scaling = first.scaling
+        fused.lora_A.weight.copy_(torch.cat([m.lora_A.weight for m in parts]))
+        fused.lora_B.weight.copy_(torch.block_diag(*[m.lora_B.weight for m in parts]))
+        for new, old in ((fused.lora_A.weight, first.lora_A.weight), (fused.lora_B.weight, first.lora_B.weight)):
+            new.requires_grad_(old.requires_grad)
+        return fused.train(first.training)
+
     def merge(self) -> None:
         if self.merged:
             return
-        w = self.base_layer.weight
+        w = getattr(self.base_layer, "weight", None)
         if not isinstance(w, nn.Parameter) or not w.is_floating_point():
             raise LLMKitError("cannot merge LoRA into a quantized base layer; load the base model unquantized "
                               "and apply the adapter there (llmkit merge does)")
@@ -97,7 +123,7 @@ class LoRALinear(nn.Module):
 
 
 def base_weight(m: nn.Module) -> torch.Tensor:
-    """A tensor carrying the device of a linear-like module (its weight, or the packed NF4 data)."""
+    """A tensor carrying the device of a linear-like module (its weight, or its quantized data)."""
     w = getattr(m, "weight", None)
     return w if isinstance(w, torch.Tensor) else next(m.buffers())
 
@@ -109,13 +135,13 @@ def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, 
     targets: short names ("q_proj"), full names ("layers.0.mlp.up_proj") or "all-linear";
     default the attention projections. Returns the model.
     """
-    from .nf4 import NF4Linear
+    from ..quant import QuantLinear
 
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise LLMKitError(f"LoRA rank r must be a positive integer, got {r!r}")
     if not 0 <= dropout < 1:
         raise LLMKitError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    names = match_targets(model, targets or DEFAULT_TARGETS, kinds=(nn.Linear, NF4Linear))
+    names = match_targets(model, targets or DEFAULT_TARGETS, kinds=(nn.Linear, QuantLinear))
     cfg = getattr(model, "cfg", None)
     if "lm_head" in names and cfg is not None and cfg.tie_embeddings:
         raise LLMKitError("lm_head shares its weight with embed_tokens in this model; LoRA on it would also change "

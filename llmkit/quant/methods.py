@@ -1,0 +1,203 @@
+"""The quantization methods: one `QuantMethod` record each, registered in `METHODS`.
+
+A record says, for a weight W (N, K) (N outputs, K inputs):
+  shapes      the tensors it stores {name: (shape, dtype)} (the checkpoint / state-dict layout)
+  quantize    W fp32 -> those tensors
+  dequantize  runtime tensors -> W (N, K) in a dtype
+  matmul      optional weight-only kernel for few rows: x (M, K) bf16 -> (M, N) bf16
+  concat      stack several weights' runtime tensors along N (fusing q/k/v, gate/up)
+  to_runtime / from_runtime  storage <-> the layout the kernel wants (identity unless a kernel's
+              layout depends on the CPU, as torch's int4 packing does)
+Adding a method (a GGUF K-quant, HQQ, ...) is one more record here.
+
+Decoding one token reads every weight once, so its speed is memory bandwidth: int8 reads a quarter
+of fp32's bytes, int4 an eighth. Measured on this 2-core Xeon (1 thread, all SmolLM2 matrices once):
+fp32 71 ms, int8 39 ms, int4 20 ms.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import LLMKitError, closest
+from .nf4 import nf4_dequantize, nf4_quantize
+
+GROUP = 32  # int4 group size (GGUF Q4_0/Q4_1 blocks)
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _identity(t: Tensors, N: int, K: int) -> Tensors:
+    return t
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    name: str
+    shape_rule: str  # the shapes `accepts` takes, in words (for error messages)
+    accepts: Callable[[int, int], bool]  # (N, K) -> whether this method (its kernel) takes the shape
+    shapes: Callable[[int, int], dict]  # (N, K) -> {name: (shape, dtype)} of the stored tensors
+    quantize: Callable[[torch.Tensor], Tensors]  # W (N, K) fp32 -> storage tensors
+    dequantize: Callable[[Tensors, int, int, torch.dtype], torch.Tensor]  # runtime tensors -> W (N, K)
+    concat: Callable[[list[Tensors], list[int], int], Tensors] | None  # runtimes of (N_i, K) -> (sum N_i, K)
+    matmul: Callable[[torch.Tensor, Tensors, int], torch.Tensor] | None = None  # x (M, K) bf16 -> (M, N)
+    dense_dtype: torch.dtype | None = None  # GEMM dtype of the dequantize path (None: the input's)
+    head: str | None = None  # method for lm_head (None: left in full precision)
+    fallback: str | None = None  # method for shapes `accepts` refuses (None: left in full precision)
+    to_runtime: Callable[[Tensors, int, int], Tensors] = _identity
+    from_runtime: Callable[[Tensors, int, int], Tensors] = _identity
+
+
+# ---------------------------------------------------------------- int8: per output channel, symmetric
+def _int8_quantize(w: torch.Tensor) -> Tensors:
+    """w = s * q, q in [-127, 127], s = max|w_row| / 127 (absmax, as LLM.int8 without outliers,
+    Dettmers et al. 2022)."""
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (N,)
+    return {"qweight": torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8),
+            "scales": scale.to(torch.bfloat16)}
+
+
+INT8 = QuantMethod(
+    name="int8", shape_rule="in_features divisible by 16",
+    # torch 2.13's int8 pack kernel reads past the row when in_features % 16 != 0
+    accepts=lambda N, K: K % 16 == 0,
+    shapes=lambda N, K: {"qweight": ((N, K), torch.int8), "scales": ((N,), torch.bfloat16)},
+    quantize=_int8_quantize,
+    dequantize=lambda t, N, K, dt: t["qweight"].to(dt).mul_(t["scales"].to(dt)[:, None]),  # one (N, K) buffer
+    # per-row quantization: rows concatenate exactly
+    concat=lambda ts, Ns, K: {k: torch.cat([t[k] for t in ts]) for k in ("qweight", "scales")},
+    matmul=lambda x, t, N: torch._weight_int8pack_mm(x, t["qweight"], t["scales"]),
+    dense_dtype=torch.bfloat16, head="int8")
+
+
+# ---------------------------------------------------------------- int4: groups of 32, asymmetric
+def _int4_quantize(w: torch.Tensor) -> Tensors:
+    """w = s * q + m per group of 32 inputs, q in [0, 15], s = (max - min) / 15, m = min: the Q4_1
+    layout of GGUF, so a Q4_1 model's weights come back exactly up to bf16 rounding of s and m.
+    Stored: qweight (N, K/2) uint8, input 2j in the low nibble and 2j+1 in the high one; scales
+    (K/G, N, 2) bf16 holding (s, z) with z = m + 8 s, since torch's kernel computes (q - 8) s + z."""
+    N, K = w.shape
+    g = w.reshape(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((g - lo) / s).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    z = lo + 8 * s
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4),
+            "scales": torch.stack([s[..., 0].t(), z[..., 0].t()], -1).contiguous().to(torch.bfloat16)}
+
+
+def _int4_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """Portable (N, K/2) nibbles -> (N, K) codes."""
+    return torch.stack([qweight & 15, qweight >> 4], -1).reshape(qweight.size(0), -1)
+
+
+@functools.cache
+def _int4_block() -> int:
+    """Rows per block of torch's CPU int4 packing: 64 with AVX512, 32 otherwise (int4mm_kernel.cpp).
+    Found by packing a small probe and checking which layout unpacks it, so a torch build that chose
+    differently fails loudly instead of dequantizing garbage. Cached: a property of this process."""
+    probe = (torch.arange(80 * 32, dtype=torch.int32).reshape(80, 32) * 7) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (64, 32):
+        if torch.equal(_int4_unpack_kernel(packed, 80, 32, block), probe.to(torch.uint8)):
+            return block
+    raise LLMKitError("this torch build packs int4 weights in a layout llmkit does not know; use int8 or nf4")
+
+
+def _int4_unpack_kernel(packed: torch.Tensor, N: int, K: int, block: int) -> torch.Tensor:
+    """torch's CPU int4 layout (N, K/2) -> (N, K) codes. Rows come in blocks of `block`; inside a block
+    the bytes are k-major, byte j of row k holding rows j (low nibble) and j + block/2 (high); a
+    shorter last block (16, 32 or 48 rows) pairs rows 2j and 2j + 1 instead."""
+    full = N // block * block
+    p = packed.reshape(-1)[:full * K // 2].view(N // block, K, block // 2)  # whole blocks in one go
+    out = [torch.cat([p & 15, p >> 4], 2).transpose(1, 2).reshape(full, K)]
+    if full < N:
+        seg = packed.reshape(-1)[full * K // 2:].view(K, (N - full) // 2)
+        out.append(torch.stack([seg & 15, seg >> 4], 2).reshape(K, N - full).t())
+    return torch.cat(out) if len(out) > 1 else out[0]
+def _int4_to_runtime(t: Tensors, N: int, K: int) -> Tensors:
+    if t["qweight"].device.type == "meta":
+        return dict(t)
+    codes = _int4_codes(t["qweight"]).to(torch.int32)
+    return {"qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), "scales": t["scales"]}
+
+
+def _int4_from_runtime(t: Tensors, N: int, K: int) -> Tensors:
+    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block())
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": t["scales"]}
+
+
+def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """w = (q - 8) s + z, the kernel's formula, as one fused multiply-add in `dtype`: q - 8, s and z are
+    exact in bf16, so the weight is rounded once (as a bf16 copy of the fp32 dequantization would be).
+    Not z - 8 s first: that difference rounded to bf16 would shift whole groups."""
+    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).to(dtype).sub_(8)
+    sc = t["scales"].to(dtype)  # (K/G, N, 2)
+    s, z = sc[..., 0].t()[..., None], sc[..., 1].t()[..., None]  # (N, K/G, 1)
+    return torch.addcmul(z, q, s).reshape(N, K)
+
+
+def _int4_concat(ts: list[Tensors], Ns: list[int], K: int) -> Tensors:
+    """Per-row groups: rows (and the scales' N axis) concatenate exactly. When every part is a whole
+    number of the kernel's row blocks (SmolLM2: 576, 192, 1536 rows), the packed blocks concatenate as
+    they are; otherwise through the portable codes."""
+    scales = torch.cat([t["scales"] for t in ts], 1)
+    if all(n % _int4_block() == 0 for n in Ns):
+        return {"qweight": torch.cat([t["qweight"] for t in ts]), "scales": scales}
+    q = torch.cat([_int4_from_runtime(t, n, K)["qweight"] for t, n in zip(ts, Ns)])
+    return _int4_to_runtime({"qweight": q, "scales": scales}, sum(Ns), K)
+
+
+INT4 = QuantMethod(
+    name="int4", shape_rule=f"in_features divisible by {GROUP} and out_features by 16",
+    accepts=lambda N, K: K % GROUP == 0 and N % 16 == 0,
+    shapes=lambda N, K: {"qweight": ((N, K // 2), torch.uint8), "scales": ((K // GROUP, N, 2), torch.bfloat16)},
+    quantize=_int4_quantize, dequantize=_int4_dequantize,
+    concat=_int4_concat,
+    matmul=lambda x, t, N: torch.ops.aten._weight_int4pack_mm_for_cpu(x, t["qweight"], GROUP, t["scales"]),
+    dense_dtype=torch.bfloat16, head="int8", fallback="int8",
+    to_runtime=_int4_to_runtime, from_runtime=_int4_from_runtime)
+
+
+# ---------------------------------------------------------------- NF4 (QLoRA), bitsandbytes-exact
+def nf4_method(blocksize: int = 64, double_quant: bool = True) -> QuantMethod:
+    """NF4 with double-quantised scales (Dettmers et al. 2023; the math and its bitsandbytes parity test
+    live in nf4.py). Registered as "nf4" with bitsandbytes' QLoRA defaults (64, double quant).
+    No kernel: every forward dequantizes, as bitsandbytes does on CPU. Fusing re-quantizes the
+    concatenated weight: the 4-bit codes come back unchanged where blocks align with the parts
+    (N_i K divisible by the block size), the 8-bit double-quantised scales to within their own error."""
+    if blocksize <= 0:
+        raise LLMKitError(f"NF4 block size must be positive, got {blocksize}")
+
+    def shapes(N, K):
+        n, nb = N * K, -(-N * K // blocksize)
+        if not double_quant:
+            return {"packed": (((n + 1) // 2,), torch.uint8), "absmax": ((nb,), torch.float32)}
+        return {"packed": (((n + 1) // 2,), torch.uint8), "absmax_q": ((nb,), torch.uint8),
+                "absmax2": ((-(-nb // 256),), torch.float32), "absmax_offset": ((), torch.float32)}
+
+    def dequantize(t, N, K, dtype):
+        return nf4_dequantize(t, (N, K), blocksize, dtype)
+
+    def concat(ts, Ns, K):  # runtime layout = storage layout
+        return nf4_quantize(torch.cat([dequantize(t, n, K, torch.float32) for t, n in zip(ts, Ns)]),
+                            blocksize, double_quant)
+
+    default = blocksize == 64 and double_quant
+    return QuantMethod(name="nf4" if default else f"nf4-b{blocksize}{'-dq' if double_quant else ''}",
+                       shape_rule="any shape", accepts=lambda N, K: True, shapes=shapes,
+                       quantize=lambda w: nf4_quantize(w, blocksize, double_quant), dequantize=dequantize,
+                       concat=concat)
+
+
+METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT8, INT4, nf4_method())}
+
+
+def get_method(name: str) -> QuantMethod:
+    if name not in METHODS:
+        raise LLMKitError(f"unknown quantization {name!r}{closest(name, METHODS)} (known: {', '.join(METHODS)})")
+    return METHODS[name]
