@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from _shared import byte_chat_tokenizer
 
 from llmkit.errors import LLMKitError
 from llmkit.losses import dpo_loss, ipo_loss
@@ -16,17 +17,7 @@ from llmkit.models import ModelConfig, Transformer
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer as HFT
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from llmkit.tokenizer import Tokenizer, bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    hf = HFT(models.BPE(vocab=vocab, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_token="<|im_end|>")  # no template: ChatML
+    return byte_chat_tokenizer()
 
 
 def tiny(seed=0):
@@ -278,3 +269,6 @@ def test_cli_align(tmp_path, tok, capsys):
     assert "loss_typ" in capsys.readouterr().err
     assert main(["align", "--method", "dpo", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "d")]) == 2
     assert "no data given" in capsys.readouterr().err
+    assert main(["align", "--method", "grpo", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "g"),
+                 "--resume"]) == 2
+    assert "--resume is not supported by --method grpo" in capsys.readouterr().err
