@@ -63,6 +63,55 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tupl
     return loss, metrics
 
 
+def _preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """Batch means of the implicit rewards r = β·(log π − log π_ref), of their margin, and the reward
+    accuracy: the share of pairs with r_chosen > r_rejected (strictly, as trl counts: ties, e.g. at
+    policy = reference, are not correct)."""
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"reward_chosen": c.mean(), "reward_rejected": r.mean(), "reward_margin": (c - r).mean(),
+            "reward_accuracy": (c > r).float().mean()}
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), mean over the batch.
+
+    Inputs (B,): summed log-probabilities of each chosen / rejected response under the policy and the
+    reference. With Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+
+        loss = −(1 − ε)·log σ(βΔ) − ε·log σ(−βΔ)
+
+    ε = label_smoothing > 0 is conservative DPO (Mitchell 2023: the labels flip with probability ε),
+    as trl's "sigmoid" loss computed it up to v0.2x. At policy = reference Δ = 0 and loss = ln 2.
+    Returns (loss, metrics): see _preference_metrics.
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps  # (B,) log-ratios
+    rejected = policy_rejected_logps - ref_rejected_logps
+    delta = beta * (chosen - rejected)
+    loss = (-(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)).mean()
+    return loss, {"loss": loss.detach(), **_preference_metrics(beta * chosen, beta * rejected)}
+
+
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Identity Preference Optimisation (Azar et al. 2023, eq. 17; β is the paper's τ), mean over the batch:
+
+        loss = (Δ − 1/(2β))²,   Δ as in dpo_loss
+
+    Inputs (B,) are length-normalised: each response's log-prob *averaged* over its tokens, as trl
+    does (its ipo loss divides the summed log-ratios by the completion lengths, a choice it says the
+    IPO authors confirmed), so that β means the same for long and short responses. The squared loss
+    regresses the margin to 1/(2β) instead of pushing it to infinity as DPO's logistic loss does.
+    label_smoothing is not used (it is accepted so both losses share one signature).
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected = policy_rejected_logps - ref_rejected_logps
+    loss = ((chosen - rejected - 1 / (2 * beta)) ** 2).mean()
+    return loss, {"loss": loss.detach(), **_preference_metrics(beta * chosen, beta * rejected)}
+
+
 # ------------------------------------------------------------------ reinforcement learning (GRPO, PPO)
 # Shapes: B sequences (rows) of T tokens; `mask` (B, T) is 1 on response tokens (the ones the policy
 # sampled) and 0 on prompt and padding. Per-token log-probs come from `sequence_logprobs`.

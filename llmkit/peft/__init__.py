@@ -12,11 +12,13 @@ serves every method goes through the record: `apply_method(model, "lora", cfg)`,
 `METHODS`. `save_adapter(model, dir)` writes only the method's tensors (adapter_model.safetensors)
 and an adapter_config.json in `peft`'s format; `load_adapter(model, dir)` applies the swaps that
 config names to a base model and loads the tensors (also adapters written by `peft`); `unload`
-takes them off again.
+takes them off again; `with disabled(model):` switches the adapter off for a while (the base model
+without a second copy: DPO's reference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -42,7 +44,8 @@ __all__ = ["apply_lora", "LoRAConfig", "LoRALinear", "merge_lora", "unmerge_lora
            "nearest_tokens", "apply_llama_adapter", "select_trainable", "trainable_summary",
            "save_adapter", "load_adapter", "adapter_method", "unload", "CONFIG_FILE", "WEIGHTS_FILE",
            "PeftMethod", "register", "get_method", "default_sections", "apply_method", "default_lr", "METHODS",
-           "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection"]
+           "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection",
+           "disabled", "can_disable"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -148,3 +151,25 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         raise LLMKitError(f"a {method.name} adapter adds computation that cannot be folded into the weights; "
                           "use the base model with --adapter instead of merging")
     return method.unload(model, merge)
+
+
+def can_disable(model: nn.Module) -> bool:
+    """Whether `disabled(model)` works: the model carries an adapter whose method can switch it off."""
+    method = detect(model)
+    return method is not None and method.set_enabled is not None
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model computes as its base model: the adapter's contribution is switched
+    off (no weights are copied or changed) and switched back on afterwards, also on an exception.
+    A model without an adapter, or with one whose method cannot be switched off, raises LLMKitError."""
+    method = detect(model)
+    if method is None or method.set_enabled is None:
+        what = f"a {method.name} adapter" if method else "no adapter"
+        raise LLMKitError(f"the model carries {what}, which cannot be switched off to give the base model")
+    method.set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        method.set_enabled(model, True)

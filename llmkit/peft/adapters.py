@@ -51,9 +51,11 @@ class AdapterWrapped(nn.Module):
         self.module = module
         t = next(iter([*module.parameters(), *module.buffers()]))  # a quantized sub-layer may hold only buffers
         self.adapter = Bottleneck(dim, bottleneck, device=t.device, dtype=t.dtype if t.is_floating_point() else None)
+        self.enabled = True  # False: the wrapped sub-layer alone (llmkit.peft.disabled)
 
     def forward(self, *args, **kwargs):
-        return self.adapter(self.module(*args, **kwargs))
+        out = self.module(*args, **kwargs)
+        return self.adapter(out) if self.enabled else out
 
 
 def apply_adapters(model: nn.Module, bottleneck: int = 64, where=("self_attn", "mlp")) -> nn.Module:
@@ -87,6 +89,12 @@ def unload_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+def set_adapters_enabled(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, AdapterWrapped):
+            m.enabled = on
+
+
 def adapters_config(model: nn.Module) -> dict:
     where = sorted({n.split(".")[2] for n, m in model.named_modules() if isinstance(m, AdapterWrapped)})
     if not where:
@@ -114,4 +122,4 @@ ADAPTER = register(PeftMethod(
     name="adapter", default_lr=1e-3, apply=_apply, sections={"adapter": AdapterSection},
     peft_type="LLMKIT_BOTTLENECK", is_applied=has_adapters, state=adapters_state, load_state=load_trainable,
     peft_config=lambda model, base: adapters_config(model), from_peft_config=adapters_from_config,
-    unload=unload_adapters))
+    unload=unload_adapters, set_enabled=set_adapters_enabled))

@@ -59,6 +59,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default init of A
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapted model starts as the base model
         self.merged = False
+        self.enabled = True  # False: the base layer alone (llmkit.peft.disabled, e.g. DPO's reference)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B A, shape (out, in)."""
@@ -66,7 +67,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
@@ -180,6 +181,15 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
+def set_lora_enabled(model: nn.Module, on: bool) -> None:
+    """Switch every LoRA update on or off (off: the model computes as its base model)."""
+    layers = lora_layers(model)
+    if not on and any(m.merged for _, m in layers):
+        raise LLMKitError("a merged LoRA adapter cannot be switched off; unmerge it first")
+    for _, m in layers:
+        m.enabled = on
+
+
 def lora_peft_config(model: nn.Module, base_model_name: str | None = None) -> dict:
     """adapter_config.json content for `peft` (LoraConfig fields)."""
     layers = lora_layers(model)
@@ -246,4 +256,5 @@ def _validate(cfg) -> None:
 LORA = register(PeftMethod(
     name="lora", default_lr=2e-4, apply=_apply, sections={"lora": LoRAConfig}, validate=_validate,
     peft_type="LORA", is_applied=has_lora, state=lora_state, load_state=load_lora_state,
-    peft_config=lora_peft_config, from_peft_config=lora_from_peft_config, unload=unload_lora, mergeable=True))
+    peft_config=lora_peft_config, from_peft_config=lora_from_peft_config, unload=unload_lora, mergeable=True,
+    set_enabled=set_lora_enabled))

@@ -47,6 +47,9 @@ class PeftMethod:
     supports_packing: bool = True  # trains on packed rows (several documents per sequence)
     summary: Callable[[nn.Module, Any], dict] | None = None  # (model, tokenizer) -> extra summary entries
     extra: dict = field(default_factory=dict)  # llmkit-only facts written beside the adapter config
+    # (model, on) switches the adapter's contribution off/on without touching weights, so the same
+    # model serves as its own base (DPO's reference); None: the method cannot (peft.disabled raises)
+    set_enabled: Callable[[nn.Module, bool], None] | None = None
 
 
 # name -> record, filled by `register` as the method files are imported (llmkit.peft imports them

@@ -189,21 +189,13 @@ class SFTBatches:
             self._draw()
 
 
-# ------------------------------------------------------------------ the run
-def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
-             resume: bool | str = False, force: bool = False) -> dict:
-    """Fine-tune and write the result to cfg.train.out_dir. `model`/`tokenizer` may be given directly
-    (tests); otherwise cfg.model is loaded. `resume`: True for the latest step checkpoint of the
-    interrupted run in OUT.partial, or a checkpoint directory. Returns the summary dict (also written
-    to finetune.json; empty on ranks other than 0)."""
-    t = cfg.train
-    info: DistInfo = init_distributed(t.device)
-    micro, accum = cfg.validate(info.world)
-    out = Path(t.out_dir)
+# ------------------------------------------------------------------ the run (pieces other recipes share)
+def start_point(out: Path, resume: bool | str, force: bool, info: DistInfo) -> tuple[Path, Path, str | None]:
+    """(OUT.partial, its checkpoints folder, the step checkpoint to resume from or None), decided by
+    rank 0 and agreed by all; fails now, not after training, when OUT exists or an interrupted run
+    would be overwritten silently."""
     partial = out.with_name(out.name + ".partial")  # metrics and step checkpoints until OUT is written
     ckpt_root = partial / "checkpoints"
-
-    # ---- decide where to start (rank 0 looks, everyone agrees); fail now, not after training
     start_ckpt = None
     if info.is_main:
         check_overwrite(out, force)
@@ -214,20 +206,49 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
                 raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
                                   f"or --force to start over")
             shutil.rmtree(partial)
-    start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)
+    return partial, ckpt_root, broadcast_object(str(start_ckpt) if start_ckpt else None)
+
+
+def load_base(name: str, base_adapter: str | None = None):
+    """(model, tokenizer) of `name`, with `base_adapter` (a LoRA) merged in: one plain model to train."""
+    from ..loading import load_model
+
+    model, tokenizer = load_model(name, adapter=base_adapter)
+    if base_adapter:
+        from ..peft import unload
+
+        with torch.no_grad():
+            unload(model, merge=True)  # continue from base + adapter as one plain model
+    return model, tokenizer
+
+
+def write_model(model: nn.Module, out: Path, method: str, base_name: str, tokenizer, meta: dict) -> None:
+    """The trained result: the method's adapter files, or a full checkpoint (full, selective)."""
+    if get_method(method).saves_adapter:
+        save_adapter(model, out, base_model=base_name, force=True, extra=meta, method=method)
+    else:
+        from ..checkpoint import save_checkpoint
+
+        save_checkpoint(model, out, tokenizer=tokenizer, meta=meta, force=True)
+
+
+def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
+             resume: bool | str = False, force: bool = False) -> dict:
+    """Fine-tune and write the result to cfg.train.out_dir. `model`/`tokenizer` may be given directly
+    (tests); otherwise cfg.model is loaded. `resume`: True for the latest step checkpoint of the
+    interrupted run in OUT.partial, or a checkpoint directory. Returns the summary dict (also written
+    to finetune.json; empty on ranks other than 0)."""
+    t = cfg.train
+    info: DistInfo = init_distributed(t.device)
+    micro, accum = cfg.validate(info.world)
+    out = Path(t.out_dir)
+    partial, ckpt_root, start_ckpt = start_point(out, resume, force, info)
 
     torch.manual_seed(t.seed)
     if t.threads:
         torch.set_num_threads(t.threads)
     if model is None:
-        from ..loading import load_model
-
-        model, tokenizer = load_model(cfg.model, adapter=cfg.base_adapter)
-        if cfg.base_adapter:
-            from ..peft import unload
-
-            with torch.no_grad():
-                unload(model, merge=True)  # continue from base + adapter as one plain model
+        model, tokenizer = load_base(cfg.model, cfg.base_adapter)
     if tokenizer is None:
         raise LLMKitError(f"model {cfg.model!r} comes without a tokenizer; fine-tuning needs one for the chat template")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -336,12 +357,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     if method.summary is not None:
         summary.update(method.summary(model, tokenizer))
     resolved = dataclasses.asdict(cfg)
-    if method.saves_adapter:
-        save_adapter(model, out, base_model=cfg.model, force=True, extra={"finetune": resolved}, method=cfg.method)
-    else:
-        from ..checkpoint import save_checkpoint
-
-        save_checkpoint(model, out, tokenizer=tokenizer, meta={"finetune": resolved}, force=True)
+    write_model(model, out, cfg.method, cfg.model, tokenizer, {"finetune": resolved})
     os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
     plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"fine-tuning ({cfg.method})")
     atomic_write_json(out / "finetune.json", {"config": resolved, "summary": summary})
