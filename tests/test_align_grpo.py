@@ -245,3 +245,25 @@ def test_ppo_steps_run(tmp_path, tok):
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "out" / "value_head.safetensors"))["weight"].abs().sum() > 0  # it learned
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reference_is_the_policy_before_training(method):
+    """π_ref: the LoRA policy with its adapter switched off (no copy), or a frozen copy for full weights;
+    either way the model's log-probs before any update, also after the policy has moved."""
+    from llmkit.peft import apply_method, default_sections
+    from llmkit.recipes.grpo import Reference
+
+    base = tiny()
+    x = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(3))
+    want = sequence_logprobs(base, x[:, :-1], x[:, 1:]).detach()
+    policy = apply_method(tiny(), method, default_sections(method))
+    ref = Reference(policy)
+    assert (ref.copy is None) == (method == "lora")  # no second copy of the weights for an adapter
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # the policy moves away from the base
+    assert (sequence_logprobs(policy, x[:, :-1], x[:, 1:]) - want).abs().max() > 1e-3
+    got = ref.logps(policy, x[:, :-1], x[:, 1:], micro_batch=1)
+    assert (got - want).abs().max() < 1e-5

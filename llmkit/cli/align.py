@@ -85,7 +85,7 @@ def run(args) -> int:
             raise LLMKitError(f"--data is not used by --method {args.method}")
         cfg.data.files = [s for s in args.data.split(",") if s]
     if args.resume and not recipe.resumable:
-        raise LLMKitError(f"--method {args.method} has no step checkpoints to resume from yet: rerun it")
+        raise LLMKitError(f"--resume is not supported by --method {args.method}: it writes no step checkpoints yet")
     try:
         summary = run_fn(cfg, force=args.force, **({"resume": args.resume} if recipe.resumable else {}))
     finally:

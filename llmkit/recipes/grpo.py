@@ -5,7 +5,8 @@ verifiable rewards and no value model. One explicit loop; each iteration is
                 ends with data.prefill ("<think>"), so even a 135M model starts in the R1 format
     rewards     the chosen plain reward functions (llmkit.align.rewards), summed per completion
     advantages  standardised within each prompt's group (losses.group_advantages)
-    reference   per-token log-probs of the reference policy (the model before training), for β·KL
+    reference   per-token log-probs of the reference policy (the model before training: the adapter switched
+                off, or a frozen copy), for β·KL
     update      `epochs` passes over the P·G rows in shuffled minibatches of train.batch_size rows, each
                 one `train_step` with loss_fn = grpo_loss (clipped ratio + β·k3 KL)
 
@@ -44,7 +45,7 @@ from ..inference import SamplingParams, generate_batch
 from ..io import atomic_path, atomic_write_json, check_overwrite
 from ..losses import group_advantages, grpo_loss, sequence_logprobs
 from ..peft import apply_method as apply_peft_method
-from ..peft import get_method, save_adapter, trainable_summary
+from ..peft import can_disable, disabled, get_method, save_adapter, trainable_summary
 from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
@@ -142,20 +143,28 @@ def prompt_stream(rows: list[dict], seed: int):
 
 
 # ------------------------------------------------------------------ reference policy
-class FrozenReference:
-    """The reference policy π_ref of the KL term: the model as it was before training.
+class Reference:
+    """The reference policy π_ref of the KL term: the policy as it was before training.
 
-    SWAP POINT for the lead: this is the smallest stand-in. Once `llmkit.peft.disabled(model)` exists
-    (helper B's branch: the policy with its adapter switched off), an adapter run needs no copy:
-    `with disabled(model): return batched_logprobs(model, ...)`. Until then, a frozen deepcopy of the
-    base model, taken before the PEFT method is applied (+1 copy of the weights in memory)."""
+    When the policy's PEFT method can switch its adapter off (LoRA, QLoRA, bottleneck adapters:
+    `llmkit.peft.disabled`), π_ref is the same model with the adapter off, so it costs no second copy
+    of the weights. Otherwise (full or selective fine-tuning, prompt tuning, LLaMA-Adapter) it is a
+    frozen copy taken before the first update (+1 copy of the weights in memory)."""
 
-    def __init__(self, base: nn.Module):
-        self.model = copy.deepcopy(base).eval().requires_grad_(False)
+    def __init__(self, policy: nn.Module):  # the policy with its PEFT method already applied
+        self.copy = None if can_disable(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def to(self, device) -> "Reference":
+        if self.copy is not None:
+            self.copy.to(device)
+        return self
 
     def logps(self, policy: nn.Module, idx: torch.Tensor, targets: torch.Tensor, micro_batch: int,
               autocast=None) -> torch.Tensor:
-        return batched_logprobs(self.model, idx, targets, micro_batch, autocast)
+        if self.copy is not None:
+            return batched_logprobs(self.copy, idx, targets, micro_batch, autocast)
+        with disabled(policy):
+            return batched_logprobs(policy, idx, targets, micro_batch, autocast)
 
 
 # ------------------------------------------------------------------ loss and evaluation
@@ -278,11 +287,9 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
         raise LLMKitError(f"a prompt of {longest} tokens + grpo.max_new_tokens {g.max_new_tokens} does not fit "
                           f"data.seq_len {d.seq_len} / the model's {model.max_tokens} tokens")
 
-    reference = FrozenReference(model) if g.beta > 0 else None  # before the adapter: the base policy
     apply_peft_method(model, cfg.method, cfg, tokenizer)
     model.to(device).train()
-    if reference is not None:
-        reference.model.to(device)
+    reference = Reference(model).to(device) if g.beta > 0 else None
     params = trainable_summary(model)
     lr, min_lr = o.peak(get_method(cfg.method).default_lr)
     optimizer = OPTIMIZERS[o.name](model, lr, o.weight_decay, (o.beta1, o.beta2), o.eps)

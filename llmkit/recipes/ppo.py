@@ -41,7 +41,7 @@ from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_met
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import OptimSection, TrainSection, check_sections, every
-from .grpo import (FrozenReference, GRPODataSection, evaluate_rewards, load_prompt_rows, plot_rewards, prompt_stream,
+from .grpo import (Reference, GRPODataSection, evaluate_rewards, load_prompt_rows, plot_rewards, prompt_stream,
                    score_completions, update_batches)
 
 
@@ -172,11 +172,9 @@ def ppo(cfg: PPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: b
     device = resolve_device(t.device)
     reward_fns = rewards if rewards is not None else get_rewards(p.rewards)
     train_rows, val_rows = load_prompt_rows(d, t.seed)
-    reference = FrozenReference(model) if p.kl_coef > 0 else None
     apply_peft_method(model, cfg.method, cfg, tokenizer)
     pv = PolicyWithValue(model).to(device).train()
-    if reference is not None:
-        reference.model.to(device)
+    reference = Reference(model).to(device) if p.kl_coef > 0 else None
     params = trainable_summary(model)
     lr, min_lr = o.peak(get_method(cfg.method).default_lr)
     optimizer = OPTIMIZERS[o.name](pv, lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
