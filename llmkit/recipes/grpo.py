@@ -45,12 +45,13 @@ from ..inference import SamplingParams, generate_batch
 from ..io import atomic_path, atomic_write_json, check_overwrite
 from ..losses import group_advantages, grpo_loss, sequence_logprobs
 from ..peft import apply_method as apply_peft_method
-from ..peft import can_disable, disabled, get_method, save_adapter, trainable_summary
+from ..peft import can_disable, disabled, get_method, trainable_summary
 from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_sections, every
+from .finetune import write_model
 
 
 @dataclass
@@ -365,12 +366,7 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
                "val_prompts": len(val_rows), "trainable_params": params["trainable"], "total_params": params["total"],
                "before": before, "after": last_eval, "train_seconds": elapsed}
     resolved = dataclasses.asdict(cfg)
-    if get_method(cfg.method).saves_adapter:
-        save_adapter(model, out, base_model=cfg.model, force=True, extra={"grpo": resolved}, method=cfg.method)
-    else:
-        from ..checkpoint import save_checkpoint
-
-        save_checkpoint(model, out, tokenizer=tokenizer, meta={"grpo": resolved}, force=True)
+    write_model(model, out, cfg.method, cfg.model, tokenizer, {"grpo": resolved})
     os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
     plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png", title=f"GRPO ({cfg.method})")
     atomic_write_json(out / "grpo.json", {"config": resolved, "summary": summary})

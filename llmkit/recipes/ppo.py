@@ -35,12 +35,13 @@ from ..inference import SamplingParams
 from ..io import atomic_path, atomic_write_json, check_overwrite
 from ..losses import entropy_from_logits, gae, gather_logprobs, masked_mean, ppo_losses
 from ..peft import apply_method as apply_peft_method
-from ..peft import get_method, save_adapter, trainable_summary
+from ..peft import get_method, trainable_summary
 from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import OptimSection, TrainSection, check_sections, every
+from .finetune import write_model
 from .grpo import (Reference, GRPODataSection, evaluate_rewards, load_prompt_rows, plot_rewards, prompt_stream,
                    score_completions, update_batches)
 
@@ -251,12 +252,7 @@ def ppo(cfg: PPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: b
                "val_prompts": len(val_rows), "trainable_params": params["trainable"], "total_params": params["total"],
                "before": before, "after": last_eval, "train_seconds": elapsed}
     resolved = dataclasses.asdict(cfg)
-    if get_method(cfg.method).saves_adapter:
-        save_adapter(model, out, base_model=cfg.model, force=True, extra={"ppo": resolved}, method=cfg.method)
-    else:
-        from ..checkpoint import save_checkpoint
-
-        save_checkpoint(model, out, tokenizer=tokenizer, meta={"ppo": resolved}, force=True)
+    write_model(model, out, cfg.method, cfg.model, tokenizer, {"ppo": resolved})
     from safetensors.torch import save_file
 
     with atomic_path(out / "value_head.safetensors") as tmp:
