@@ -76,6 +76,19 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def check_inputs(cfg, data_hint: str = "--data FILE[,FILE...]") -> None:
+    """What every training recipe needs before anything loads: a model, data files (a YAML string
+    becomes a one-item list), an output directory; a one-line error naming the missing flag."""
+    if not cfg.model:
+        raise LLMKitError("no model given (--model)")
+    if isinstance(cfg.data.files, str):  # `files: a.jsonl` in YAML
+        cfg.data.files = [cfg.data.files]
+    if not cfg.data.files:
+        raise LLMKitError(f"no data given ({data_hint})")
+    if not cfg.train.out_dir:
+        raise LLMKitError("no output directory given (--out)")
+
+
 def check_sections(data: DataSection, optim: OptimSection, train: TrainSection, world: int) -> tuple[int, int]:
     """Validate the shared sections; returns (micro batch per rank, accumulation steps)."""
     if optim.name not in OPTIMIZERS:

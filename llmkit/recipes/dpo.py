@@ -51,7 +51,7 @@ from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wra
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .config import DataSection, OptimSection, TrainSection, check_sections, every
+from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
 from .finetune import load_base, start_point, write_model
 
 
@@ -109,14 +109,7 @@ class DPOConfig:
             raise LLMKitError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise LLMKitError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not self.model:
-            raise LLMKitError("no model given (--model)")
-        if isinstance(self.data.files, str):
-            self.data.files = [self.data.files]
-        if not self.data.files:
-            raise LLMKitError("no data given (--data FILE[,FILE...])")
-        if not self.train.out_dir:
-            raise LLMKitError("no output directory given (--out)")
+        check_inputs(self)
         micro, accum = check_sections(self.data, self.optim, self.train, world)
         if world > 1 and self.train.strategy == "fsdp":  # the output gathering of finetune is not wired here
             raise LLMKitError("the preference recipe runs multi-process with train.strategy=ddp, not fsdp")

@@ -49,7 +49,7 @@ from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distri
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .config import DataSection, OptimSection, TrainSection, check_sections, every
+from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
 
 
 @dataclass
@@ -83,14 +83,7 @@ class FinetuneConfig:
     def validate(self, world: int = 1) -> tuple[int, int]:
         """Check the config; returns (micro batch per rank, accumulation steps)."""
         method = get_method(self.method)  # an unknown name raises, naming the close spelling
-        if not self.model:
-            raise LLMKitError("no model given (--model)")
-        if isinstance(self.data.files, str):  # `files: a.jsonl` in YAML
-            self.data.files = [self.data.files]
-        if not self.data.files:
-            raise LLMKitError("no data given (--data FILE[,FILE...])")
-        if not self.train.out_dir:
-            raise LLMKitError("no output directory given (--out)")
+        check_inputs(self)
         micro, accum = check_sections(self.data, self.optim, self.train, world)
         if method.validate is not None:
             method.validate(self)

@@ -50,7 +50,7 @@ from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .config import DataSection, OptimSection, TrainSection, check_sections, every
+from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
 from .finetune import write_model
 
 
@@ -93,14 +93,7 @@ class GRPOConfig:
 
     def validate(self) -> tuple[int, int]:
         get_method(self.method)
-        if not self.model:
-            raise LLMKitError("no model given (--model)")
-        if isinstance(self.data.files, str):
-            self.data.files = [self.data.files]
-        if not self.data.files:
-            raise LLMKitError(f"no prompts given (--data FILE.jsonl, or --data {TOY})")
-        if not self.train.out_dir:
-            raise LLMKitError("no output directory given (--out)")
+        check_inputs(self, f"--data FILE.jsonl, or --data {TOY}")
         micro, accum = check_sections(self.data, self.optim, self.train, 1)
         g = self.grpo
         if g.group_size < 2:

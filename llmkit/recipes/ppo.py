@@ -40,7 +40,7 @@ from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .config import OptimSection, TrainSection, check_sections, every
+from .config import OptimSection, TrainSection, check_inputs, check_sections, every
 from .finetune import write_model
 from .grpo import (Reference, GRPODataSection, evaluate_rewards, load_prompt_rows, plot_rewards, prompt_stream,
                    score_completions, update_batches)
@@ -78,14 +78,7 @@ class PPOConfig:
 
     def validate(self) -> tuple[int, int]:
         get_method(self.method)
-        if not self.model:
-            raise LLMKitError("no model given (--model)")
-        if isinstance(self.data.files, str):
-            self.data.files = [self.data.files]
-        if not self.data.files:
-            raise LLMKitError(f"no prompts given (--data FILE.jsonl, or --data {TOY})")
-        if not self.train.out_dir:
-            raise LLMKitError("no output directory given (--out)")
+        check_inputs(self, f"--data FILE.jsonl, or --data {TOY}")
         if self.reward_model:
             raise LLMKitError("--reward-model is not wired into PPO yet; use verifiable rewards (ppo.rewards=...)")
         micro, accum = check_sections(self.data, self.optim, self.train, 1)

@@ -28,7 +28,7 @@ from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
 from ..train.average import TailAverage, in_tail
 from ..train.data import BatchLoader, TokenShards, eval_windows, read_manifest
-from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
+from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, wrap_model
 from ..train.loop import (MetricsLogger, autocast_context, evaluate, lm_loss, plot_metrics, progress_bar,
                           read_metrics, sample_text, train_step)
 from ..train.mfu import device_peak_flops, mfu

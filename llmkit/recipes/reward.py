@@ -43,7 +43,7 @@ from ..train.dist import pick_device
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .config import DataSection, OptimSection, TrainSection, check_sections, every
+from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
 
 
 @dataclass
@@ -76,14 +76,7 @@ class RewardConfig:
         missing = [s for s in method.sections if not hasattr(self, s)]
         if missing:
             raise LLMKitError(f"method {self.method} is not available for reward models (use lora, full or selective)")
-        if not self.model:
-            raise LLMKitError("no model given (--model)")
-        if isinstance(self.data.files, str):
-            self.data.files = [self.data.files]
-        if not self.data.files:
-            raise LLMKitError("no data given (--data FILE[,FILE...])")
-        if not self.train.out_dir:
-            raise LLMKitError("no output directory given (--out)")
+        check_inputs(self)
         micro, accum = check_sections(self.data, self.optim, self.train, 1)
         if method.validate is not None:
             method.validate(self)
