@@ -40,17 +40,8 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
 
 LLAMA_CPP = """
 import sys
-import llama_cpp.llama_cpp as lc
-from llama_cpp import Llama
-# llama.cpp's standard CPU kernels: its AMX "extra buffer" path crashes on prefill with 0.3.36 (see
-# _llama_load in llmkit/cli/bench.py, not imported here: importing torch would count in this RSS)
-default = lc.llama_model_default_params
-def no_extra_bufts():
-    p = default()
-    p.use_extra_bufts = False
-    return p
-lc.llama_model_default_params = no_extra_bufts
-llm = Llama(model_path=sys.argv[1], n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+from llmkit.llamacpp import load_llama  # imports no torch: this child's RSS is llama.cpp's own
+llm = load_llama(sys.argv[1], 2, 256)
 out = llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=int(sys.argv[3]), temperature=0)
 print(out["choices"][0]["message"]["content"])
 """

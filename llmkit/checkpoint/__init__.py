@@ -25,7 +25,7 @@ from ..io import atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
 from .hf import (config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
-                 state_dict_from_hf)
+                 state_dict_from_hf, weight_files)
 
 META_FILE = "llmkit.json"
 
@@ -92,14 +92,7 @@ def read_safetensors_copy(d: Path) -> dict[str, torch.Tensor]:
     {name: {dtype, shape, data_offsets}}, then the data."""
     import struct
 
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
-    else:
-        files = ["model.safetensors"]
+    files = weight_files(d)
     out: dict[str, torch.Tensor] = {}
     for name in files:
         p = d / name

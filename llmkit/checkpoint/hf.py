@@ -221,22 +221,28 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LLMKitError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+def weight_files(d: Path) -> list[str]:
+    """The safetensors files of a checkpoint folder: the shards its index names, else model.safetensors."""
     index = d / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
-        sd = {}
-        for f in files:
-            sd.update(read_safetensors(d / f))
-        return sd
-    if (d / "model.safetensors").exists():
-        return read_safetensors(d / "model.safetensors")
-    if list(d.glob("*.bin")) or list(d.glob("*.pt")):
-        raise LLMKitError(f"{d} holds only pickle weights (.bin/.pt); llmkit never unpickles: convert to safetensors")
-    raise LLMKitError(f"{d} has no model.safetensors or model.safetensors.index.json")
+    if not index.exists():
+        return ["model.safetensors"]
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError) as e:
+        raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
+
+
+def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    files = weight_files(d)
+    if files == ["model.safetensors"] and not (d / files[0]).exists():
+        if list(d.glob("*.bin")) or list(d.glob("*.pt")):
+            raise LLMKitError(f"{d} holds only pickle weights (.bin/.pt); llmkit never unpickles: "
+                              "convert to safetensors")
+        raise LLMKitError(f"{d} has no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for f in files:
+        sd.update(read_safetensors(d / f))
+    return sd
 
 
 def read_config_json(d: Path) -> dict:

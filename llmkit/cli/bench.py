@@ -102,28 +102,6 @@ def _hf(model, prompt, n_new):
             "decode_tok_s": (len(tokens) - 1) / max(total - ttft, 1e-9), "tokens": tokens}
 
 
-def _llama_load(path, threads, n_ctx):
-    """llama.cpp with its standard CPU kernels. Its AMX "extra buffer" path (chosen automatically on
-    CPUs with AMX when built with GGML_NATIVE) segfaults in ggml_backend_amx_mul_mat on multi-token
-    batches of this Q4_1 model (llama-cpp-python 0.3.36), so extra buffer types are turned off; the
-    high-level `Llama` has no argument for it, hence the scoped patch of its default model params."""
-    import llama_cpp.llama_cpp as lc
-    from llama_cpp import Llama
-
-    default = lc.llama_model_default_params
-
-    def no_extra_bufts():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = no_extra_bufts
-    try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    finally:
-        lc.llama_model_default_params = default
-
-
 def _llama(llm, prompt, n_new):
     llm.reset()
     t0 = time.perf_counter()
@@ -182,8 +160,10 @@ def run_decode(args) -> int:
             if kind != "gguf":
                 skipped[c] = "llama.cpp needs a GGUF model"
                 continue
+            from ..llamacpp import load_llama
+
             try:
-                llm = _llama_load(path, args.threads, args.prompt_tokens + args.new_tokens + 8)
+                llm = load_llama(path, args.threads, args.prompt_tokens + args.new_tokens + 8)
             except ImportError:
                 skipped[c] = "llama-cpp-python is not installed"
                 continue

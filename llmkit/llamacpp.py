@@ -1,0 +1,24 @@
+"""llama.cpp (llama-cpp-python), the reference engine of the benchmarks. Imports no torch, so a child
+process that runs only llama.cpp measures llama.cpp's own memory."""
+
+
+def load_llama(path, threads: int, n_ctx: int):
+    """llama.cpp with its standard CPU kernels. Its AMX "extra buffer" path (chosen automatically on
+    CPUs with AMX when built with GGML_NATIVE) segfaults in ggml_backend_amx_mul_mat on multi-token
+    batches of this Q4_1 model (llama-cpp-python 0.3.36), so extra buffer types are turned off; the
+    high-level `Llama` has no argument for it, hence the scoped patch of its default model params."""
+    import llama_cpp.llama_cpp as lc
+    from llama_cpp import Llama
+
+    default = lc.llama_model_default_params
+
+    def no_extra_bufts():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = no_extra_bufts
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    finally:
+        lc.llama_model_default_params = default
