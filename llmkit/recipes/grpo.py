@@ -252,13 +252,11 @@ def update_batches(r: Rollout, per_row: dict[str, torch.Tensor], batch_size: int
     return steps
 
 
-def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
-         force: bool = False, rewards: dict | None = None) -> dict:
-    """Train with GRPO and write cfg.train.out_dir; returns the summary (also in grpo.json).
-    `model`/`tokenizer` may be given directly (tests); otherwise cfg.model is loaded. `rewards`: {name:
-    function (completion, example) -> float} to use instead of the named ones in cfg.grpo.rewards. One process."""
-    t, g, d, o = cfg.train, cfg.grpo, cfg.data, cfg.optim
-    micro, _ = cfg.validate()
+def rl_start(cfg, model: nn.Module | None, tokenizer, force: bool, max_new_tokens: int, section: str):
+    """What the RL recipes (GRPO, PPO) do before their loop: claim OUT (OUT.partial holds the metrics until
+    the result is written), seed, load the model unless given, read the prompts, and check that the longest
+    chat prompt plus `max_new_tokens` fits. -> (out, partial, model, tokenizer, device, train rows, val rows)."""
+    t, d = cfg.train, cfg.data
     out = Path(t.out_dir)
     partial = out.with_name(out.name + ".partial")
     check_overwrite(out, force)
@@ -273,13 +271,24 @@ def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet:
         model, tokenizer = load_model(cfg.model)
     if tokenizer is None or tokenizer.eos_id is None:
         raise LLMKitError(f"model {cfg.model!r} needs a tokenizer with an eos token (chat prompts, end of answers)")
-    device = resolve_device(t.device)
-    reward_fns = rewards if rewards is not None else get_rewards(g.rewards)
     train_rows, val_rows = load_prompt_rows(d, t.seed)
     longest = max(len(chat_prompt(tokenizer, r, d.system, d.prefill)) for r in train_rows + val_rows)
-    if longest + g.max_new_tokens > min(d.seq_len, model.max_tokens):
-        raise LLMKitError(f"a prompt of {longest} tokens + grpo.max_new_tokens {g.max_new_tokens} does not fit "
+    if longest + max_new_tokens > min(d.seq_len, model.max_tokens):
+        raise LLMKitError(f"a prompt of {longest} tokens + {section}.max_new_tokens {max_new_tokens} does not fit "
                           f"data.seq_len {d.seq_len} / the model's {model.max_tokens} tokens")
+    return out, partial, model, tokenizer, resolve_device(t.device), train_rows, val_rows
+
+
+def grpo(cfg: GRPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
+         force: bool = False, rewards: dict | None = None) -> dict:
+    """Train with GRPO and write cfg.train.out_dir; returns the summary (also in grpo.json).
+    `model`/`tokenizer` may be given directly (tests); otherwise cfg.model is loaded. `rewards`: {name:
+    function (completion, example) -> float} to use instead of the named ones in cfg.grpo.rewards. One process."""
+    t, g, d, o = cfg.train, cfg.grpo, cfg.data, cfg.optim
+    micro, _ = cfg.validate()
+    reward_fns = rewards if rewards is not None else get_rewards(g.rewards)
+    out, partial, model, tokenizer, device, train_rows, val_rows = rl_start(cfg, model, tokenizer, force,
+                                                                            g.max_new_tokens, "grpo")
 
     apply_peft_method(model, cfg.method, cfg, tokenizer)
     model.to(device).train()

@@ -21,7 +21,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,10 +28,9 @@ import torch.nn as nn
 from ..align.rewards import get_rewards
 from ..align.rollout import sample_rollouts
 from ..align.tasks import TOY, chat_prompt
-from ..devices import resolve_device
 from ..errors import LLMKitError
 from ..inference import SamplingParams
-from ..io import atomic_path, atomic_write_json, check_overwrite
+from ..io import atomic_path, atomic_write_json
 from ..losses import entropy_from_logits, gae, gather_logprobs, masked_mean, ppo_losses
 from ..peft import apply_method as apply_peft_method
 from ..peft import get_method, trainable_summary
@@ -42,7 +40,7 @@ from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import OptimSection, TrainSection, check_inputs, check_sections, every
 from .finetune import write_model
-from .grpo import (Reference, GRPODataSection, evaluate_rewards, load_prompt_rows, plot_rewards, prompt_stream,
+from .grpo import (GRPODataSection, Reference, evaluate_rewards, plot_rewards, prompt_stream, rl_start,
                    score_completions, update_batches)
 
 
@@ -149,23 +147,9 @@ def ppo(cfg: PPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: b
     {name: function (completion, example) -> float} instead of cfg.ppo.rewards (e.g. a reward model's score)."""
     t, p, d, o = cfg.train, cfg.ppo, cfg.data, cfg.optim
     micro, _ = cfg.validate()
-    out = Path(t.out_dir)
-    partial = out.with_name(out.name + ".partial")
-    check_overwrite(out, force)
-    if partial.exists():
-        shutil.rmtree(partial)
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if model is None:
-        from ..loading import load_model
-
-        model, tokenizer = load_model(cfg.model)
-    if tokenizer is None or tokenizer.eos_id is None:
-        raise LLMKitError(f"model {cfg.model!r} needs a tokenizer with an eos token (chat prompts, end of answers)")
-    device = resolve_device(t.device)
     reward_fns = rewards if rewards is not None else get_rewards(p.rewards)
-    train_rows, val_rows = load_prompt_rows(d, t.seed)
+    out, partial, model, tokenizer, device, train_rows, val_rows = rl_start(cfg, model, tokenizer, force,
+                                                                            p.max_new_tokens, "ppo")
     apply_peft_method(model, cfg.method, cfg, tokenizer)
     pv = PolicyWithValue(model).to(device).train()
     reference = Reference(model).to(device) if p.kl_coef > 0 else None
