@@ -19,6 +19,7 @@ without a second copy: DPO's reference).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,13 +46,28 @@ __all__ = ["apply_lora", "LoRAConfig", "LoRALinear", "merge_lora", "unmerge_lora
            "save_adapter", "load_adapter", "adapter_method", "unload", "CONFIG_FILE", "WEIGHTS_FILE",
            "PeftMethod", "register", "get_method", "default_sections", "apply_method", "default_lr", "METHODS",
            "AdapterSection", "LlamaAdapterSection", "PromptSection", "QLoRASection", "SelectiveSection",
-           "disabled", "can_disable"]
+           "disabled", "can_disable", "PeftSections"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "llmkit_adapter.json"  # llmkit-only facts (e.g. trained on an NF4 base) kept out of peft's config
 
 METHODS = method_names()  # the built-in methods; get_method also finds ones registered later
+
+
+def _sections_dataclass():
+    """One dataclass whose fields are the config sections of every registered method (lora, qlora,
+    adapter, prompt, ...), each at its defaults. Recipe configs inherit it, so a method registered in
+    its own file brings its `key:` section to every recipe without an edit there."""
+    sections: dict[str, type] = {}
+    for name in METHODS:
+        for key, cls in get_method(name).sections.items():
+            sections.setdefault(key, cls)
+    return dataclasses.make_dataclass("PeftSections", [(k, c, dataclasses.field(default_factory=c))
+                                                       for k, c in sections.items()])
+
+
+PeftSections = _sections_dataclass()
 
 
 def default_lr(name: str) -> float:

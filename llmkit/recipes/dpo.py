@@ -43,9 +43,7 @@ from ..errors import LLMKitError, closest
 from ..finetune.data import IGNORE, example_stream
 from ..io import atomic_path, atomic_write_json
 from ..losses import dpo_loss, ipo_loss, sequence_logprobs
-from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
-                    apply_method, can_disable, disabled, get_method, trainable_summary)
-from ..peft.lora import LoRAConfig
+from ..peft import PeftSections, apply_method, can_disable, disabled, get_method, trainable_summary
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
@@ -77,7 +75,7 @@ class PreferenceDataSection(DataSection):
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(PeftSections):
     model: str = ""  # --model
     base_adapter: str | None = None  # a LoRA merged into the model first (continue from an SFT adapter)
     loss_type: str = "dpo"  # dpo | ipo (llmkit align --method)
@@ -91,12 +89,7 @@ class DPOConfig:
     # train.batch_size preference pairs per optimiser step (2x as many sequences)
     train: TrainSection = field(default_factory=lambda: TrainSection(
         steps=100, batch_size=4, seed=0, eval_every=50, ckpt_every=100, keep_last=2))
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    qlora: QLoRASection = field(default_factory=QLoRASection)
-    selective: SelectiveSection = field(default_factory=SelectiveSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    prompt: PromptSection = field(default_factory=PromptSection)
-    llama_adapter: LlamaAdapterSection = field(default_factory=LlamaAdapterSection)
+    # + the sections of every PEFT method (lora:, qlora:, adapter:, ...), from llmkit.peft.PeftSections
 
     def validate(self, world: int = 1) -> tuple[int, int]:
         method = get_method(self.peft)

@@ -41,9 +41,7 @@ from ..io import atomic_write_json, check_overwrite
 from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
-from ..peft import (AdapterSection, LlamaAdapterSection, PromptSection, QLoRASection, SelectiveSection,
-                    get_method, memory_report, save_adapter, trainable_summary)
-from ..peft.lora import LoRAConfig
+from ..peft import PeftSections, get_method, memory_report, save_adapter, trainable_summary
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
@@ -63,7 +61,7 @@ class SFTDataSection(DataSection):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(PeftSections):
     model: str = ""  # --model
     base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
     method: str = "lora"
@@ -73,12 +71,7 @@ class FinetuneConfig:
     # train.batch_size examples (or packed rows) per optimiser step; micro_batch_size < batch_size accumulates
     train: TrainSection = field(default_factory=lambda: TrainSection(
         steps=100, batch_size=4, seed=0, eval_every=50, ckpt_every=100, keep_last=2))
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    qlora: QLoRASection = field(default_factory=QLoRASection)
-    selective: SelectiveSection = field(default_factory=SelectiveSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    prompt: PromptSection = field(default_factory=PromptSection)
-    llama_adapter: LlamaAdapterSection = field(default_factory=LlamaAdapterSection)
+    # + the sections of every PEFT method (lora:, qlora:, adapter:, ...), from llmkit.peft.PeftSections
 
     def validate(self, world: int = 1) -> tuple[int, int]:
         """Check the config; returns (micro batch per rank, accumulation steps)."""

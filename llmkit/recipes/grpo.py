@@ -45,7 +45,7 @@ from ..inference import SamplingParams, generate_batch
 from ..io import atomic_path, atomic_write_json, check_overwrite
 from ..losses import group_advantages, grpo_loss, sequence_logprobs
 from ..peft import apply_method as apply_peft_method
-from ..peft import can_disable, disabled, get_method, trainable_summary
+from ..peft import PeftSections, can_disable, disabled, get_method, trainable_summary
 from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
@@ -79,7 +79,7 @@ class GRPOSection:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(PeftSections):  # + every PEFT method's section (lora:, adapter:, ...)
     model: str = ""
     method: str = "lora"  # any PEFT method of llmkit.peft (lora, full, ...)
     data: GRPODataSection = field(default_factory=lambda: GRPODataSection(seq_len=512))

@@ -33,7 +33,7 @@ from ..inference import SamplingParams
 from ..io import atomic_path, atomic_write_json
 from ..losses import entropy_from_logits, gae, gather_logprobs, masked_mean, ppo_losses
 from ..peft import apply_method as apply_peft_method
-from ..peft import get_method, trainable_summary
+from ..peft import PeftSections, get_method, trainable_summary
 from ..peft.lora import LoRAConfig
 from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
@@ -63,7 +63,7 @@ class PPOSection:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PeftSections):  # + every PEFT method's section (lora:, adapter:, ...)
     model: str = ""
     reward_model: str | None = None  # --reward-model: not wired on this branch (see ppo())
     method: str = "lora"
