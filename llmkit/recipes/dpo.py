@@ -19,7 +19,7 @@ The reference costs no second copy of the model:
 
 The loop, resume, output layout (OUT: the adapter or a checkpoint, metrics.jsonl, loss.png,
 rewards.png, dpo.json; OUT.partial/ while running) are the fine-tuning recipe's, through its shared
-pieces (start_point, load_base, write_model) and llmkit.train.
+pieces (llmkit/recipes/common.py) and llmkit.train.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .finetune import load_base, start_point, write_model
+from .common import load_base, restore, seed_torch, start_point, write_model
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,7 @@ def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, qu
     out = Path(t.out_dir)
     partial, ckpt_root, start_ckpt = start_point(out, resume, force, info)
 
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    seed_torch(t)
     if model is None:
         model, tokenizer = load_base(cfg.model, cfg.base_adapter)
     if tokenizer is None:
@@ -267,12 +265,7 @@ def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, qu
                    label_smoothing=cfg.label_smoothing)
     batches = PairBatches(len(data.train), t.batch_size, t.seed, info.rank, info.world)
 
-    start_step, state = 0, {}
-    if start_ckpt:
-        state = ckpt.load_train_state(start_ckpt, model, optimizer, trainable_only=True)
-        batches.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = int(state["step"])
+    start_step, state = restore(start_ckpt, model, optimizer, batches)
     logger = MetricsLogger(partial / "metrics.jsonl", enabled=info.is_main, tensorboard=False,
                            resume_step=start_step if start_ckpt else None)
 

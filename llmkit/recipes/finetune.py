@@ -37,17 +37,18 @@ import torch.nn.functional as F
 
 from ..errors import LLMKitError
 from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
-from ..io import atomic_write_json, check_overwrite
+from ..io import atomic_write_json
 from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
-from ..peft import PeftSections, get_method, memory_report, save_adapter, trainable_summary
+from ..peft import PeftSections, get_method, memory_report, trainable_summary
 from ..train import checkpoint as ckpt
-from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, unwrap, wrap_model
+from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
+from .common import load_base, restore, seed_torch, start_point, write_model
 
 
 @dataclass
@@ -175,49 +176,7 @@ class SFTBatches:
             self._draw()
 
 
-# ------------------------------------------------------------------ the run (pieces other recipes share)
-def start_point(out: Path, resume: bool | str, force: bool, info: DistInfo) -> tuple[Path, Path, str | None]:
-    """(OUT.partial, its checkpoints folder, the step checkpoint to resume from or None), decided by
-    rank 0 and agreed by all; fails now, not after training, when OUT exists or an interrupted run
-    would be overwritten silently."""
-    partial = out.with_name(out.name + ".partial")  # metrics and step checkpoints until OUT is written
-    ckpt_root = partial / "checkpoints"
-    start_ckpt = None
-    if info.is_main:
-        check_overwrite(out, force)
-        if resume:
-            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
-        elif partial.exists():
-            if not force:
-                raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
-                                  f"or --force to start over")
-            shutil.rmtree(partial)
-    return partial, ckpt_root, broadcast_object(str(start_ckpt) if start_ckpt else None)
-
-
-def load_base(name: str, base_adapter: str | None = None):
-    """(model, tokenizer) of `name`, with `base_adapter` (a LoRA) merged in: one plain model to train."""
-    from ..loading import load_model
-
-    model, tokenizer = load_model(name, adapter=base_adapter)
-    if base_adapter:
-        from ..peft import unload
-
-        with torch.no_grad():
-            unload(model, merge=True)  # continue from base + adapter as one plain model
-    return model, tokenizer
-
-
-def write_model(model: nn.Module, out: Path, method: str, base_name: str, tokenizer, meta: dict) -> None:
-    """The trained result: the method's adapter files, or a full checkpoint (full, selective)."""
-    if get_method(method).saves_adapter:
-        save_adapter(model, out, base_model=base_name, force=True, extra=meta, method=method)
-    else:
-        from ..checkpoint import save_checkpoint
-
-        save_checkpoint(model, out, tokenizer=tokenizer, meta=meta, force=True)
-
-
+# ------------------------------------------------------------------ the run
 def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
              resume: bool | str = False, force: bool = False) -> dict:
     """Fine-tune and write the result to cfg.train.out_dir. `model`/`tokenizer` may be given directly
@@ -230,9 +189,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     out = Path(t.out_dir)
     partial, ckpt_root, start_ckpt = start_point(out, resume, force, info)
 
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    seed_torch(t)
     if model is None:
         model, tokenizer = load_base(cfg.model, cfg.base_adapter)
     if tokenizer is None:
@@ -263,12 +220,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     autocast = autocast_context(info.device, t.dtype)
     batches = SFTBatches(data, t.batch_size, d.seq_len, pad_id, d.packing, t.seed, info.rank, info.world)
 
-    start_step, state = 0, {}
-    if start_ckpt:
-        state = ckpt.load_train_state(start_ckpt, model, optimizer, trainable_only=True)
-        batches.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = int(state["step"])
+    start_step, state = restore(start_ckpt, model, optimizer, batches)
     run_config = dataclasses.asdict(cfg)
     logger = MetricsLogger(partial / "metrics.jsonl", enabled=info.is_main, tensorboard=False,
                            resume_step=start_step if start_ckpt else None)

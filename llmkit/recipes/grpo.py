@@ -51,7 +51,7 @@ from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_met
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .finetune import write_model
+from .common import seed_torch, write_model
 
 
 @dataclass
@@ -262,9 +262,7 @@ def rl_start(cfg, model: nn.Module | None, tokenizer, force: bool, max_new_token
     check_overwrite(out, force)
     if partial.exists():
         shutil.rmtree(partial)
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    seed_torch(t)
     if model is None:
         from ..loading import load_model
 

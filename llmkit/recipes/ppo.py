@@ -39,7 +39,7 @@ from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_met
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import OptimSection, TrainSection, check_inputs, check_sections, every
-from .finetune import write_model
+from .common import write_model
 from .grpo import (GRPODataSection, Reference, evaluate_rewards, plot_rewards, prompt_stream, rl_start,
                    score_completions, update_batches)
 

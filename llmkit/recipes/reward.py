@@ -34,16 +34,17 @@ from ..align.reward import RewardModel, apply_method, is_reward_model, load_rewa
 from ..align.reward import save_reward_model
 from ..errors import LLMKitError
 from ..finetune.data import example_stream
-from ..io import atomic_write_json, check_overwrite
+from ..io import atomic_write_json
 from ..losses import bradley_terry_loss
 from ..peft import SelectiveSection, get_method, trainable_summary, unload
 from ..peft.lora import LoRAConfig
 from ..train import checkpoint as ckpt
-from ..train.dist import pick_device
+from ..train.dist import DistInfo, pick_device
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
+from .common import restore, seed_torch, start_point
 
 
 @dataclass
@@ -149,21 +150,9 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
     t, d, o = cfg.train, cfg.data, cfg.optim
     micro, _ = cfg.validate()
     out = Path(t.out_dir)
-    partial = out.with_name(out.name + ".partial")  # metrics and step checkpoints until OUT is written
-    ckpt_root = partial / "checkpoints"
-    check_overwrite(out, force)
-    start_ckpt = None
-    if resume:
-        start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
-    elif partial.exists():
-        if not force:
-            raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
-                              "or --force to start over")
-        shutil.rmtree(partial)
+    partial, ckpt_root, start_ckpt = start_point(out, resume, force, DistInfo())  # one process
 
-    torch.manual_seed(t.seed)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    seed_torch(t)
     if model is None:
         model, tokenizer = build_reward_model(cfg.model)
     if tokenizer is None:
@@ -184,12 +173,7 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
     autocast = autocast_context(device, t.dtype)
     batches = PairBatches(data.train, t.batch_size, t.seed)
 
-    start_step, state = 0, {}
-    if start_ckpt:
-        state = ckpt.load_train_state(start_ckpt, model, optimizer, trainable_only=True)
-        batches.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = int(state["step"])
+    start_step, state = restore(start_ckpt, model, optimizer, batches)
     run = state.get("loader", {})
     logger = MetricsLogger(partial / "metrics.jsonl", tensorboard=False, resume_step=start_step if start_ckpt else None)
 

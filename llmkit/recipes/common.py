@@ -1,0 +1,78 @@
+"""What every training recipe does around its loop, written once: claim the output directory and find
+the step checkpoint to resume from (`start_point`), seed and size torch (`seed_torch`), load the base
+model (`load_base`), restore a step checkpoint's optimiser, data position and RNG (`restore`), and write
+the trained result (`write_model`). The loops themselves stay in the recipes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import LLMKitError
+from ..io import check_overwrite
+from ..peft import get_method, save_adapter
+from ..train import checkpoint as ckpt
+from ..train.dist import DistInfo, broadcast_object
+
+
+def start_point(out: Path, resume: bool | str, force: bool, info: DistInfo) -> tuple[Path, Path, str | None]:
+    """(OUT.partial, its checkpoints folder, the step checkpoint to resume from or None), decided by
+    rank 0 and agreed by all; fails now, not after training, when OUT exists or an interrupted run
+    would be overwritten silently."""
+    partial = out.with_name(out.name + ".partial")  # metrics and step checkpoints until OUT is written
+    ckpt_root = partial / "checkpoints"
+    start_ckpt = None
+    if info.is_main:
+        check_overwrite(out, force)
+        if resume:
+            start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
+        elif partial.exists():
+            if not force:
+                raise LLMKitError(f"{partial} holds an interrupted run: pass --resume to continue it "
+                                  f"or --force to start over")
+            shutil.rmtree(partial)
+    return partial, ckpt_root, broadcast_object(str(start_ckpt) if start_ckpt else None)
+
+
+def load_base(name: str, base_adapter: str | None = None):
+    """(model, tokenizer) of `name`, with `base_adapter` (a LoRA) merged in: one plain model to train."""
+    from ..loading import load_model
+
+    model, tokenizer = load_model(name, adapter=base_adapter)
+    if base_adapter:
+        from ..peft import unload
+
+        with torch.no_grad():
+            unload(model, merge=True)  # continue from base + adapter as one plain model
+    return model, tokenizer
+
+
+def write_model(model: nn.Module, out: Path, method: str, base_name: str, tokenizer, meta: dict) -> None:
+    """The trained result: the method's adapter files, or a full checkpoint (full, selective)."""
+    if get_method(method).saves_adapter:
+        save_adapter(model, out, base_model=base_name, force=True, extra=meta, method=method)
+    else:
+        from ..checkpoint import save_checkpoint
+
+        save_checkpoint(model, out, tokenizer=tokenizer, meta=meta, force=True)
+
+
+def seed_torch(train) -> None:
+    """The run's seed, and its CPU threads when set (train: a TrainSection)."""
+    torch.manual_seed(train.seed)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+
+
+def restore(start_ckpt: str | None, model: nn.Module, optimizer, loader) -> tuple[int, dict]:
+    """Load a step checkpoint of trainable weights into model/optimizer, the data position into `loader`
+    (anything with load_state_dict) and the RNG: -> (its step, its train state); (0, {}) for a fresh run."""
+    if not start_ckpt:
+        return 0, {}
+    state = ckpt.load_train_state(start_ckpt, model, optimizer, trainable_only=True)
+    loader.load_state_dict(state["loader"])
+    ckpt.set_rng_state(state["rng"])
+    return int(state["step"]), state
