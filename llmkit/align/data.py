@@ -20,52 +20,21 @@ exactly. Labels are -100 on the prompt, so every response log-prob (DPO, PPO) an
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from ..errors import LLMKitError
-from ..finetune.data import IGNORE, SHAREGPT_ROLES, parse_file_specs
+from ..finetune.data import IGNORE, SHAREGPT_ROLES, parse_file_specs, read_records
 
 log = logging.getLogger(__name__)
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
-# ------------------------------------------------------------------ reading records
-def read_preference_records(path: Path) -> list[tuple[int, dict]]:
-    """[(row number, record)] from .jsonl / .json list, optionally .gz; rows count from 1."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LLMKitError(f"cannot read {path} ({e})") from None
-    if not text.strip():
-        raise LLMKitError(f"{path} is empty (no records)")
-    if text.lstrip().startswith("["):
-        try:
-            records = list(enumerate(json.loads(text), 1))
-        except ValueError as e:
-            raise LLMKitError(f"{path} is not valid JSON ({e})") from None
-    else:
-        records = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append((i, json.loads(line)))
-                except ValueError as e:
-                    raise LLMKitError(f"{path}:{i}: not valid JSON ({e})") from None
-    for i, r in records:
-        if not isinstance(r, dict):
-            raise LLMKitError(f"{path}:{i}: record must be a JSON object, got {type(r).__name__}")
-    return records
-
-
+# ------------------------------------------------------------------ reading records (finetune.data.read_records)
 def _reply(value, where: str, field: str) -> str:
     """A reply given as a string, one message ({"role"/"from", "content"/"value"}) or a list ending in one."""
     if isinstance(value, list):
@@ -207,7 +176,7 @@ def load_preference_data(files, tok, seq_len: int, val_fraction: float = 0.05, s
     train, val, dropped, truncated, names = [], [], 0, 0, []
     for path, _ in parse_file_specs(files):
         names.append(str(path))
-        records = read_preference_records(path)[: max_records or None]
+        records = read_records(path)[: max_records or None]
         pairs = []
         for row, rec in records:
             where = f"{path}:{row}"

@@ -45,7 +45,7 @@ def row_sequences(rec: dict, where: str, tok) -> dict[str, list[int]]:
 def run(args) -> int:
     import torch
 
-    from ..align.data import read_preference_records
+    from ..finetune.data import read_records
     from ..align.reward import load_reward_model, score_batches
     from ..devices import resolve_device
 
@@ -59,7 +59,7 @@ def run(args) -> int:
         raise LLMKitError(f"{args.model} has no tokenizer (tokenizer.json) to render the rows with")
     rm.to(resolve_device(args.device))
     rows, seqs = [], []
-    for i, rec in read_preference_records(path):
+    for i, rec in read_records(path):
         where = f"{path}:{i}"
         parts = row_sequences(rec, where, tok)
         for side, ids in parts.items():

@@ -63,11 +63,18 @@ def parse_file_specs(spec) -> list[tuple[Path, float]]:
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
-    """[(line number, record)] from a .jsonl file (or a .json list; its "lines" are list indices + 1)."""
-    text = path.read_text(encoding="utf-8")
+    """[(line number, record)] from a .jsonl file (or a .json list; its "lines" are list indices + 1),
+    either optionally gzipped (.gz). Shared by the SFT and preference loaders."""
+    import gzip
+
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMKitError(f"cannot read {path} ({e})") from None
     if not text.strip():
         raise LLMKitError(f"{path} is empty (no records)")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):  # a JSON list (a JSONL line starts with "{")
         try:
             data = json.loads(text)
         except ValueError as e:
