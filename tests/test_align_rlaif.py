@@ -24,8 +24,8 @@ def tok():
 
 
 def tiny(seed=0, ctx=1024):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=258, max_seq_len=ctx)).eval()  # vocab = the tokenizer
+    torch.manual_seed(seed)  # vocab = the tokenizer's, so every sampled id decodes
+    return Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=258, max_seq_len=ctx)).eval()
 
 
 def write_jsonl(path, rows):
