@@ -123,9 +123,12 @@ class Index:
         dense = self._dense(self.embedder.embed([query])[0], n) if mode != "bm25" else []
         ranked = fuse(mode, lexical, dense, k, rrf_k, dense_weight)
         rows = self._fetch([i for i, _ in ranked])
+        cos = dict(dense)
         hits = []
         for i, s in ranked:
             h = rows[i]
             h.score = float(s)
+            if i in cos:  # the query-chunk cosine, comparable across modes (answer.py's relevance threshold)
+                h.meta["cosine"] = cos[i]
             hits.append(h)
         return hits

@@ -55,7 +55,6 @@ class SQLiteIndex(Index):
             raise LLMKitError(f"index {self.path} already exists")
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None)  # transactions are explicit
-            self.db.execute("PRAGMA journal_mode=WAL")
             if create:
                 with self._transaction():
                     for stmt in SCHEMA.strip().split(";"):
