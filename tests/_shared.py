@@ -30,3 +30,13 @@ def byte_chat_tokenizer():
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     return Tokenizer(hf, eos_token="<|im_end|>")
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 260):
+    """A seeded random tiny-llama (vocab 260: the byte chat tokenizer's 258 ids fit) for the recipe tests."""
+    import torch
+
+    from llmkit.models import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=vocab_size, max_seq_len=512))

@@ -231,7 +231,7 @@ def test_resume_and_nan_keep_the_last_good_checkpoint(tmp_path, tok, monkeypatch
         return {**stats, "loss": float("nan")} if len(calls) == 3 else stats
 
     monkeypatch.setattr(rd, "train_step", nan_at_step_3)
-    with pytest.raises(LLMKitError, match=r"loss became nan .* at step 3; the last good checkpoint .*step_00000002"):
+    with pytest.raises(LLMKitError, match=r"loss became nan.* at step 3; the last good checkpoint .*step_00000002"):
         rd.train_dpo(dpo_cfg(data, tmp_path / "cut", *common), model=tiny(), tokenizer=tok, quiet=True)
     monkeypatch.undo()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut.partial" / "checkpoints")] == ["step_00000002"]

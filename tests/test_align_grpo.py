@@ -90,10 +90,22 @@ def test_toy_task_and_prompt_files(tmp_path, tok):
     assert "<think>" in text and rows[0]["question"] in text and text.endswith("<|im_start|>assistant\n")
     assert tok.decode(chat_prompt(tok, rows[0], prefill="<think>")) == text + "<think>"
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"input": "1+1?", "target": 2.0}) + "\n\n" + json.dumps({"question": "x"}) + "\n")
-    with pytest.raises(LLMKitError, match="p.jsonl:3"):
+    f.write_text(json.dumps({"input": "1+1?", "target": 2.0}) + "\n\n" + json.dumps({"answer": "x"}) + "\n")
+    with pytest.raises(LLMKitError, match="p.jsonl:3: a prompt row needs question"):
         load_prompts(f)
     assert load_prompts(f, max_records=1)[0]["answer"] == "2.0"
+    # prompts without answers (a reward model scores them): plain {"prompt"} rows and preference records
+    hh = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello", "rejected": "\n\nHuman: hi there\n\nAssistant: go"}
+    share = {"conversations": [{"from": "human", "value": "name a color"}], "chosen": {"from": "gpt", "value": "red"},
+             "rejected": {"from": "gpt", "value": "no"}}
+    f.write_text("".join(json.dumps(r) + "\n" for r in ({"prompt": "tell a joke"}, hh, share)))
+    rows = load_prompts(f)
+    assert [r["question"] for r in rows] == ["tell a joke", "hi there", "name a color"]
+    assert [r["answer"] for r in rows] == [None] * 3
+    assert rows[1]["messages"] == [{"role": "user", "content": "hi there"}]
+    assert "hi there" in tok.decode(chat_prompt(tok, rows[1], system="S")) and "S" in tok.decode(chat_prompt(tok, rows[1], system="S"))
+    with pytest.raises(LLMKitError, match="need a reward model"):
+        correctness_reward("5", rows[0])
 
 
 # ---------------------------------------------------------------- rollouts
@@ -203,7 +215,7 @@ def test_cli_align_grpo(tmp_path, tok, capsys):
     assert main(args[:-1] + ["--force", "grpo.temperature=0"]) == 2
     assert "temperature must be > 0" in capsys.readouterr().err
     ppo_args = ["align", "--method", "ppo"] + args[3:7] + ["--out", str(tmp_path / "ppo"), "--reward-model", "rm"]
-    assert main(ppo_args) == 2 and "--reward-model is not wired" in capsys.readouterr().err
+    assert main(ppo_args) == 2 and "rm is not a reward model directory" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- PPO

@@ -205,3 +205,53 @@ def check_same_tokenizer(rm_tokenizer, policy_tokenizer, rm_name: str = "the rew
         raise LLMKitError(f"{rm_name}'s tokenizer differs from the policy's (vocabularies of {rm_tokenizer.vocab_size} "
                           f"and {policy_tokenizer.vocab_size} tokens): train the reward model from the policy's "
                           "family (llmkit align --method rm --model POLICY)")
+
+
+# ------------------------------------------------------------------ the RM as a reward source of RL
+def prompt_messages(example: dict) -> list[dict]:
+    """The conversation a completion answers: the row's "messages" (prompts read from preference data), else
+    its question as one user turn. The policy's task system prompt is not part of it: it instructs the
+    policy, while the RM judges the conversation as its training pairs showed it."""
+    return list(example["messages"]) if example.get("messages") else [{"role": "user", "content": example["question"]}]
+
+
+class RewardModelReward:
+    """A trained RM as one reward function of llmkit.align.rewards (name "rm"): `(completion, example) ->
+    float`, and `score_batch(completions, examples)` to score a whole rollout in batches.
+
+    Each completion is laid out as the RM was trained (llmkit.align.data.tokenize_pair): the chat-templated
+    prompt, then the completion as the assistant's reply ending with the end-of-turn token; the reward is
+    the RM's score at the last non-pad token. The RM is frozen (eval mode, no gradients) on `device`."""
+
+    def __init__(self, rm: RewardModel, tokenizer, device=None, batch_size: int = 8):
+        self.rm = rm.eval().requires_grad_(False)
+        if device is not None:
+            self.rm.to(device)
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, policy_tokenizer, device=None, batch_size: int = 8) -> "RewardModelReward":
+        """Load the RM at `path` after checking, from its tokenizer file alone, that it shares the policy's
+        tokenizer (a one-line LLMKitError otherwise, before the weights are read)."""
+        from ..tokenizer import Tokenizer
+
+        d = Path(path)
+        if not is_reward_model(d):
+            raise LLMKitError(f"--reward-model {d} is not a reward model directory (config.json of a "
+                              "*ForSequenceClassification): train one with `llmkit align --method rm`")
+        rm_tok = Tokenizer.from_dir(d) if (d / "tokenizer.json").is_file() else None
+        check_same_tokenizer(rm_tok, policy_tokenizer, f"reward model {d}")
+        rm, _ = load_reward_model(d, with_tokenizer=False)
+        return cls(rm, policy_tokenizer, device, batch_size)
+
+    def ids(self, completion: str, example: dict) -> list[int]:
+        from .data import tokenize_pair
+
+        prompt, reply, _ = tokenize_pair(self.tokenizer, prompt_messages(example), completion, completion)
+        return prompt + reply
+
+    def score_batch(self, completions: list[str], examples: list[dict]) -> list[float]:
+        return score_batches(self.rm, [self.ids(c, e) for c, e in zip(completions, examples)], self.batch_size)
+
+    def __call__(self, completion: str, example: dict) -> float:
+        return self.score_batch([completion], [example])[0]

@@ -1,7 +1,9 @@
 """Prompt sets for RL with verifiable rewards: rows {"question", "answer"} turned into chat prompts.
 
     toy_arithmetic(n, seed)   2-3 digit addition word problems: learnable by a 135M model in minutes
-    load_prompts(path)        JSONL rows with question|prompt|input and answer|target (GSM8K, SVAMP, ...)
+    load_prompts(path)        rows with question|prompt|input and answer|target (GSM8K, SVAMP, ...), or the
+                              prompts of preference records (llmkit.align.data formats: ShareGPT, HH, plain),
+                              for a reward model to score; .jsonl, .json lists, gzipped too
     chat_prompt(tok, row)     the chat-templated prompt ids, asking for `<think>…</think>` then the answer
 
 The system prompt is DeepSeek-R1-Zero's template (DeepSeek-AI 2025, table 1), shortened.
@@ -9,7 +11,6 @@ The system prompt is DeepSeek-R1-Zero's template (DeepSeek-AI 2025, table 1), sh
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -40,28 +41,34 @@ def toy_arithmetic(n: int, seed: int = 0, low: int = 10, high: int = 999) -> lis
 
 
 def _normalise(row: dict, where: str) -> dict:
+    """A prompt row -> {"question", "answer" (None when the row has none: only a reward model can score
+    it), ["messages"]}. A preference record gives its prompt conversation (its replies are not used)."""
+    if not isinstance(row, dict):
+        raise LLMKitError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        from .data import to_pair
+
+        messages = to_pair(row, where)[0]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        return {"question": users[-1].strip(), "answer": None, "messages": messages}
     q = next((row[k] for k in ("question", "prompt", "input") if isinstance(row.get(k), str) and row[k].strip()), None)
     a = next((row[k] for k in ("answer", "target") if row.get(k) is not None), None)
-    if q is None or a is None:
-        raise LLMKitError(f"{where}: a prompt row needs question|prompt|input and answer|target "
-                          f"(got keys {', '.join(row) or 'none'})")
-    return {**row, "question": q.strip(), "answer": str(a)}
+    if q is None:
+        raise LLMKitError(f"{where}: a prompt row needs question|prompt|input (or a preference record's "
+                          f"prompt/chosen/rejected); got keys {', '.join(row) or 'none'}")
+    return {**row, "question": q.strip(), "answer": None if a is None else str(a)}
 
 
 def load_prompts(path: str | Path, max_records: int | None = None) -> list[dict]:
-    """Rows of a JSONL file as {"question", "answer", ...}; a row lacking either raises LLMKitError naming its line."""
+    """Rows of a JSONL/JSON(.gz) file as {"question", "answer", ...}; a bad row raises LLMKitError naming its line."""
+    from ..finetune.data import read_records
+
     p = Path(path)
     if not p.is_file():
         raise LLMKitError(f"prompt file not found: {p}")
     rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise LLMKitError(f"{p}:{i} is not JSON ({e})") from None
-        rows.append(_normalise(row, f"{p}:{i}"))
+    for i, rec in read_records(p):
+        rows.append(_normalise(rec, f"{p}:{i}"))
         if max_records and len(rows) >= max_records:
             break
     if not rows:
@@ -73,7 +80,8 @@ def chat_prompt(tokenizer, row: dict, system: str | None = SYSTEM, prefill: str 
     """Token ids of the chat-templated prompt (system + user question, generation prompt added), followed by
     `prefill`: the start of the assistant's answer written for it (e.g. "<think>", as TinyZero does, so a
     small model starts in the format and RL has rewards to compare from the first rollout)."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": row["question"]})
+    messages = list(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["question"]}]
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
     return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True) + prefill,
                             add_bos=False)

@@ -33,10 +33,9 @@ RECIPES: dict[str, AlignRecipe] = {
     "rm": AlignRecipe("llmkit.recipes.reward", "RewardConfig", "train_reward",
                       "reward model (InstructGPT: scalar head, Bradley-Terry loss)"),
     "grpo": AlignRecipe("llmkit.recipes.grpo", "GRPOConfig", "grpo",
-                        "GRPO (DeepSeekMath: group-normalised rewards, clipped ratio, k3 KL; no value model)",
-                        resumable=False),
+                        "GRPO (DeepSeekMath: group-normalised rewards, clipped ratio, k3 KL; no value model)"),
     "ppo": AlignRecipe("llmkit.recipes.ppo", "PPOConfig", "ppo",
-                       "PPO for RLHF (value head, per-token KL penalty, GAE, clipped surrogate)", resumable=False),
+                       "PPO for RLHF (value head, per-token KL penalty, GAE, clipped surrogate)"),
 }
 
 
@@ -50,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--method", required=True, choices=sorted(RECIPES), help="the alignment method")
     p.add_argument("--model", help="the model to align: registry name, GGUF file, HF directory or llmkit checkpoint")
     p.add_argument("--data", help="data file(s), comma-separated (data.files)")
-    p.add_argument("--reward-model", help="reward model (methods that score with one: ppo)")
+    p.add_argument("--reward-model", help="reward model directory (llmkit align --method rm) to score completions with (ppo, grpo: reward rm)")
     p.add_argument("--config", help="YAML file with the recipe's config fields")
     p.add_argument("--out", help="output directory (adapter, or a checkpoint for full weights)")
     p.add_argument("--device", choices=DEVICES, help="auto: CUDA, then MPS, then CPU (train.device)")

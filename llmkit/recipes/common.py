@@ -1,10 +1,12 @@
 """What every training recipe does around its loop, written once: claim the output directory and find
 the step checkpoint to resume from (`start_point`), seed and size torch (`seed_torch`), load the base
 model (`load_base`), restore a step checkpoint's optimiser, data position and RNG (`restore`), and write
-the trained result (`write_model`). The loops themselves stay in the recipes."""
+the trained result (`write_model`), and stop a run whose numbers stopped being finite
+(`stop_if_not_finite`). The loops themselves stay in the recipes."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -76,3 +78,18 @@ def restore(start_ckpt: str | None, model: nn.Module, optimizer, loader) -> tupl
     loader.load_state_dict(state["loader"])
     ckpt.set_rng_state(state["rng"])
     return int(state["step"]), state
+
+
+def stop_if_not_finite(values: dict, where: str, ckpt_root: Path | None = None, hint: str = "") -> None:
+    """Stop training when a reward, loss or gradient norm in `values` is NaN or infinite: a one-line
+    LLMKitError naming it, `where` it happened (the step) and the last good step checkpoint. The recipes
+    call this before they write the step's checkpoint, so no checkpoint ever holds a poisoned state;
+    `--resume` continues from the last good one."""
+    bad = [(k, v) for k, v in values.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
+    if not bad:
+        return
+    good = ckpt.latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    kept = (f"; the last good checkpoint {good} is kept (--resume continues from it)" if good
+            else "; no step checkpoint was written yet" if ckpt_root is not None else "")
+    what = f"{bad[0][0]} became {bad[0][1]}" + "".join(f", {k} {v}" for k, v in bad[1:])
+    raise LLMKitError(f"{what} at {where}{kept}" + (f"; {hint}" if hint else ""))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -50,7 +49,7 @@ from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import load_base, restore, seed_torch, start_point, write_model
+from .common import load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
 
 
 @dataclass(frozen=True)
@@ -294,12 +293,8 @@ def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, qu
         means = all_reduce_sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=info.device))
         rec = {"step": step, **{k: float(v) / info.world for k, v in zip(keys, means)}, "lr": cur,
                "grad_norm": stats["grad_norm"]}
-        if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
-            good = ckpt.latest_checkpoint(ckpt_root)
-            kept = (f"; the last good checkpoint {good} is kept (--resume continues from it)" if good
-                    else "; no step checkpoint was written yet")
-            raise LLMKitError(f"loss became {rec['loss']} (grad norm {rec['grad_norm']}) at step {step}{kept}; "
-                              f"lower optim.lr ({lr}) or beta ({cfg.beta})")
+        stop_if_not_finite({"loss": rec["loss"], "grad_norm": rec["grad_norm"]}, f"step {step}", ckpt_root,
+                           f"lower optim.lr ({lr}) or beta ({cfg.beta})")
         rec["elapsed_s"] = elapsed = elapsed_before + time.perf_counter() - t0
         if val and (every(t.eval_every, step) or step == t.steps):
             last_val = validation()

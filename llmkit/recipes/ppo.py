@@ -1,47 +1,40 @@
 """PPO for RLHF (Ouyang et al. 2022, InstructGPT; Schulman et al. 2017; the N+ implementation details of
 Huang et al. 2024): a policy with a value head, rollouts from the inference engine, a per-token KL penalty to
-the reference, GAE, and several epochs of clipped updates per rollout. One explicit loop; each iteration is
+the reference, GAE, and several epochs of clipped updates per rollout. Each iteration of the shared RL loop
+(recipes/rl.py: rollout, score, update, log, checkpoint) is, for PPO,
 
     rollout     P prompts x G completions (llmkit.align.rollout) + old log-probs
-    score       the reward of each completion (the reward functions; a reward model plugs in as one)
+    score       the reward sources summed: a reward model (--reward-model, reward "rm": its score of prompt +
+                completion at the last token), verifiable checks (correct, format), or both
     rewards     per token: -β (log π - log π_ref) on every response token, + the score on the last one
     values      the value head on the rollout (no grad); GAE(γ, λ) -> advantages (whitened) and returns
     update      `epochs` passes in shuffled minibatches, each a `train_step` with loss_fn = ppo_losses
+    β           fixed (ppo.kl_coef), or adapted towards ppo.kl_target (Ziegler et al. 2019, `adaptive_kl_coef`)
 
-The value head is one linear layer on the decoder's final hidden states (B, T, C) -> (B, T), trained with
-the adapter (`PolicyWithValue`); it is saved beside the adapter as value_head.safetensors. The prompt
-data, reference policy, evaluation and plots are GRPO's (recipes/grpo.py).
+    llmkit align --method ppo --model M --reward-model RM --data prompts.jsonl --out OUT data.system=null data.prefill=
+
+Prompts: a plain {"prompt": ...} JSONL, the prompts of preference data (dpo_en_demo.json, hh_rlhf_*.jsonl.gz),
+or question/answer rows for verifiable rewards. The value head is one linear layer on the decoder's final
+hidden states (B, T, C) -> (B, T), trained with the adapter (`PolicyWithValue`); it is saved beside the
+adapter as value_head.safetensors and in the step checkpoints, with β.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..align.rewards import get_rewards
-from ..align.rollout import sample_rollouts
-from ..align.tasks import TOY, chat_prompt
+from ..align.tasks import TOY
 from ..errors import LLMKitError
-from ..inference import SamplingParams
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path
 from ..losses import entropy_from_logits, gae, gather_logprobs, masked_mean, ppo_losses
-from ..peft import apply_method as apply_peft_method
-from ..peft import PeftSections, get_method, trainable_summary
+from ..peft import PeftSections, get_method
 from ..peft.lora import LoRAConfig
-from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
-from ..train.optim import OPTIMIZERS
-from ..train.schedule import lr_at, set_lr
-from .config import OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import write_model
-from .grpo import (GRPODataSection, Reference, evaluate_rewards, plot_rewards, prompt_stream, rl_start,
-                   score_completions, update_batches)
+from .config import OptimSection, TrainSection, check_inputs, check_sections
+from .rl import Algorithm, PromptDataSection, resolve_rewards, summary_lines, train_rl  # noqa: F401 (summary_lines)
 
 
 @dataclass
@@ -50,7 +43,10 @@ class PPOSection:
     prompts_per_step: int = 8
     max_new_tokens: int = 96
     temperature: float = 1.0
-    kl_coef: float = 0.05  # β of the per-token KL penalty in the reward
+    top_p: float = 1.0
+    kl_coef: float = 0.05  # β of the per-token KL penalty in the reward (the start value when adaptive)
+    kl_target: float | None = None  # adaptive β (Ziegler et al. 2019): the per-sequence KL to hold; None: fixed β
+    kl_horizon: float = 10000.0  # the adaptive controller's horizon, in completions (trl's default)
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -59,26 +55,27 @@ class PPOSection:
     ent_coef: float = 0.0
     epochs: int = 4  # passes over each rollout
     whiten: bool = True  # standardise the advantages over the rollout's response tokens
-    rewards: str = "correct,format"  # reward functions summed into the score
+    # rewards summed into the score (llmkit.align.rewards: rm, correct, exact, format); auto: rm with
+    # --reward-model, else correct,format
+    rewards: str = "auto"
 
 
 @dataclass
 class PPOConfig(PeftSections):  # + every PEFT method's section (lora:, adapter:, ...)
     model: str = ""
-    reward_model: str | None = None  # --reward-model: not wired on this branch (see ppo())
+    reward_model: str | None = None  # --reward-model: an RM directory (llmkit align --method rm), reward "rm"
     method: str = "lora"
-    data: GRPODataSection = field(default_factory=lambda: GRPODataSection(seq_len=512))
+    data: PromptDataSection = field(default_factory=lambda: PromptDataSection(seq_len=512))
     optim: OptimSection = field(default_factory=lambda: OptimSection(warmup_steps=0, weight_decay=0.0,
                                                                      schedule="constant"))
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=30, batch_size=8, seed=0, eval_every=0))
+    train: TrainSection = field(default_factory=lambda: TrainSection(steps=30, batch_size=8, seed=0, eval_every=0,
+                                                                     ckpt_every=10, keep_last=2))
     ppo: PPOSection = field(default_factory=PPOSection)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(dropout=0.0))
 
     def validate(self) -> tuple[int, int]:
         get_method(self.method)
         check_inputs(self, f"--data FILE.jsonl, or --data {TOY}")
-        if self.reward_model:
-            raise LLMKitError("--reward-model is not wired into PPO yet; use verifiable rewards (ppo.rewards=...)")
         micro, accum = check_sections(self.data, self.optim, self.train, 1)
         p = self.ppo
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "epochs"):
@@ -87,11 +84,14 @@ class PPOConfig(PeftSections):  # + every PEFT method's section (lora:, adapter:
         if not p.temperature > 0 or p.kl_coef < 0 or not 0 < p.clip_eps < 1:
             raise LLMKitError(f"ppo.temperature must be > 0, ppo.kl_coef >= 0 and ppo.clip_eps in (0, 1) "
                               f"(got {p.temperature}, {p.kl_coef}, {p.clip_eps})")
+        if p.kl_target is not None and not (p.kl_target > 0 and p.kl_horizon > 0 and p.kl_coef > 0):
+            raise LLMKitError(f"an adaptive KL (ppo.kl_target={p.kl_target}) needs ppo.kl_target > 0, ppo.kl_horizon > 0 "
+                              f"and a starting ppo.kl_coef > 0 (got {p.kl_horizon}, {p.kl_coef})")
         rows = p.prompts_per_step * p.group_size
         if rows % self.train.batch_size:
             raise LLMKitError(f"a rollout of {rows} completions (ppo.prompts_per_step x ppo.group_size) must split "
                               f"into minibatches of train.batch_size {self.train.batch_size}")
-        get_rewards(p.rewards)
+        p.rewards = resolve_rewards(p.rewards, self.reward_model, "ppo.rewards")
         return micro, accum
 
 
@@ -141,109 +141,55 @@ def token_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Te
     return rewards, kl
 
 
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: int) -> float:
+    """The next β of the adaptive KL controller (Ziegler et al. 2019, sec. 2.2; trl's AdaptiveKLController):
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2)        β <- β (1 + e · n / horizon)
+
+    kl: the measured KL(π‖π_ref) per completion (summed over its tokens) of the rollout just scored,
+    n: the completions it holds. β grows while the policy drifts past the target and shrinks below it."""
+    err = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + err * n / horizon)
+
+
+def ppo_algorithm(p: PPOSection):
+    """make(model, device) -> Algorithm: the policy and its value head train together; advantages from the
+    per-token rewards by GAE; β (kl_coef) is the resumable state."""
+
+    def make(model: nn.Module, device) -> Algorithm:
+        pv = PolicyWithValue(model)
+        ctl = {"kl_coef": p.kl_coef}
+
+        def advantages(r, score: torch.Tensor, ref, micro: int, autocast) -> tuple[dict, dict]:
+            pv.eval()
+            old_values = rollout_values(pv, r.idx, micro) * r.mask
+            pv.train()
+            beta = ctl["kl_coef"]
+            tok_rewards, kl = token_rewards(score, r.old_logps, ref, r.mask, beta)
+            adv, returns = gae(tok_rewards, old_values, r.mask, p.gamma, p.lam)
+            if p.whiten:  # Huang et al. 2024 detail: standardise over the response tokens of the rollout
+                mu = masked_mean(adv, r.mask)
+                var = masked_mean((adv - mu) ** 2, r.mask)
+                adv = (adv - mu) / (var.sqrt() + 1e-8) * r.mask
+            seq_kl = float(kl.sum(1).mean())  # per completion, summed over its tokens (k1)
+            if p.kl_target is not None:
+                ctl["kl_coef"] = adaptive_kl_coef(beta, seq_kl, p.kl_target, p.kl_horizon, r.idx.size(0))
+            return {"advantages": adv, "returns": returns, "old_values": old_values}, {"kl": seq_kl, "kl_coef": beta}
+
+        def save(out: Path) -> None:
+            from safetensors.torch import save_file
+
+            with atomic_path(out / "value_head.safetensors") as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()}, str(tmp))
+
+        return Algorithm(pv, ppo_loss_fn(p), advantages, uses_reference=p.kl_coef > 0, state=lambda: dict(ctl),
+                         load_state=ctl.update, save=save)
+
+    return make
+
+
 def ppo(cfg: PPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False, force: bool = False,
-        rewards: dict | None = None) -> dict:
+        resume: bool | str = False, rewards: dict | None = None) -> dict:
     """Train with PPO and write cfg.train.out_dir; returns the summary (also in ppo.json). `rewards`:
-    {name: function (completion, example) -> float} instead of cfg.ppo.rewards (e.g. a reward model's score)."""
-    t, p, d, o = cfg.train, cfg.ppo, cfg.data, cfg.optim
-    micro, _ = cfg.validate()
-    reward_fns = rewards if rewards is not None else get_rewards(p.rewards)
-    out, partial, model, tokenizer, device, train_rows, val_rows = rl_start(cfg, model, tokenizer, force,
-                                                                            p.max_new_tokens, "ppo")
-    apply_peft_method(model, cfg.method, cfg, tokenizer)
-    pv = PolicyWithValue(model).to(device).train()
-    reference = Reference(model).to(device) if p.kl_coef > 0 else None
-    params = trainable_summary(model)
-    lr, min_lr = o.peak(get_method(cfg.method).default_lr)
-    optimizer = OPTIMIZERS[o.name](pv, lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
-    autocast = autocast_context(device, t.dtype)
-    logger = MetricsLogger(partial / "metrics.jsonl", tensorboard=False)
-    loss_fn = ppo_loss_fn(p)
-    stream = prompt_stream(train_rows, t.seed)
-    gen = torch.Generator().manual_seed(t.seed)
-    opt_steps = t.steps * p.epochs * p.prompts_per_step * p.group_size // t.batch_size
-    sampling = SamplingParams(temperature=p.temperature, max_new_tokens=p.max_new_tokens)
-
-    def held_out() -> dict:
-        return {f"eval_{k[len('reward_'):]}": v for k, v in
-                evaluate_rewards(model, tokenizer, val_rows, reward_fns, d.system, p.max_new_tokens,
-                                 d.prefill).items()} if val_rows else {}
-
-    before = last_eval = held_out()
-    if before:
-        logger.log({"step": 0, **before})
-    bar = progress_bar(t.steps, 0, enabled=not quiet and t.progress, desc=f"ppo[{cfg.method}]")
-    t0, opt_step = time.perf_counter(), 0
-    for it in range(1, t.steps + 1):
-        rows = [next(stream) for _ in range(p.prompts_per_step)]
-        prompts = [chat_prompt(tokenizer, r, d.system, d.prefill) for r in rows]
-        r = sample_rollouts(model, tokenizer, prompts, p.group_size,
-                            dataclasses.replace(sampling, seed=t.seed * 100003 + it), micro_batch=micro,
-                            autocast=autocast)
-        scores = score_completions([d.prefill + x for x in r.texts], [rows[i] for i in r.prompt_index], reward_fns)
-        score = sum(scores.values())  # (N,)
-        ref = reference.logps(model, r.idx, r.targets, micro, autocast) if reference is not None else None
-        pv.eval()
-        old_values = rollout_values(pv, r.idx, micro) * r.mask
-        pv.train()
-        tok_rewards, kl = token_rewards(score, r.old_logps, ref, r.mask, p.kl_coef)
-        adv, returns = gae(tok_rewards, old_values, r.mask, p.gamma, p.lam)
-        if p.whiten:  # Huang et al. 2024 detail: standardise over the response tokens of the rollout
-            mu, var = masked_mean(adv, r.mask), masked_mean((adv - masked_mean(adv, r.mask)) ** 2, r.mask)
-            adv = (adv - mu) / (var.sqrt() + 1e-8) * r.mask
-        per_row = {"advantages": adv, "returns": returns, "old_values": old_values}
-        sums: dict[str, float] = {}
-        n_updates = 0
-        for _ in range(p.epochs):
-            for mbs in update_batches(r, per_row, t.batch_size, micro, gen, device):
-                cur = lr_at(opt_step, max_lr=lr, total_steps=opt_steps, warmup_steps=min(o.warmup_steps, opt_steps),
-                            min_lr=min_lr, kind=o.schedule)
-                set_lr(optimizer, cur)
-                stats = train_step(pv, optimizer, mbs, loss_fn=loss_fn, grad_clip=o.grad_clip, autocast=autocast)
-                if not all(math.isfinite(v) for v in stats.values()):
-                    raise LLMKitError(f"PPO loss or gradient became non-finite at iteration {it} "
-                                      f"(optimiser step {opt_step + 1}): {stats}; lower optim.lr (={lr})")
-                opt_step += 1
-                n_updates += 1
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        rec = {"step": it, "reward": float(score.mean()), **{f"reward_{k}": float(v.mean()) for k, v in scores.items()},
-               "kl": float(kl.sum(1).mean()),  # per sequence, summed over its tokens (k1)
-               **{k: v / n_updates for k, v in sums.items()},
-               "response_len": sum(r.lengths) / len(r.lengths), "lr": cur, "opt_steps": opt_step,
-               "elapsed_s": time.perf_counter() - t0}
-        if val_rows and (every(t.eval_every, it) or it == t.steps):
-            last_eval = held_out()
-            rec.update(last_eval)
-        if every(t.log_every, it) or it == t.steps or any(k.startswith("eval_") for k in rec):
-            logger.log(rec)
-        bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.3f}")
-        bar.update(1)
-    bar.close()
-    logger.close()
-    elapsed = time.perf_counter() - t0
-
-    model.eval()
-    summary = {"method": "ppo", "peft_method": cfg.method, "model": cfg.model, "data": d.files,
-               "iterations": t.steps, "optimizer_steps": opt_step, "train_prompts": len(train_rows),
-               "val_prompts": len(val_rows), "trainable_params": params["trainable"], "total_params": params["total"],
-               "before": before, "after": last_eval, "train_seconds": elapsed}
-    resolved = dataclasses.asdict(cfg)
-    write_model(model, out, cfg.method, cfg.model, tokenizer, {"ppo": resolved})
-    from safetensors.torch import save_file
-
-    with atomic_path(out / "value_head.safetensors") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()}, str(tmp))
-    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
-    plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png", title=f"PPO ({cfg.method})")
-    atomic_write_json(out / "ppo.json", {"config": resolved, "summary": summary})
-    shutil.rmtree(partial, ignore_errors=True)
-    return summary
-
-
-def summary_lines(s: dict) -> list[str]:
-    lines = [f"PPO ({s['peft_method']}): {s['trainable_params']:,} trainable of {s['total_params']:,} parameters",
-             f"{s['iterations']} iterations, {s['optimizer_steps']} optimiser steps in {s['train_seconds']:.1f}s"]
-    for k in s["before"]:
-        lines.append(f"held-out {k[len('eval_'):]}: {s['before'][k]:.3f} -> {s['after'].get(k, float('nan')):.3f}")
-    return lines
+    {name: function (completion, example) -> float} instead of cfg.ppo.rewards."""
+    return train_rl(cfg, cfg.ppo, "ppo", ppo_algorithm(cfg.ppo), model, tokenizer, quiet, force, resume, rewards)

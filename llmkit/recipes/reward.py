@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -44,7 +43,7 @@ from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import restore, seed_torch, start_point
+from .common import restore, seed_torch, start_point, stop_if_not_finite
 
 
 @dataclass
@@ -195,10 +194,8 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
                          for i in range(0, len(pairs), micro)]
         stats = train_step(model, optimizer, micro_batches, loss_fn=reward_loss, grad_clip=o.grad_clip,
                            autocast=autocast)
-        if not math.isfinite(stats["loss"]):
-            raise LLMKitError(f"loss became {stats['loss']} at step {step}; lower the learning rate (optim.lr={lr})"
-                              + (f"; the last good step checkpoint is in {ckpt_root}" if ckpt.latest_checkpoint(
-                                  ckpt_root) else ""))
+        stop_if_not_finite({"loss": stats["loss"], "grad_norm": stats["grad_norm"]}, f"step {step}", ckpt_root,
+                           f"lower the learning rate (optim.lr={lr})")
         elapsed = elapsed_before + time.perf_counter() - t0
         rec = {"step": step, "loss": stats["loss"], "accuracy": stats["accuracy"], "margin": stats["margin"],
                "lr": cur, "grad_norm": stats["grad_norm"], "elapsed_s": elapsed}

@@ -130,7 +130,13 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """sha256 of the canonical tokenizer.json (sorted keys, compact): equal hashes give equal ids."""
-        canon = json.dumps(json.loads(self.hf.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        spec = json.loads(self.hf.to_str())
+        post = spec.get("post_processor") or {}
+        if post.get("type") == "TemplateProcessing" and not post.get("special_tokens") and \
+                post.get("single") == [{"Sequence": {"id": "A", "type_id": 0}}]:
+            # `tokenizers` reads a null post_processor back from a file as this no-op template: the same ids
+            spec["post_processor"] = None
+        canon = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ streaming
