@@ -269,6 +269,3 @@ def test_cli_align(tmp_path, tok, capsys):
     assert "loss_typ" in capsys.readouterr().err
     assert main(["align", "--method", "dpo", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "d")]) == 2
     assert "no data given" in capsys.readouterr().err
-    assert main(["align", "--method", "grpo", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "g"),
-                 "--resume"]) == 2
-    assert "--resume is not supported by --method grpo" in capsys.readouterr().err

@@ -22,7 +22,6 @@ class AlignRecipe:
     preset: tuple[str, ...] = ()  # key=value the method implies, applied before the user's overrides
     # flag -> config key; a flag the method has no key for is an error
     keys: dict = field(default_factory=lambda: {"model": "model", "out": "train.out_dir", "device": "train.device"})
-    resumable: bool = True  # run() takes resume= (step checkpoints in OUT.partial)
 
 
 RECIPES: dict[str, AlignRecipe] = {
@@ -83,10 +82,8 @@ def run(args) -> int:
         if "data" not in top:
             raise LLMKitError(f"--data is not used by --method {args.method}")
         cfg.data.files = [s for s in args.data.split(",") if s]
-    if args.resume and not recipe.resumable:
-        raise LLMKitError(f"--resume is not supported by --method {args.method}: it writes no step checkpoints yet")
     try:
-        summary = run_fn(cfg, force=args.force, **({"resume": args.resume} if recipe.resumable else {}))
+        summary = run_fn(cfg, force=args.force, resume=args.resume)  # every recipe writes step checkpoints
     finally:
         cleanup()
     if summary:  # rank 0
