@@ -1,22 +1,25 @@
 """What every training recipe does around its loop, written once: claim the output directory and find
 the step checkpoint to resume from (`start_point`), seed and size torch (`seed_torch`), load the base
 model (`load_base`), restore a step checkpoint's optimiser, data position and RNG (`restore`), and write
-the trained result (`write_model`), and stop a run whose numbers stopped being finite
-(`stop_if_not_finite`). The loops themselves stay in the recipes."""
+the trained result (`write_model`), close the run (`finish_run`: metrics out of OUT.partial, plots, the
+summary JSON), and stop a run whose numbers stopped being finite (`stop_if_not_finite`). The loops themselves stay in the recipes."""
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import LLMKitError
-from ..io import check_overwrite
+from ..io import atomic_write_json, check_overwrite
 from ..peft import get_method, save_adapter
 from ..train import checkpoint as ckpt
+from ..train.loop import read_metrics
 from ..train.dist import DistInfo, broadcast_object
 
 
@@ -93,3 +96,15 @@ def stop_if_not_finite(values: dict, where: str, ckpt_root: Path | None = None, 
             else "; no step checkpoint was written yet" if ckpt_root is not None else "")
     what = f"{bad[0][0]} became {bad[0][1]}" + "".join(f", {k} {v}" for k, v in bad[1:])
     raise LLMKitError(f"{what} at {where}{kept}" + (f"; {hint}" if hint else ""))
+
+
+def finish_run(out: Path, partial: Path, name: str, resolved: dict, summary: dict,
+               plot: Callable[[list[dict]], None] | None = None) -> None:
+    """Close a finished run whose weights are already in `out`: move metrics.jsonl out of OUT.partial, draw
+    the plots (`plot(records)`), write NAME.json (resolved config + summary), then drop OUT.partial; the run
+    is complete, so its step checkpoints are spent."""
+    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
+    if plot is not None:
+        plot(read_metrics(out / "metrics.jsonl"))
+    atomic_write_json(out / f"{name}.json", {"config": resolved, "summary": summary})
+    shutil.rmtree(partial, ignore_errors=True)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial as bind
@@ -40,16 +38,16 @@ import torch.nn as nn
 from ..align.data import load_preference_data, preference_batch
 from ..errors import LLMKitError, closest
 from ..finetune.data import IGNORE, example_stream
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path
 from ..losses import dpo_loss, ipo_loss, sequence_logprobs
 from ..peft import PeftSections, apply_method, can_disable, disabled, get_method, trainable_summary
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wrap_model
-from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
+from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
+from .common import finish_run, load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
 
 
 @dataclass(frozen=True)
@@ -326,12 +324,12 @@ def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, qu
         "val_before": val_before, "val_after": last_val, "train_seconds": elapsed, "world": info.world,
     }
     write_model(model, out, cfg.peft, cfg.model, tokenizer, {"dpo": resolved})
-    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
-    records = read_metrics(out / "metrics.jsonl")
-    plot_metrics(records, out / "loss.png", title=f"{cfg.loss_type} ({cfg.peft})")
-    plot_rewards(records, out / "rewards.png", title=f"{cfg.loss_type} ({cfg.peft}): implicit rewards")
-    atomic_write_json(out / "dpo.json", {"config": resolved, "summary": summary})
-    shutil.rmtree(partial, ignore_errors=True)
+
+    def plots(records: list[dict]) -> None:
+        plot_metrics(records, out / "loss.png", title=f"{cfg.loss_type} ({cfg.peft})")
+        plot_rewards(records, out / "rewards.png", title=f"{cfg.loss_type} ({cfg.peft}): implicit rewards")
+
+    finish_run(out, partial, "dpo", resolved, summary, plots)
     return summary
 
 

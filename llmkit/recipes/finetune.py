@@ -25,8 +25,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +35,17 @@ import torch.nn.functional as F
 
 from ..errors import LLMKitError
 from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
-from ..io import atomic_write_json
 from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
 from ..peft import PeftSections, get_method, memory_report, trainable_summary
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wrap_model
-from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
+from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import load_base, restore, seed_torch, start_point, write_model
+from .common import finish_run, load_base, restore, seed_torch, start_point, write_model
 
 
 @dataclass
@@ -296,10 +293,8 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
         summary.update(method.summary(model, tokenizer))
     resolved = dataclasses.asdict(cfg)
     write_model(model, out, cfg.method, cfg.model, tokenizer, {"finetune": resolved})
-    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
-    plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"fine-tuning ({cfg.method})")
-    atomic_write_json(out / "finetune.json", {"config": resolved, "summary": summary})
-    shutil.rmtree(partial, ignore_errors=True)  # the run is complete: its step checkpoints are spent
+    finish_run(out, partial, "finetune", resolved, summary,
+               lambda records: plot_metrics(records, out / "loss.png", title=f"fine-tuning ({cfg.method})"))
     return summary
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +31,16 @@ from ..align.reward import RewardModel, apply_method, is_reward_model, load_rewa
 from ..align.reward import save_reward_model
 from ..errors import LLMKitError
 from ..finetune.data import example_stream
-from ..io import atomic_write_json
 from ..losses import bradley_terry_loss
 from ..peft import SelectiveSection, get_method, trainable_summary, unload
 from ..peft.lora import LoRAConfig
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, pick_device
-from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, read_metrics, train_step
+from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
 from .config import DataSection, OptimSection, TrainSection, check_inputs, check_sections, every
-from .common import restore, seed_torch, start_point, stop_if_not_finite
+from .common import finish_run, restore, seed_torch, start_point, stop_if_not_finite
 
 
 @dataclass
@@ -231,10 +228,8 @@ def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=
     }
     resolved = dataclasses.asdict(cfg)
     save_reward_model(model, out, tokenizer=tokenizer, meta={"reward": resolved, "summary": summary}, force=True)
-    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
-    plot_metrics(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"reward model ({cfg.method})")
-    atomic_write_json(out / "reward.json", {"config": resolved, "summary": summary})
-    shutil.rmtree(partial, ignore_errors=True)
+    finish_run(out, partial, "reward", resolved, summary,
+               lambda records: plot_metrics(records, out / "loss.png", title=f"reward model ({cfg.method})"))
     return summary
 
 

@@ -23,9 +23,7 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +38,15 @@ from ..align.tasks import SYSTEM, TOY, chat_prompt, load_prompts, toy_arithmetic
 from ..devices import resolve_device
 from ..errors import LLMKitError
 from ..inference import SamplingParams, generate_batch
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path
 from ..peft import apply_method as apply_peft_method
 from ..peft import can_disable, disabled, get_method, trainable_summary
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo
-from ..train.loop import MetricsLogger, autocast_context, progress_bar, read_metrics, train_step
+from ..train.loop import MetricsLogger, autocast_context, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .common import load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
+from .common import finish_run, load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
 from .config import DataSection, every
 
 log = logging.getLogger(__name__)
@@ -384,10 +382,8 @@ def train_rl(cfg, sec, name: str, make: Callable, model: nn.Module | None = None
     resolved = dataclasses.asdict(cfg)
     write_model(model, out, cfg.method, cfg.model, tokenizer, {name: resolved})
     algo.save(out)
-    os.replace(partial / "metrics.jsonl", out / "metrics.jsonl")
-    plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png", title=f"{name.upper()} ({cfg.method})")
-    atomic_write_json(out / f"{name}.json", {"config": resolved, "summary": summary})
-    shutil.rmtree(partial, ignore_errors=True)
+    finish_run(out, partial, name, resolved, summary,
+               lambda records: plot_rewards(records, out / "rewards.png", title=f"{name.upper()} ({cfg.method})"))
     return summary
 
 
