@@ -4,6 +4,7 @@ asks for the API key, streams an answer, stops it (the server frees the row), ke
 in the browser, and renders model output as escaped text (no HTML injection). The screenshot is kept
 in the test's tmp dir, and copied to $LLMKIT_ARTIFACTS (a folder; 1 = test-artifacts/) when set."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -70,6 +71,8 @@ def test_web_chat_streams_stops_and_renders_safely(browser, tmp_path):
     engine = Engine(model, max_batch=2, max_len=250, detok=tok.decode)
     step = engine.step
     engine.step = lambda: (time.sleep(0.03), step())  # slow enough that Stop lands mid-answer
+    submit = engine.submit  # and no end-of-turn token: the random model's answer runs until stopped
+    engine.submit = lambda req: submit(dataclasses.replace(req, params=dataclasses.replace(req.params, stop_ids=())))
     try:
         with running_server(engine, tok, api_key="pw") as url:
             page = browser.contexts[0].new_page()

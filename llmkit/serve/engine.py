@@ -216,6 +216,9 @@ class Engine:
 
     def _admit(self):
         with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:  # gone before they got a row: free the queue
+                self.waiting.remove(req)
+                req.emit(Event(None, finish_reason="cancelled"))
             while self.waiting and None in self.slots:
                 req = self.waiting.popleft()
                 if req.cancelled:
