@@ -56,11 +56,12 @@ def browser(tmp_path):
             proc.kill()
 
 
-def until(cond, timeout=60.0):
+def until(cond, page, timeout=60.0):
     """Poll from Python: the page's CSP forbids the string evaluation wait_for_function uses."""
     deadline = time.time() + timeout
     while not cond():
-        assert time.time() < deadline, "timed out"
+        assert time.time() < deadline, f"timed out; status {page.text_content('#status')!r}, log " \
+                                       f"{page.inner_html('#log')[:300]!r}"
         time.sleep(0.05)
 
 
@@ -81,23 +82,24 @@ def test_web_chat_streams_stops_and_renders_safely(browser, tmp_path):
             page.wait_for_selector("#keybox.show")  # the server wants a key: the page asks for it
             page.fill("#apikey", "pw")
             page.click("#savekey")
-            until(lambda: page.text_content("#status") == "ready")
+            until(lambda: page.text_content("#status") == "ready", page)
             assert page.text_content("#model") == "tiny"
             page.fill("#system", "You are terse.")
-            page.fill("#max_tokens", "200")
+            page.fill("#max_tokens", "150")
             page.fill("#input", "What is the capital of France?")
             page.click("#send")
             page.wait_for_selector(".msg.assistant")
-            until(lambda: len(page.text_content(".msg.assistant")) > 3)
+            until(lambda: len(page.text_content(".msg.assistant")) > 3, page)
             assert engine.running == 1
             page.click("#stop")
-            until(lambda: page.text_content("#status") == "stopped")
+            until(lambda: page.text_content("#status") == "stopped", page)
             deadline = time.time() + 10
             while engine.running and time.time() < deadline:  # the aborted fetch cancelled the request
                 time.sleep(0.05)
             assert engine.running == 0 and engine.metrics.get("finished_cancelled") == 1
+            page.screenshot(path=str(tmp_path / "web_chat_stopped.png"), full_page=True)  # the streamed answer
             answer = page.text_content(".msg.assistant")
-            assert 3 < len(answer) and engine.metrics.get("completion_tokens") < 200
+            assert 3 < len(answer) and engine.metrics.get("completion_tokens") < 150
             # the conversation lives in the browser
             saved = page.evaluate("JSON.parse(localStorage.getItem('llmkit.chat.v1'))")
             assert [m["role"] for m in saved] == ["user", "assistant"]
@@ -120,6 +122,7 @@ def test_web_chat_streams_stops_and_renders_safely(browser, tmp_path):
             if dest:  # a folder, or 1 for test-artifacts/ in the checkout
                 out = Path(__file__).resolve().parents[1] / "test-artifacts" if dest in ("1", "true") else Path(dest)
                 out.mkdir(parents=True, exist_ok=True)
-                shutil.copy(shot, out / shot.name)
+                for name in ("web_chat_stopped.png", shot.name):
+                    shutil.copy(tmp_path / name, out / name)
     finally:
         torch.set_num_threads(n)
