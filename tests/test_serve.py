@@ -96,6 +96,22 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model_tok, prefill_chu
         eng.shutdown()
 
 
+def test_engine_prefix_cache_shares_a_system_prompt(model_tok):
+    """Prompts that start alike reuse the stored K/V of the shared part; the answers do not change."""
+    model, _ = model_tok
+    eng = Engine(model, max_batch=2, max_len=200, prefix_cache=4).start()
+    try:
+        system = ids(30, seed=99)
+        for i in range(3):
+            p, q = system + ids(5 + i, seed=i), queue.Queue()
+            params = SamplingParams(max_new_tokens=8)
+            eng.submit(Request(p, params, q.put))
+            assert collect(q)[0] == generate(model, p, params).tokens
+        assert eng.metrics.get("prefix_hit_tokens") >= 2 * 30
+    finally:
+        eng.shutdown()
+
+
 def test_engine_sampling_seed_and_penalties_match_generate(model_tok):
     """Each row samples with its own params and generator: a seeded sampled request equals generate()."""
     model, _ = model_tok
