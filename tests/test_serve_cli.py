@@ -1,5 +1,5 @@
 """`llmkit serve` as a process: it refuses a public address without an API key, and SIGTERM lets the
-in-flight stream finish whole before the process exits 0."""
+in-flight stream finish whole before the process exits."""
 
 import json
 import signal
@@ -52,11 +52,13 @@ def test_sigterm_drains_the_running_stream_then_exits(tmp_path):
                 lines.append(next(it))
                 proc.send_signal(signal.SIGTERM)  # mid-stream
                 lines.extend(it)
+        lines = [x for x in lines if x]
         data = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
         assert lines[-1] == "data: [DONE]"
         assert [c["choices"][0]["finish_reason"] for c in data if c["choices"]][-1] in ("length", "stop")
         assert data[-1]["usage"]["completion_tokens"] >= 1
-        assert proc.wait(60) == 0
+        # uvicorn re-raises the signal once drained, so the exit reads as "ended by SIGTERM", as without it
+        assert proc.wait(60) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
