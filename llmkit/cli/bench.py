@@ -1,6 +1,7 @@
 """`llmkit bench ...`: performance benchmarks, each a sub-subcommand of `bench`.
 
     llmkit bench decode --model M [--prompt-tokens P] [--new-tokens N] [--compare hf,llama.cpp] [--json]
+    llmkit bench serve --model M [--concurrency 1,4,16] [--requests N] [--compare llama.cpp] [--json]
 
 To add a benchmark (e.g. `bench train`), write `add_<name>(bench_subparsers)` that adds its parser
 with `set_defaults(func=...)` and append it to BENCHES below.
@@ -206,7 +207,132 @@ def run_decode(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench serve
+def add_serve(bsub) -> None:
+    p = bsub.add_parser("serve", help="load test of `llmkit serve` (continuous batching) on loopback: output "
+                        "tok/s, req/s, TTFT and inter-token latency; optionally against llama-cpp-python's server")
+    p.add_argument("--model", required=True, help="registry name, GGUF file, HF directory or llmkit checkpoint")
+    p.add_argument("--concurrency", default="1,4,16", help="comma list of concurrent clients (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (greedy)")
+    p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads of the server (default 2)")
+    p.add_argument("--compare", default="", help="llama.cpp: the same workload against llama-cpp-python's OpenAI "
+                   "server on the same GGUF and threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_serve)
+
+
+def _start(cmd: list[str], url: str, timeout: float = 900):
+    """Start a server process and wait until it answers."""
+    import subprocess
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=5).read()
+            return proc
+        except Exception:
+            if proc.poll() is not None:
+                raise LLMKitError(f"the server {cmd[2]} exited: {(proc.stderr.read() or '').strip()[-300:]}")
+            if time.time() - t0 > timeout:
+                proc.kill()
+                raise LLMKitError(f"the server {cmd[2]} did not answer within {timeout:.0f} s")
+            time.sleep(0.5)
+
+
+def _stop(proc):
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_serve(args) -> int:
+    import os
+    import socket
+
+    from ..loading import resolve
+    from ..serve.load import run_load
+
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise LLMKitError(f"--concurrency takes a comma list of integers, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise LLMKitError(f"--concurrency levels must be >= 1, got {args.concurrency!r}")
+    for name in ("requests", "max_tokens", "threads"):
+        if getattr(args, name) < 1:
+            raise LLMKitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    if any(c != "llama.cpp" for c in compare):
+        raise LLMKitError(f"unknown --compare engine in {args.compare!r} (known: llama.cpp)")
+    kind, path = resolve(args.model)
+    if compare and kind != "gguf":
+        raise LLMKitError("--compare llama.cpp needs a GGUF model")
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    servers = {"llmkit": lambda p: [sys.executable, "-m", "llmkit", "serve", "--model", args.model, "--name", "bench",
+                                    "--port", str(p), "--max-batch", str(max(levels)), "--max-queue",
+                                    str(args.requests), "--threads", str(args.threads), "--max-len", "1024"]}
+    if "llama.cpp" in compare:
+        servers["llama.cpp"] = lambda p: [sys.executable, "-c", "from llmkit.llamacpp import serve; serve()",
+                                          "--model", str(path), "--model_alias", "bench", "--host", "127.0.0.1",
+                                          "--port", str(p), "--n_threads", str(args.threads), "--n_threads_batch",
+                                          str(args.threads), "--n_ctx", "2048"]
+    results: dict[str, list[dict]] = {}
+    for name, cmd in servers.items():
+        p = port()
+        url = f"http://127.0.0.1:{p}"
+        proc = _start(cmd(p), url)
+        try:
+            run_load(url, "bench", 1, 2, 4)  # warm-up
+            results[name] = [run_load(url, "bench", c, args.requests, args.max_tokens) for c in levels]
+        finally:
+            _stop(proc)
+    base = {r["concurrency"]: r for r in results["llmkit"]}
+    for name, rs in results.items():  # greedy answers: do they match llmkit's one-at-a-time answers?
+        ref = base[min(levels)]["texts"]
+        for r in rs:
+            r["same_text_as_llmkit_c%d" % min(levels)] = sum(a == b for a, b in zip(r.pop("texts"), ref))
+    for r in base.values():
+        r.pop("texts", None)
+    one = base[min(levels)]["output_tok_s"]
+    ratios = {f"llmkit c={c} / llmkit c={min(levels)}": base[c]["output_tok_s"] / one for c in levels}
+    for name, rs in results.items():
+        if name != "llmkit":
+            for r in rs:
+                ratios[f"llmkit / {name} at c={r['concurrency']}"] = base[r["concurrency"]]["output_tok_s"] / r["output_tok_s"]
+    info = {"model": args.model, "requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
+            "load_avg": list(os.getloadavg()), "results": results, "ratios": ratios}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"model {args.model}  {args.requests} requests per level, max_tokens {args.max_tokens}, greedy, "
+          f"{args.threads} threads, load avg {info['load_avg'][0]:.2f}")
+    print(f"{'engine':<10}{'conc':>5}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
+          f"{'errors':>7}{'incompl':>8}{'same':>6}")
+    for name, rs in results.items():
+        for r in rs:
+            same = r["same_text_as_llmkit_c%d" % min(levels)]
+            print(f"{name:<10}{r['concurrency']:>5}{r['output_tok_s']:>8.1f}{r['req_s']:>7.2f}"
+                  f"{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p99_s'] * 1e3:>6.0f}ms{r['itl_p50_s'] * 1e3:>7.0f}ms"
+                  f"{r['itl_p99_s'] * 1e3:>6.0f}ms{r['errors']:>7}{r['incomplete']:>8}{same:>6}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    return 0
+
+
 # one entry per `llmkit bench <name>`; add yours here (e.g. add_train from the pretraining code)
 from ._bench_train import add_train  # noqa: E402  (pretraining: `llmkit bench train`)
 
-BENCHES = [add_decode, add_train]
+BENCHES = [add_decode, add_train, add_serve]

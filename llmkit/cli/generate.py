@@ -68,8 +68,8 @@ def load(spec: str, args, need_tokenizer: bool = True):
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
-    """Render the chat template with the assistant turn opened; the template writes any bos itself."""
-    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+    """Render the chat template with the assistant turn opened (Tokenizer.encode_chat)."""
+    return tok.encode_chat(messages)
 
 
 def register(sub) -> None:

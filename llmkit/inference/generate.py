@@ -308,18 +308,47 @@ def generate(model, prompt: list[int], params: SamplingParams | None = None, *, 
     return Generation(list(prompt), comps, timings, stats)
 
 
+class TextStream:
+    """Token ids of one completion in, text deltas out: deltas never split a UTF-8 character across
+    byte-level tokens (tokenizer.stream_decoder) and never show text of a stop string, because text
+    that could still grow into one is held back. Used by `stream` and by the server (llmkit.serve)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.dec = tokenizer.stream_decoder()
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of self.text already handed out
+
+    def put(self, token: int | None, finished: bool = False) -> str:
+        """Add a token (None: none, e.g. a stop id); `finished` on the completion's last event."""
+        if token is not None:
+            self.text += self.dec.put(token)
+        if finished:
+            self.text += self.dec.flush()
+            cut = _stop_string_hit(self.text, self.stop) if self.stop else -1
+            end = cut if cut >= 0 else len(self.text)
+        else:
+            end = len(self.text) - self.hold
+        if end <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+    @property
+    def final_text(self) -> str:
+        return self.text[:self.sent]
+
+
 def stream(model, tokenizer, prompt: list[int], params: SamplingParams | None = None, *,
            prefix_cache: PrefixCache | None = None, truncate: bool = False,
            completion: Completion | None = None) -> Iterator[str]:
-    """Text deltas of one completion as they are generated. Deltas never split a UTF-8 character
-    across byte-level tokens (tokenizer.stream_decoder) and never show text of a stop string: text
-    that could still grow into one is held back. `completion`, if given, receives tokens/log-probs."""
+    """Text deltas of one completion as they are generated (see `TextStream`). `completion`, if given,
+    receives tokens/log-probs."""
     params = params or SamplingParams()
     if params.n != 1:
         raise LLMKitError("streaming takes n=1")
-    dec = tokenizer.stream_decoder()
-    hold = max((len(s) for s in params.stop), default=1) - 1
-    text, sent = "", 0
+    ts = TextStream(tokenizer, params.stop)
     comp = completion if completion is not None else Completion()
     for step in iter_generate(model, [prompt], params, prefix_cache=prefix_cache, truncate=truncate,
                               detok=tokenizer.decode):
@@ -327,18 +356,12 @@ def stream(model, tokenizer, prompt: list[int], params: SamplingParams | None = 
         if ev.token is not None:
             comp.tokens.append(ev.token)
             comp.logprobs.append(ev.logprob)
-            text += dec.put(ev.token)
         if ev.finish_reason:
             comp.finish_reason = ev.finish_reason
-            text += dec.flush()
-            cut = _stop_string_hit(text, params.stop) if params.stop else -1
-            end = cut if cut >= 0 else len(text)
-        else:
-            end = len(text) - hold
-        if end > sent:
-            yield text[sent:end]
-            sent = end
-    comp.text = text[:sent]
+        delta = ts.put(ev.token, finished=bool(ev.finish_reason))
+        if delta:
+            yield delta
+    comp.text = ts.final_text
 
 
 # ---------------------------------------------------------------- best-of-N

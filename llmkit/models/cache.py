@@ -104,6 +104,20 @@ class BatchKVCache(KVCache):
         out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         return out
 
+    def rows(self, lo: int, hi: int) -> "BatchKVCache":
+        """A cache over rows lo..hi-1 sharing this one's storage (a view, no copy): a server keeps one
+        pre-allocated pool of rows and runs each forward on the rows it needs."""
+        out = BatchKVCache.__new__(BatchKVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = self.k[:, lo:hi], self.v[:, lo:hi]
+        out.length = 0
+        return out
+
+    def move_row(self, src: int, dst: int, n: int):
+        """Copy the first n slots (prefix slots included) of row src into row dst."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
     def read(self, n: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the K/V of the caller's positions 0..n-1 of one row (after the prefix slots):
         (L, K, n, D) each."""

@@ -178,6 +178,11 @@ class Tokenizer:
         return render_chat_template(chat_template or self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt, {**specials, **kwargs})
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered with the chat template, the assistant turn opened (the
+        template writes any bos itself)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict:
         """tokenizer_config.json content (transformers reads it too)."""
