@@ -149,7 +149,9 @@ def _main():
     except BaseException as e:  # noqa: BLE001 - the user's error, printed as Python would
         report({"status": "error", "type": type(e).__name__})
         try:
-            excepthook(type(e), e, e.__traceback__.tb_next)
+            tb = e.__traceback__.tb_next  # drop this start-up frame from the report
+            e.__traceback__ = tb
+            excepthook(type(e), e, tb)
         except BaseException:
             pass
         status = 1
