@@ -184,3 +184,37 @@ def test_agent_native_tool_calls_through_a_template_with_tools():
     assert "not valid JSON" in r.steps[1].observation
     assert parse_tool_calls("no calls") == []
     assert json.loads(json.dumps(r.to_dict()))["stopped"] == "answer"
+
+
+def test_cli_agent_rejects_unknown_tools_before_loading(capsys):
+    from llmkit.cli import main
+
+    assert main(["agent", "--model", "unused", "--tools", "calc", "q"]) == 2
+    assert "unknown tool 'calc' (did you mean 'calculator'?)" in capsys.readouterr().err
+    assert main(["agent", "--model", "unused", "--tools", "lookup", "q"]) == 2
+    assert "needs --table" in capsys.readouterr().err
+
+
+def test_pal_extracts_and_runs_a_program():
+    from llmkit.apps.pal import extract_code, run_program
+    from llmkit.apps.sandbox import SandboxLimits
+
+    lim = SandboxLimits(timeout_s=30)  # generous: a busy CI machine starts processes slowly
+
+    text = "Here you go:\n```python\ndef solution():\n    return 48 + 48 / 2\n```\nDone."
+    code = extract_code(text)
+    assert code == "def solution():\n    return 48 + 48 / 2"
+    ans, res = run_program(code, lim)
+    assert ans == "72" and res.ok
+    ans, res = run_program("def solution():\n    import os\n    return 1", lim)
+    assert ans is None and res.reason == "blocked"
+    assert extract_code("def solution():\n    return 1") == "def solution():\n    return 1"
+
+
+def test_python_tool_reports_errors_as_text():
+    from llmkit.apps.sandbox import SandboxLimits
+    from llmkit.apps.tools import python_tool
+
+    t = python_tool(SandboxLimits(timeout_s=30))
+    assert t.call("print(2 ** 10)") == "1024"
+    assert "blocked" in t.call("import subprocess")

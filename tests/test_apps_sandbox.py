@@ -119,3 +119,20 @@ def test_bad_limits_are_a_clear_error():
         SandboxLimits(timeout_s=0)
     with pytest.raises(LLMKitError, match="memory"):
         SandboxLimits(memory_mb=1)
+
+
+def test_cli_sandbox_run(tmp_path, capsys):
+    import json
+
+    from llmkit.cli import main
+
+    prog = tmp_path / "p.py"
+    prog.write_text("print(6 * 7)\n")
+    assert main(["sandbox", "run", str(prog), "--timeout", "30", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stdout"] == "42\n" and out["reason"] == "ok" and out["exit_code"] == 0
+    prog.write_text("import socket\n")
+    assert main(["sandbox", "run", str(prog), "--timeout", "30"]) == 3
+    assert "blocked" in capsys.readouterr().err
+    assert main(["sandbox", "run", str(tmp_path / "missing.py")]) == 2
+    assert "program not found" in capsys.readouterr().err
