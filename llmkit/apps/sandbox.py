@@ -11,7 +11,7 @@ What holds the program in, strongest first:
      namespace with only a downed loopback (no route anywhere); when the caller is root the child
      drops to uid/gid 65534 (`nobody`) with no groups, so file permissions apply to it
      (~/.ssh of root is unreadable) and RLIMIT_NPROC is enforced (root ignores it);
-  4. **an empty environment** (no variables), `python -I -S` (no user site, no PYTHON* variables,
+  4. **an empty environment** (no variables), `python -I -S -u` (no user site, no PYTHON* variables,
      no site-packages), stdin from /dev/null, a fresh temporary working directory deleted afterwards;
   5. **an audit hook** (PEP 578, `sys.addaudithook`) installed before the program: only a short
      list of audit events passes (exec, compile, import of allow-listed modules, open/listdir
@@ -150,7 +150,7 @@ def run_python(code: str, limits: SandboxLimits | None = None, files: dict[str, 
         cfg = {"cpu_s": cpu, "memory_mb": limits.memory_mb, "file_mb": limits.file_mb,
                "modules": list(limits.modules), "drop_to": 65534 if caps["drop_user"] else None}
         r_status, w_status = os.pipe()
-        argv = (caps["netns"] or []) + [sys.executable, "-I", "-S", "-c", _child_source(), workdir, str(w_status),
+        argv = (caps["netns"] or []) + [sys.executable, "-I", "-S", "-u", "-c", _child_source(), workdir, str(w_status),
                                         json.dumps(cfg)]
         t0 = time.monotonic()
         try:
