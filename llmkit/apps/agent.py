@@ -48,7 +48,16 @@ Action Input: the tool's arguments as JSON, e.g. {example}
 Observation: the tool's result (written for you)
 ... (Thought / Action / Action Input / Observation can repeat)
 Thought: I know the answer
-Final Answer: the answer"""
+Final Answer: the answer
+
+Example:
+Question: What is 3 times the number of legs of a spider?
+Thought: A spider has 8 legs. I multiply 3 by 8.
+Action: {first}
+Action Input: {example_call}
+Observation: 24
+Thought: I know the answer
+Final Answer: 24"""
 
 TOOL_SYSTEM = "Answer the question. Call the tools when they help, then give the final answer."
 
@@ -179,7 +188,10 @@ def _tool_list(tools: dict[str, Tool]) -> str:
 def react_system_prompt(tools: dict[str, Tool]) -> str:
     first = next(iter(tools.values()))
     arg = next(iter(first.parameters["properties"]), "x")
-    return REACT_SYSTEM.format(tools=_tool_list(tools), names=", ".join(tools), example=json.dumps({arg: "..."}))
+    # one worked trajectory, as the ReAct paper's few-shot prompts: small models copy the format
+    call = json.dumps({arg: "3 * 8"}) if first.name == "calculator" else json.dumps({arg: "..."})
+    return REACT_SYSTEM.format(tools=_tool_list(tools), names=", ".join(tools), example=json.dumps({arg: "..."}),
+                               first=first.name, example_call=call)
 
 
 def run_agent(complete: Callable[[str], str], question: str, tools: list[Tool], tokenizer=None,
