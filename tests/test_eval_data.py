@@ -10,7 +10,7 @@ from llmkit.cli import main
 from llmkit.errors import LLMKitError
 from llmkit.eval.tasks import BUILTIN, get_task, packaged_data_dir
 
-PACKAGED = ["arc_easy", "arc_challenge", "boolq", "commonsense_qa", "winogrande", "mmlu", "mmlu_cloze", "gsm8k"]
+PACKAGED = ["arc_easy", "arc_challenge", "boolq", "commonsense_qa", "winogrande", "mmlu", "mmlu_cloze", "gsm8k", "svamp"]
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ the harness scores log p(continuation | context). Prompts follow lm-evaluation-h
 - mmlu (57 subjects, csv): "letter" asks for " A".." D" after the lettered options (lm-eval's
   `mmlu`), "cloze" scores the answer text after "Question: ...\\nAnswer:" (lm-eval's
   `mmlu_continuation`); k-shot examples are the first k of the subject's dev split;
-- gsm8k: generative, "Question: ...\\nAnswer: <chain of thought> #### N", k-shot from train.
+- gsm8k: generative, "Question: ...\\nAnswer: <chain of thought> #### N", k-shot from train;
+- svamp: generative like gsm8k (its shots from GSM8K train).
 Tasks without a dev split draw k-shot examples from the same file, never the example itself.
 --limit N takes the first N documents (of each subject for mmlu).
 
@@ -247,6 +248,22 @@ def gsm8k_task(root: Path | None = None) -> Task:
                 fewshot_pool=train, default_shots=5, source=str(path))
 
 
+def svamp_task(root: Path | None = None) -> Task:
+    """SVAMP (Patel et al. 2021) as a generative task like gsm8k: "Question: ...\nAnswer:", k-shot worked
+    solutions from GSM8K train (SVAMP has no train split of its own here)."""
+    path = find_data("math/svamp.jsonl", "svamp", root)
+    docs = read_jsonl(path)
+    train = read_jsonl(find_data("math/gsm8k_train.jsonl", "svamp", root))
+
+    def to_example(d, prefix):
+        return GenExample(prefix + "Question: " + str(d["input"]).strip() + "\nAnswer:",
+                          extract_number(str(d["target"])) or "")
+
+    return Task("svamp", "gen", docs, to_example,
+                lambda d: "Question: " + d["question"].strip() + "\nAnswer: " + d["answer"].strip(),
+                fewshot_pool=train, default_shots=5, source=str(path))
+
+
 def extract_number(text: str) -> str | None:
     """The number after '####' if present, else the last number in the text; commas and a
     trailing '.' removed ('1,000.' -> '1000')."""
@@ -269,7 +286,7 @@ def extract_number(text: str) -> str | None:
 
 # ---------------------------------------------------------------- registry
 BUILTIN = ["arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "commonsense_qa", "openbook_qa",
-           "mmlu", "mmlu_cloze", "gsm8k"]
+           "mmlu", "mmlu_cloze", "gsm8k", "svamp"]
 
 
 def get_task(name: str, root: Path | None = None) -> Task:
@@ -281,6 +298,8 @@ def get_task(name: str, root: Path | None = None) -> Task:
         raise LLMKitError(f"data folder not found: {root} (set LLMKIT_SHARED_DATA)")
     if name == "gsm8k":
         return gsm8k_task(root)
+    if name == "svamp":
+        return svamp_task(root)
     if name.startswith("mmlu"):
         style = "cloze" if name.startswith("mmlu_cloze") else "letter"
         subject = name.split(":", 1)[1] if ":" in name else None
