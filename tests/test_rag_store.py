@@ -9,7 +9,7 @@ from _rag_toys import ToyEmbedder
 from llmkit.errors import LLMKitError
 from llmkit.rag.index import ChunkSettings
 from llmkit.rag.loaders import Document, load_file, load_folder
-from llmkit.rag.retrieval import BM25, terms, top_k
+from llmkit.rag.retrieval import BM25, terms
 from llmkit.rag.store import SQLiteIndex
 
 DOCS = [Document("cats.txt", "Cats are small carnivorous mammals. They purr and sleep a lot.", "cats.txt"),
@@ -89,7 +89,7 @@ def postgres(tmp_path_factory):
 
 
 def test_pgvector_index(postgres):
-    from llmkit.rag.pgvector import PgVectorIndex, open_index
+    from llmkit.rag.pgvector import PgVectorIndex
 
     emb = ToyEmbedder()
     check_index(lambda create: PgVectorIndex(postgres, emb, SMALL, create=create, prefix="t1"))
