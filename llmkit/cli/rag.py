@@ -174,7 +174,7 @@ def run_eval(args) -> int:
         report["index"] = "pgvector" if _is_pg(spec) else "sqlite"
         with idx:
             report["chunks"] = idx.stats()["chunks"]
-            for mode in args.modes.split(","):
+            for mode in [m for m in args.modes.split(",") if m]:
                 bar = progress_bar(len(qs), enabled=not args.json, desc=mode, unit="q")
                 report[mode] = retrieval_metrics(idx, qs, mode, progress=bar)
             if args.model:

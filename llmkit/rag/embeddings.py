@@ -9,7 +9,7 @@ folder's max_seq_length (256 for MiniLM). Equal to sentence-transformers on the 
 (tests/test_rag_embeddings.py). Batches are built from texts sorted by length, so each batch pads
 to a similar length (padding is most of the cost otherwise), and results return in input order.
 
-`identity` names the weights (folder name + SHA-256 of model.safetensors + dim): an index records
+`identity` names the weights (SHA-256 of model.safetensors + dim): an index records
 it and refuses to be queried or extended with another model's vectors.
 """
 
@@ -55,7 +55,8 @@ class Embedder:
         self.pad_id = self.model.cfg.pad_token_id
         self.batch_size = batch_size
         self.dim = self.model.cfg.d_model
-        self.identity = f"{p.parent.name if p.name == 'model' else p.name}:{file_sha256(p / 'model.safetensors')[:16]}:{self.dim}"
+        # the weights themselves, not the folder's name: a copy elsewhere is the same model
+        self.identity = f"sha256:{file_sha256(p / 'model.safetensors')[:16]}/dim{self.dim}"
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         body = self.max_length - 2
