@@ -126,6 +126,43 @@ def test_cache_makes_rerun_free(tmp_path):
     assert model.calls > calls
 
 
+def test_cache_keys_on_every_weight(tmp_path):
+    """Issue 21: the fingerprint once hashed a strided sample (every 4th value of this 128x128 table),
+    so changing a skipped weight returned the old model's cached score. Every byte is hashed now."""
+    import hashlib
+
+    from llmkit.eval.harness import model_fingerprint
+
+    def sampled(model):  # the old fingerprint, to show the changed weight is one it skipped
+        h = hashlib.sha256()
+        for t in model.state_dict().values():
+            flat = t.flatten()
+            h.update(flat[::max(1, flat.numel() // 4096)].numpy().tobytes())
+        return h.hexdigest()
+
+    f = tmp_path / "toy.jsonl"
+    f.write_text(json.dumps({"query": "a", "choices": ["b", "c"], "gold": 1}) + "\n")
+    model, cache = Bigram(torch.zeros(V, V)), tmp_path / "cache.sqlite"
+    r1 = evaluate(model, CharTok(), [task_from_file(f)], EvalConfig(), cache_path=cache, progress=False)
+    assert r1["results"]["toy"]["acc"] == 0.0  # a tie: the first choice wins
+    old_sample, old_fp = sampled(model), r1["fingerprint"]
+    with torch.no_grad():
+        model.table[ord(" "), ord("c")] = 5.0  # " c" after "a": flat index 4195, not a multiple of the old stride 4
+    assert sampled(model) == old_sample and model_fingerprint(model) != old_fp
+    r2 = evaluate(model, CharTok(), [task_from_file(f)], EvalConfig(), cache_path=cache, progress=False)
+    assert r2["results"]["toy"]["acc"] == 1.0
+    # any dtype, a tensor shared under two names, a non-tensor entry: all hashed, stable across calls
+    m = nn.Module()
+    m.a = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    m.register_buffer("mask", torch.tensor([True, False]))
+    m.b = m.a
+    assert model_fingerprint(m) == model_fingerprint(m)
+    before = model_fingerprint(m)
+    with torch.no_grad():
+        m.mask[1] = True
+    assert model_fingerprint(m) != before
+
+
 def test_context_too_short_is_an_error(tmp_path):
     f = tmp_path / "long.jsonl"
     f.write_text(json.dumps({"query": "x" * 100, "choices": ["a", "b"], "gold": 0}) + "\n")

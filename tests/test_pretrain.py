@@ -217,6 +217,47 @@ def test_parquet_input(tmp_path, tok):
     assert tok.decode(ids) == "one doc<|endoftext|>two docs<|endoftext|>"
 
 
+def test_resume_drops_a_truncated_metrics_line_and_writes_nothing_until_validated(data_dir, tmp_path, capsys):
+    """A kill mid-append leaves half a JSON line at the end of metrics.jsonl: the resume drops it with a
+    warning and continues exactly. Damage elsewhere (a bad middle line), or a checkpoint at or past the
+    last step, fails with one line and leaves config.json and metrics.jsonl as they were."""
+    import shutil
+
+    common = ("train.threads=1", "train.steps=6", "train.ckpt_every=2")
+    pretrain(small_cfg(data_dir, tmp_path / "full", *common))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for d in ("checkpoints/step_00000004", "checkpoints/step_00000006", "final"):  # killed during step 5's log
+        shutil.rmtree(cut / d)
+    metrics = cut / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= 4]
+    metrics.write_text("".join(kept) + '{"step": 5, "loss": 4.1')  # half a line, no newline
+
+    # a bad line that is not the last one is damage, not an interrupted append: refused, nothing rewritten
+    bad = "".join(kept[:1]) + "garbage\n" + "".join(kept[1:]) + '{"step": 5, "lo'
+    metrics.write_text(bad)
+    config_before = (cut / "config.json").read_bytes()
+    with pytest.raises(LLMKitError, match=r"metrics\.jsonl:2: not a metrics record"):
+        pretrain(small_cfg(data_dir, cut, *common, "train.seed=7"), resume=True)
+    assert metrics.read_text() == bad and (cut / "config.json").read_bytes() == config_before
+
+    metrics.write_text("".join(kept) + '{"step": 5, "loss": 4.1')
+    capsys.readouterr()
+    resumed = pretrain(small_cfg(data_dir, cut, *common), resume=True)
+    assert "dropped a truncated last line" in capsys.readouterr().err
+    assert resumed["steps"] == 6
+    a, b = losses(tmp_path / "full"), losses(cut)
+    assert set(a) == set(b) and max(abs(a[k] - b[k]) for k in a) < 1e-6
+    assert all(ln.endswith("\n") for ln in metrics.read_text().splitlines(keepends=True))
+
+    # resuming a checkpoint at the run's last step: refused before anything is written
+    metrics_before, config_before = metrics.read_bytes(), (cut / "config.json").read_bytes()
+    with pytest.raises(LLMKitError, match="at step 6"):
+        pretrain(small_cfg(data_dir, cut, *common, "train.seed=7"), resume=True)
+    assert metrics.read_bytes() == metrics_before and (cut / "config.json").read_bytes() == config_before
+
+
 def test_loader_resume_and_rank_slices(data_dir):
     shards = TokenShards(data_dir, "train")
     a = BatchLoader(shards, 32, 6, seed=3)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..checkpoint.hf import (config_from_hf, config_to_hf, load_state, read_config_json, read_hf_weights,
                              state_dict_from_hf, state_dict_to_hf)
 from ..errors import LLMKitError
-from ..io import atomic_dir
+from ..io import MODEL_FILES, atomic_dir
 from ..models import ModelConfig, Transformer
 
 SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
@@ -118,7 +118,7 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, tokenizer=None, meta
     sd = state_dict_to_hf(rm.model)
     sd["score.weight"] = rm.score.weight.detach().contiguous()
     out = Path(out_dir)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, owns=MODEL_FILES) as tmp:
         (tmp / "config.json").write_text(json.dumps(reward_config_to_hf(rm), indent=2) + "\n")
         save_file({k: v.to("cpu") for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..errors import LLMKitError
-from ..io import atomic_dir
+from ..io import MODEL_FILES, atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
 from .hf import (config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
@@ -43,7 +43,7 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer=None, met
     if layers and model.cfg.pos_emb == "learned":
         raise LLMKitError("quantized checkpoints are written for LLaMA-like models (GPT-2's fused c_attn "
                           "layout is not supported)")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, owns=MODEL_FILES) as tmp:
         save_hf_model(model, tmp, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -70,7 +70,7 @@ def run(args) -> int:
               "data": {t.name: t.source for t in tasks}}
     table = to_markdown(report)
     if args.out:
-        with atomic_dir(args.out, force=args.force) as d:
+        with atomic_dir(args.out, force=args.force, owns=("results.*", "samples")) as d:
             (d / "results.json").write_text(json.dumps({k: v for k, v in report.items() if k != "samples"},
                                                        indent=2) + "\n")
             (d / "results.md").write_text(table)

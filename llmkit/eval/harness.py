@@ -31,14 +31,29 @@ from .tasks import MCExample, Task, extract_number
 
 # ---------------------------------------------------------------- model identity and cache
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of the weights (shapes + a strided sample of every tensor) and the config:
-    cheap (well under a second for 135M params) yet changes when any tensor is retrained."""
+    """Content hash of every byte of every tensor in the state dict (names, shapes, dtypes, values)
+    and the config: any changed weight, however small, is a new model, so the result cache can
+    never return an old model's score. SHA-256 runs at hardware speed (about 0.3 s for the 540 MB
+    of SmolLM2-135M in fp32 on one core); a tensor shared under two names (tied embeddings) is
+    hashed once."""
     h = hashlib.sha256(repr(getattr(model, "cfg", "")).encode())
+    seen: dict[tuple, str] = {}
     for name, t in model.state_dict().items():
-        flat = t.detach().flatten()
-        step = max(1, flat.numel() // 4096)
+        if not isinstance(t, torch.Tensor):  # e.g. quantisation state kept as plain values
+            h.update(f"{name}={t!r}".encode())
+            continue
+        t = t.detach()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
+        if t.is_meta or not t.numel():
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            h.update(f"={seen[key]}".encode())
+            continue
+        seen[key] = name
+        # raw bytes of any dtype (bf16, int8, packed 4-bit ...): (numel * itemsize,) uint8
+        raw = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+        h.update(memoryview(raw.numpy()))
     return h.hexdigest()[:16]
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LLMKitError
-from ..io import atomic_dir
+from ..io import MODEL_FILES, atomic_dir
 # the method files register their records on import, in this order (the order of METHODS)
 from . import full, selective, lora, qlora, adapters, prompt_tuning, llama_adapter  # noqa: F401, E401
 from .adapters import AdapterSection, apply_adapters
@@ -100,7 +100,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     config = rec.peft_config(model, base_model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in rec.state(model).items()}
     out = Path(out_dir)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, owns=MODEL_FILES) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         facts = {"method": rec.name, **rec.extra, **(extra or {})}

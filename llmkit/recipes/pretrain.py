@@ -175,12 +175,16 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         ckpt.set_rng_state(state["rng"])
         start_step = int(state["step"])
         elapsed_before = float(state["loader"].get("elapsed_s", 0.0))
+        if start_step >= steps:
+            raise LLMKitError(f"--resume: {start_ckpt} is at step {start_step}, not before the run's last step "
+                              f"{steps}: set train.steps (or train.max_tokens) past {start_step} to train further")
     run_config = dataclasses.asdict(cfg)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    # the metrics file is read and validated before config.json is touched: a resume that fails
+    # leaves the run directory as it was
     logger = MetricsLogger(out / "metrics.jsonl", enabled=info.is_main,
                            resume_step=start_step if start_ckpt else None)
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
     n_params = num_params(mcfg)
     fpt = flops_per_token(mcfg, cfg.data.seq_len)

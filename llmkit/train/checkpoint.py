@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import LLMKitError
-from ..io import atomic_dir
+from ..io import atomic_dir, clean_interrupted
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 AVERAGE_FILE = "average.safetensors"  # a running weight mean (train.average.TailAverage), when one had started
@@ -76,6 +76,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 def resume_checkpoint(resume: bool | str | Path, ckpt_root: str | Path) -> Path:
     """The step checkpoint `--resume` names: the latest under ckpt_root (resume=True) or the given one."""
+    clean_interrupted(ckpt_root, r"step_\d+")  # a step dir cut off mid-swap is restored first
     found = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckpt_root)
     if found is None:
         raise LLMKitError(f"--resume: no checkpoint found under {ckpt_root}")
@@ -108,10 +109,11 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
     out = root / f"step_{step:08d}"
     error = None
     if is_main:
+        clean_interrupted(root, r"step_\d+")  # what a run killed mid-save left (.step_*.tmp, .step_*.old)
         previous = latest_checkpoint(root)
         try:
             tensors, aliases = split_aliases(model_sd)
-            with atomic_dir(out, force=True) as tmp:
+            with atomic_dir(out, force=True, owns=("*",)) as tmp:  # a step dir is wholly ours
                 save_file(tensors, tmp / "model.safetensors",
                           metadata={"format": "pt", "step": str(step), "aliases": json.dumps(aliases)})
                 torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),

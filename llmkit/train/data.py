@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMKitError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_output_dir
 
 MANIFEST = "manifest.json"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -160,12 +160,13 @@ def prepare(inputs: list[str | Path], tokenizer, out_dir: str | Path, val_fracti
         raise LLMKitError("the tokenizer has no EOS token to separate documents")
     files = list_inputs(inputs)
     val_files = list_inputs(val_inputs) if val_inputs else []
+    check_output_dir(out_dir, force, files + val_files)  # before the tokenising
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     from ..progress import progress_bar
 
     total_bytes = sum(p.stat().st_size for p in files + val_files)
     bar = progress_bar(total_bytes, unit="B", unit_scale=True, desc="tokenising", enabled=progress)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, owns=("train_*.bin", "val_*.bin", MANIFEST, "tokenizer")) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
 
         def add(doc: Iterator[str], split: str):

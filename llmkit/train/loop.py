@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..errors import LLMKitError
 from ..losses import cross_entropy
 from ..progress import progress_bar  # noqa: F401  (re-exported: the recipes import it from here)
 from .dist import all_reduce_sum, grad_sync, unwrap
@@ -149,9 +151,10 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            # read (and validate) everything before rewriting anything: a bad file fails the resume
+            # with the file unchanged
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None:
             self.path.write_text("")
         if tensorboard:
@@ -178,8 +181,34 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics JSONL ([] when it does not exist). A run killed mid-append leaves a
+    partial last line: it is dropped with a warning on stderr (the step checkpoint it belonged to
+    was never completed either, so a resume loses nothing). A bad line anywhere else is damage this
+    reader cannot explain away: an LLMKitError naming file:line."""
     p = Path(path)
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise LLMKitError(f"cannot read {p} ({e})") from None
+    lines = text.split("\n")  # a complete file ends with "\n", so the last element is ""
+    records = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as e:
+            if i == len(lines):  # the unterminated last line: an interrupted append
+                print(f"llmkit: warning: {p}:{i}: dropped a truncated last line (an interrupted write)",
+                      file=sys.stderr)
+                break
+            raise LLMKitError(f"{p}:{i}: not a metrics record ({e})") from None
+        records.append(rec)
+    return records
 
 
 def plot_metrics(records: list[dict], out_png: str | Path, title: str = "training", x_key: str = "step") -> Path:
