@@ -15,9 +15,9 @@ holds the command's inputs, before any work.
 from __future__ import annotations
 
 import contextlib
-import json
 import fnmatch
 import functools
+import json
 import os
 import re
 import shutil
@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 from .errors import LLMKitError
-
 
 # what a model-like output directory (checkpoint, adapter, reward model) may hold: a --force over one
 # replaces all of these, so a full checkpoint over an adapter (or a smaller shard set) leaves nothing stale
@@ -205,7 +204,7 @@ def output_lock(path: str | Path, enabled: bool = True):
     p.parent.mkdir(parents=True, exist_ok=True)
     lock = p.parent / f".{p.name}.lock"
     while True:
-        f = open(lock, "a+")
+        f = open(lock, "a+")  # noqa: SIM115  (held open for the whole run: the lock lives on this file)
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
