@@ -15,16 +15,17 @@ holds the command's inputs, before any work.
 from __future__ import annotations
 
 import contextlib
-import json
 import fnmatch
+import functools
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from .errors import LLMKitError
-
 
 # what a model-like output directory (checkpoint, adapter, reward model) may hold: a --force over one
 # replaces all of these, so a full checkpoint over an adapter (or a smaller shard set) leaves nothing stale
@@ -182,3 +183,60 @@ def atomic_dir(path: str | Path, force: bool = False, owns: tuple[str, ...] = ()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------ one writer per output
+@contextlib.contextmanager
+def output_lock(path: str | Path, enabled: bool = True):
+    """Hold an exclusive advisory lock (fcntl.flock) on `.NAME.lock` beside output `path` while a
+    command writes it; a second writer is refused with the holder's PID and command line. The lock
+    file sits beside the output, not in it, so atomic_dir's swap of the directory cannot take it
+    away; it is removed on release. The kernel drops the lock when its holder dies (even SIGKILL),
+    so a crashed run never blocks the next. A no-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield
+        return
+    p = Path(path).resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lock = p.parent / f".{p.name}.lock"
+    while True:
+        f = open(lock, "a+")  # noqa: SIM115  (held open for the whole run: the lock lives on this file)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise LLMKitError(f"{path} is being written by another llmkit run (pid {holder}); "
+                              f"wait for it to finish or choose another output") from None
+        try:  # the holder before us may have removed the file between our open and our lock: retry
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}: {' '.join(sys.argv) or 'python'}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # before unlocking: a waiter that opened it retries on the new file
+        f.close()
+
+
+def locks_run_dir(fn):
+    """Decorator for a recipe `fn(cfg, ...)`: run it holding output_lock(cfg.train.out_dir). Only rank
+    0 of a torchrun job locks (the other ranks write no output; RANK is set by torchrun)."""
+    @functools.wraps(fn)
+    def wrapper(cfg, *args, **kwargs):
+        with output_lock(cfg.train.out_dir, enabled=os.environ.get("RANK", "0") == "0"):
+            return fn(cfg, *args, **kwargs)
+    return wrapper

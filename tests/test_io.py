@@ -132,3 +132,48 @@ def test_interrupted_writes_are_cleaned_or_restored_at_the_next_write(tmp_path):
     (root / ".step_00000004.x1y2z3w4.tmp").mkdir()
     ckpt.save_train_state(root, 6, model, opt, {}, {})
     assert sorted(os.listdir(root)) == ["step_00000002", "step_00000006"]
+
+
+def test_one_writer_per_output(tmp_path, capsys):
+    """A second writer of an output is refused with the holder's PID and command; the lock goes with its
+    holder (released on exit, dropped by the kernel when the holder is killed), leaving no file."""
+    import signal
+    import subprocess
+    import sys
+
+    from llmkit.config import load_config
+    from llmkit.io import output_lock
+    from llmkit.recipes.finetune import FinetuneConfig, finetune
+    from llmkit.recipes.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "run"
+    (tmp_path / "c.txt").write_text(TEXT)
+    with output_lock(out):
+        with pytest.raises(LLMKitError, match=rf"being written by another llmkit run \(pid {os.getpid()}: "):
+            with output_lock(out):
+                pass
+        with pytest.raises(LLMKitError, match=f"pid {os.getpid()}"):  # checked before any work
+            pretrain(load_config(PretrainConfig, None, [f"train.out_dir={out}"]))
+        with pytest.raises(LLMKitError, match=f"pid {os.getpid()}"):
+            finetune(load_config(FinetuneConfig, None, [f"train.out_dir={out}"]))
+        rc, _, err = run_cli(capsys, "tokenizer", "train", "--input", tmp_path / "c.txt", "--out", out,
+                             "--vocab-size", 280)
+        assert rc == 2 and f"pid {os.getpid()}" in err and err.count("\n") == 1
+    assert leftovers(tmp_path) == [] and not (tmp_path / ".run.lock").exists()
+
+    # a holder killed with SIGKILL: its lock is gone with it
+    code = f"from llmkit.io import output_lock\nwith output_lock({str(out)!r}):\n    print('held', flush=True)\n    " \
+           "import time; time.sleep(60)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LLMKitError, match=f"pid {holder.pid}"):
+            with output_lock(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(out):  # the stale .run.lock file is reused, not a blocker
+        pass
+    assert not (tmp_path / ".run.lock").exists()

@@ -21,14 +21,16 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import LLMKitError
+    from ..io import output_lock
     from ..tokenizer import Tokenizer
     from ..train.data import prepare
 
     if args.shard_tokens <= 0:
         raise LLMKitError(f"--shard-tokens must be positive, got {args.shard_tokens}")
     tok = Tokenizer.load(args.tokenizer)
-    m = prepare(args.input, tok, args.out, val_fraction=args.val_fraction, val_inputs=args.val_input,
-                shard_tokens=args.shard_tokens, text_field=args.text_field, force=args.force)
+    with output_lock(args.out):  # one writer per output directory
+        m = prepare(args.input, tok, args.out, val_fraction=args.val_fraction, val_inputs=args.val_input,
+                    shard_tokens=args.shard_tokens, text_field=args.text_field, force=args.force)
     for split, s in m["splits"].items():
         print(f"{split:5s} {s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes, "
               f"{len(s['shards'])} shard(s)")

@@ -35,21 +35,22 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from ..io import atomic_dir, check_output_dir
+    from ..io import atomic_dir, check_output_dir, output_lock
     from ..tokenizer import Tokenizer
     from ..train.data import list_inputs
 
     if args.vocab_size <= 0:
         raise LLMKitError(f"--vocab-size must be positive, got {args.vocab_size}")
-    files = list_inputs(args.input)
-    check_output_dir(args.out, args.force, files)  # fail before the (possibly long) training
-    print(f"llmkit: training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(files)} file(s)...",
-          file=sys.stderr)
-    tok = Tokenizer.train(files, args.vocab_size, args.special_tokens, bos_token=args.bos_token,
-                          eos_token=args.eos_token, add_bos=args.add_bos, min_frequency=args.min_frequency,
-                          progress=sys.stderr.isatty())
-    with atomic_dir(args.out, force=args.force, owns=("tokenizer*.json",)) as tmp:
-        tok.save(tmp)
+    with output_lock(args.out):  # one writer per output directory
+        files = list_inputs(args.input)
+        check_output_dir(args.out, args.force, files)  # fail before the (possibly long) training
+        print(f"llmkit: training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(files)} file(s)...",
+              file=sys.stderr)
+        tok = Tokenizer.train(files, args.vocab_size, args.special_tokens, bos_token=args.bos_token,
+                              eos_token=args.eos_token, add_bos=args.add_bos, min_frequency=args.min_frequency,
+                              progress=sys.stderr.isatty())
+        with atomic_dir(args.out, force=args.force, owns=("tokenizer*.json",)) as tmp:
+            tok.save(tmp)
     print(f"llmkit: vocab {tok.vocab_size}, eos {tok.eos_token!r}, fingerprint {tok.fingerprint()[:12]}",
           file=sys.stderr)
     print(Path(args.out))

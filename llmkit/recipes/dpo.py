@@ -38,7 +38,7 @@ import torch.nn as nn
 from ..align.data import load_preference_data, preference_batch
 from ..errors import LLMKitError, closest
 from ..finetune.data import IGNORE, example_stream
-from ..io import atomic_path
+from ..io import atomic_path, locks_run_dir
 from ..losses import dpo_loss, ipo_loss, sequence_logprobs
 from ..peft import PeftSections, apply_method, can_disable, disabled, get_method, trainable_summary
 from ..train import checkpoint as ckpt
@@ -218,6 +218,7 @@ def plot_rewards(records: list[dict], out_png: Path, title: str) -> Path:
 
 
 # ------------------------------------------------------------------ the run
+@locks_run_dir  # one writer per train.out_dir (and its .partial)
 def train_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
               resume: bool | str = False, force: bool = False) -> dict:
     """Train on preference pairs and write the result to cfg.train.out_dir (see the module docstring).

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMKitError
 from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
+from ..io import locks_run_dir
 from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
@@ -174,6 +175,7 @@ class SFTBatches:
 
 
 # ------------------------------------------------------------------ the run
+@locks_run_dir  # one writer per train.out_dir (and its .partial)
 def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None, quiet: bool = False,
              resume: bool | str = False, force: bool = False) -> dict:
     """Fine-tune and write the result to cfg.train.out_dir. `model`/`tokenizer` may be given directly

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LLMKitError
+from ..io import locks_run_dir
 from ..models import ModelConfig, Transformer
 from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
@@ -116,6 +117,7 @@ def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None
     return plain
 
 
+@locks_run_dir  # one writer per train.out_dir
 def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = False, tokenizer=None,
              on_eval=None) -> dict:
     """Train; returns a summary dict (also written to OUT/summary.json). `resume`: True for the

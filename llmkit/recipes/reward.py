@@ -31,6 +31,7 @@ from ..align.reward import RewardModel, apply_method, is_reward_model, load_rewa
 from ..align.reward import save_reward_model
 from ..errors import LLMKitError
 from ..finetune.data import example_stream
+from ..io import locks_run_dir
 from ..losses import bradley_terry_loss
 from ..peft import SelectiveSection, get_method, trainable_summary, unload
 from ..peft.lora import LoRAConfig
@@ -138,6 +139,7 @@ def build_reward_model(spec: str) -> tuple[RewardModel, object]:
 
 
 # ------------------------------------------------------------------ the run
+@locks_run_dir  # one writer per train.out_dir (and its .partial)
 def train_reward(cfg: RewardConfig, model: RewardModel | None = None, tokenizer=None, quiet: bool = False,
                  resume: bool | str = False, force: bool = False) -> dict:
     """Train a reward model and write it to cfg.train.out_dir. `model` (a RewardModel) and `tokenizer` may be

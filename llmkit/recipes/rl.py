@@ -38,7 +38,7 @@ from ..align.tasks import SYSTEM, TOY, chat_prompt, load_prompts, toy_arithmetic
 from ..devices import resolve_device
 from ..errors import LLMKitError
 from ..inference import SamplingParams, generate_batch
-from ..io import atomic_path
+from ..io import atomic_path, locks_run_dir
 from ..peft import apply_method as apply_peft_method
 from ..peft import can_disable, disabled, get_method, trainable_summary
 from ..train import checkpoint as ckpt
@@ -266,6 +266,7 @@ class Algorithm:
     save: Callable[[Path], None] = lambda out: None  # files beside the adapter (PPO: value_head.safetensors)
 
 
+@locks_run_dir  # one writer per train.out_dir (and its .partial)
 def train_rl(cfg, sec, name: str, make: Callable, model: nn.Module | None = None, tokenizer=None,
              quiet: bool = False, force: bool = False, resume: bool | str = False, rewards: dict | None = None) -> dict:
     """Train with the RL method `name` and write cfg.train.out_dir; returns the summary (also in NAME.json).

@@ -199,14 +199,15 @@ def read_metrics(path: str | Path) -> list[dict]:
             continue
         try:
             rec = json.loads(ln)
-            if not isinstance(rec, dict):
-                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+            why = None if isinstance(rec, dict) else f"a JSON {type(rec).__name__}, not an object"
         except ValueError as e:
+            why = str(e)
+        if why:
             if i == len(lines):  # the unterminated last line: an interrupted append
                 print(f"llmkit: warning: {p}:{i}: dropped a truncated last line (an interrupted write)",
                       file=sys.stderr)
                 break
-            raise LLMKitError(f"{p}:{i}: not a metrics record ({e})") from None
+            raise LLMKitError(f"{p}:{i}: not a metrics record ({why})")
         records.append(rec)
     return records
 
