@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..devices import add_device_arg

@@ -11,7 +11,7 @@ Families differ only in which modules they use (see `modules.NORMS`, `modules.ML
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LLMKitError, closest

@@ -156,13 +156,6 @@ class Attention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
             self.qkv_proj = fused
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, T, H*D), k (B, T, K*D), v (B, T, K*D), fused or not."""
-        H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        if self.qkv_proj is not None:
-            return self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     @classmethod
     def new_cache(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
                   rolling: bool = False, offset: int = 0):

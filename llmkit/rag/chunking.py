@@ -142,7 +142,7 @@ def sentence_chunks(text: str, tokenizer, size: int = 200, overlap: int = 40) ->
                                                                       size, overlap, s)]
     out, i = [], 0
     while i < len(sents):
-        j, total = i, 0
+        j = i
         while j < len(sents) and count_tokens(tokenizer, text[sents[i][0]:sents[j][1]]) <= size:
             j += 1
         j = max(j, i + 1)
