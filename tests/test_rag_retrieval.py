@@ -47,3 +47,14 @@ def test_weighted_by_hand():
 def test_top_k_order_and_ties():
     assert top_k(np.array([0.1, 0.5, 0.5, 0.9]), 3) == [3, 1, 2]
     assert top_k(np.array([1.0]), 5) == [0]
+
+
+def test_squad_metrics_and_loader(shared_data):
+    from llmkit.rag.squad import em_f1, load_squad, token_f1
+
+    assert token_f1("The cat sat", "a cat sat down") == pytest.approx(0.8)  # "cat sat" vs "cat sat down"
+    assert em_f1("Denver Broncos!", ["the denver broncos", "Broncos"]) == (1.0, 1.0)
+    assert em_f1("nothing", ["Broncos"]) == (0.0, 0.0)
+    docs, qs = load_squad(shared_data / "rag" / "squad_expmrc_dev.json")
+    assert (len(docs), len(qs)) == (319, 501) and all(q.answers for q in qs)
+    assert {q.doc_id for q in qs} <= {d.doc_id for d in docs}
