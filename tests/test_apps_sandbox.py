@@ -103,13 +103,21 @@ def test_huge_output_is_cut_and_stopped():
     assert r.reason == "output" and len(r.stdout) <= 10_000
 
 
-@pytest.mark.skipif(not sandbox_capabilities()["netns"], reason="unshare --net is not available here")
-def test_network_namespace_has_no_route():
-    # below the audit hook: the raw _socket module, refused by the hook; and the namespace as the boundary
-    r = run("import collections\nm = collections._sys.modules\nprint('_socket' in m)")
-    assert r.ok
+def test_raw_socket_module_is_refused():
+    # below `import socket`: the C module through the real __import__ is refused by the audit hook
     r = run("import collections\ncollections._sys.modules['builtins'].__import__('_socket')")
-    assert r.reason == "blocked"
+    assert r.reason == "blocked" and "_socket" in r.detail
+
+
+@pytest.mark.skipif(not sandbox_capabilities()["netns"], reason="unshare --net is not available here")
+def test_the_child_runs_in_its_own_network_namespace():
+    import os as _os
+
+    # the kernel, not the hook, is the boundary: the child's net namespace differs from ours
+    r = run("import random\nprint(random._os.readlink('/proc/self/ns/net'))")
+    # readlink is not an audited event: the namespace id comes back and must differ from this process's
+    assert r.ok, r.summary()
+    assert r.stdout.strip() != _os.readlink("/proc/self/ns/net")
 
 
 def test_bad_limits_are_a_clear_error():
