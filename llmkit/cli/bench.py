@@ -225,9 +225,11 @@ def add_serve(bsub) -> None:
 def _start(cmd: list[str], url: str, timeout: float = 900):
     """Start a server process and wait until it answers."""
     import subprocess
+    import tempfile
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty server would block once it is full
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     t0 = time.time()
     while True:
         try:
@@ -235,7 +237,8 @@ def _start(cmd: list[str], url: str, timeout: float = 900):
             return proc
         except Exception:
             if proc.poll() is not None:
-                raise LLMKitError(f"the server {cmd[2]} exited: {(proc.stderr.read() or '').strip()[-300:]}")
+                log.seek(0)
+                raise LLMKitError(f"the server {cmd[2]} exited: {log.read().strip()[-300:]}")
             if time.time() - t0 > timeout:
                 proc.kill()
                 raise LLMKitError(f"the server {cmd[2]} did not answer within {timeout:.0f} s")
@@ -288,7 +291,7 @@ def run_serve(args) -> int:
         servers["llama.cpp"] = lambda p: [sys.executable, "-c", "from llmkit.llamacpp import serve; serve()",
                                           "--model", str(path), "--model_alias", "bench", "--host", "127.0.0.1",
                                           "--port", str(p), "--n_threads", str(args.threads), "--n_threads_batch",
-                                          str(args.threads), "--n_ctx", "2048"]
+                                          str(args.threads), "--n_ctx", "2048", "--verbose", "False"]
     results: dict[str, list[dict]] = {}
     for name, cmd in servers.items():
         p = port()
