@@ -291,7 +291,8 @@ def run_serve(args) -> int:
         servers["llama.cpp"] = lambda p: [sys.executable, "-c", "from llmkit.llamacpp import serve; serve()",
                                           "--model", str(path), "--model_alias", "bench", "--host", "127.0.0.1",
                                           "--port", str(p), "--n_threads", str(args.threads), "--n_threads_batch",
-                                          str(args.threads), "--n_ctx", "2048", "--verbose", "False"]
+                                          str(args.threads), "--n_ctx", "2048", "--verbose", "False",
+                                          "--interrupt_requests", "False"]  # queue, do not cut, concurrent requests
     results: dict[str, list[dict]] = {}
     for name, cmd in servers.items():
         p = port()
