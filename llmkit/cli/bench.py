@@ -304,12 +304,10 @@ def run_serve(args) -> int:
         finally:
             _stop(proc)
     base = {r["concurrency"]: r for r in results["llmkit"]}
+    ref = list(base[min(levels)]["texts"])
     for name, rs in results.items():  # greedy answers: do they match llmkit's one-at-a-time answers?
-        ref = base[min(levels)]["texts"]
         for r in rs:
             r["same_text_as_llmkit_c%d" % min(levels)] = sum(a == b for a, b in zip(r.pop("texts"), ref))
-    for r in base.values():
-        r.pop("texts", None)
     one = base[min(levels)]["output_tok_s"]
     ratios = {f"llmkit c={c} / llmkit c={min(levels)}": base[c]["output_tok_s"] / one for c in levels}
     for name, rs in results.items():
