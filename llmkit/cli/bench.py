@@ -225,9 +225,11 @@ def add_serve(bsub) -> None:
 def _start(cmd: list[str], url: str, timeout: float = 900):
     """Start a server process and wait until it answers."""
     import subprocess
+    import tempfile
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty server would block once it is full
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     t0 = time.time()
     while True:
         try:
@@ -235,7 +237,8 @@ def _start(cmd: list[str], url: str, timeout: float = 900):
             return proc
         except Exception:
             if proc.poll() is not None:
-                raise LLMKitError(f"the server {cmd[2]} exited: {(proc.stderr.read() or '').strip()[-300:]}")
+                log.seek(0)
+                raise LLMKitError(f"the server {cmd[2]} exited: {log.read().strip()[-300:]}")
             if time.time() - t0 > timeout:
                 proc.kill()
                 raise LLMKitError(f"the server {cmd[2]} did not answer within {timeout:.0f} s")
@@ -288,7 +291,8 @@ def run_serve(args) -> int:
         servers["llama.cpp"] = lambda p: [sys.executable, "-c", "from llmkit.llamacpp import serve; serve()",
                                           "--model", str(path), "--model_alias", "bench", "--host", "127.0.0.1",
                                           "--port", str(p), "--n_threads", str(args.threads), "--n_threads_batch",
-                                          str(args.threads), "--n_ctx", "2048"]
+                                          str(args.threads), "--n_ctx", "2048", "--verbose", "False",
+                                          "--interrupt_requests", "False"]  # queue, do not cut, concurrent requests
     results: dict[str, list[dict]] = {}
     for name, cmd in servers.items():
         p = port()
@@ -300,12 +304,10 @@ def run_serve(args) -> int:
         finally:
             _stop(proc)
     base = {r["concurrency"]: r for r in results["llmkit"]}
+    ref = list(base[min(levels)]["texts"])
     for name, rs in results.items():  # greedy answers: do they match llmkit's one-at-a-time answers?
-        ref = base[min(levels)]["texts"]
         for r in rs:
             r["same_text_as_llmkit_c%d" % min(levels)] = sum(a == b for a, b in zip(r.pop("texts"), ref))
-    for r in base.values():
-        r.pop("texts", None)
     one = base[min(levels)]["output_tok_s"]
     ratios = {f"llmkit c={c} / llmkit c={min(levels)}": base[c]["output_tok_s"] / one for c in levels}
     for name, rs in results.items():
