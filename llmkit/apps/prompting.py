@@ -123,38 +123,14 @@ SELECTIONS = ("first", "random", "balanced", "similar")
 
 
 def sentence_embedder(model_dir: str | Path | None = None, batch_size: int = 64) -> Callable:
-    """embed(texts) -> (N, 384) unit vectors from all-MiniLM-L6-v2 through llmkit's encoder (mean pooling
-    over real tokens, as sentence-transformers' all-MiniLM-L6-v2)."""
+    """embed(texts) -> (N, 384) unit vectors from all-MiniLM-L6-v2 through llmkit's encoder: RAG's embedder
+    (llmkit.rag.embeddings, equal to sentence-transformers), as a torch tensor for shot selection."""
     import torch
-    from tokenizers import Tokenizer
 
-    from ..models.encoder import Encoder
+    from ..rag.embeddings import Embedder
 
-    if model_dir is None:
-        from ..hub import pull
-
-        model_dir = pull("minilm-l6-v2", quiet=True)
-    enc = Encoder.from_dir(model_dir)
-    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(256)
-
-    @torch.no_grad()
-    def embed(texts: list[str]) -> torch.Tensor:
-        out = []
-        for s in range(0, len(texts), batch_size):
-            ids = [e.ids for e in tok.encode_batch(texts[s:s + batch_size])]
-            T = max(len(x) for x in ids)
-            batch = torch.zeros(len(ids), T, dtype=torch.long)
-            mask = torch.zeros(len(ids), T)
-            for i, x in enumerate(ids):
-                batch[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
-            h = enc(batch, mask)  # (B, T, C)
-            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, C)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out)
-
-    return embed
+    embedder = Embedder(model_dir, batch_size=batch_size)
+    return lambda texts: torch.from_numpy(embedder.embed(list(texts)))
 
 
 # ---------------------------------------------------------------- prompts
