@@ -283,9 +283,13 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
         except (LLMKitError, TypeError, ValueError) as e:
             raise APIError(400, str(e)) from None
 
-    def check_n(n: int):
-        if n > limits.max_n:
-            raise APIError(400, f"n={n} is more than this server's limit of {limits.max_n} (max n)", param="n")
+    def check_openai(body) -> None:
+        """What /v1/completions and /v1/chat/completions both refuse: another model, n over the limit, logit_bias."""
+        check_model(body.model)
+        if body.n > limits.max_n:
+            raise APIError(400, f"n={body.n} is more than this server's limit of {limits.max_n} (max n)", param="n")
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
     async def run(prompt: list[int], params: SamplingParams, n: int, http: HTTPRequest):
         """Submit n samples; yield (index, Event) as they come; cancel what is left on exit."""
@@ -369,10 +373,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
-        check_model(body.model)
-        check_n(body.n)
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        check_openai(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -436,10 +437,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model)
-        check_n(body.n)
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        check_openai(body)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         p = body.prompt
