@@ -285,6 +285,26 @@ def test_openai_client_raises_typed_errors_and_limits(server):
     assert "access-control-allow-origin" not in HTTP.get(url + "/v1/models", headers={"Origin": "http://evil"}).headers
 
 
+def test_embeddings_served_equal_the_encoder(model_tok, minilm_dir):
+    """--embedding-model: the openai client's embeddings are llmkit's MiniLM vectors (which equal
+    sentence-transformers', tests/test_rag_embeddings.py); token-id input is a clean 400."""
+    import numpy as np
+
+    from llmkit.rag.embeddings import Embedder
+    from llmkit.serve.api import text_embedder
+
+    model, tok = model_tok
+    engine = Engine(model, max_batch=1, max_len=64, detok=tok.decode)
+    texts = ["A man is eating food.", "Paris is the capital of France."]
+    with running_server(engine, tok, embedder=text_embedder(str(minilm_dir))) as url:
+        r = client(url).embeddings.create(model="minilm", input=texts)
+        got = np.array([d.embedding for d in r.data])
+        np.testing.assert_allclose(got, Embedder(minilm_dir).embed(texts), atol=1e-6)
+        assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
+        bad = HTTP.post(url + "/v1/embeddings", json={"input": [1, 2, 3]})
+        assert bad.status_code == 400 and "token-id" in bad.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- security, back-pressure, faults
 def test_api_key_required_everywhere_but_health(model_tok):
     model, tok = model_tok

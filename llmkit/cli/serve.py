@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="adapter directory applied on top of the model")
     p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="quantize the weights on the fly")
     p.add_argument("--name", help="the model name clients see (default: the --model value)")
+    p.add_argument("--embedding-model", metavar="ENCODER",
+                   help="serve POST /v1/embeddings with this sentence encoder (e.g. minilm-l6-v2, or its folder)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LLMKIT_API_KEY"),
@@ -84,8 +86,13 @@ def run(args) -> int:
                     prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, detok=tok.decode)
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
                     max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    embedder = None
+    if args.embedding_model:
+        from ..serve.api import text_embedder
+
+        embedder = text_embedder(args.embedding_model)
     app = create_app(engine, tok, model_name=args.name or args.model, api_key=args.api_key, cors=args.cors,
-                     limits=limits)
+                     limits=limits, embedder=embedder)
     print(f"llmkit serve: {args.name or args.model} at http://{args.host}:{args.port}/ "
           f"(batch {args.max_batch}, context {engine.max_len}{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)

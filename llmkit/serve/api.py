@@ -20,10 +20,13 @@ the model's own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
+import struct
 import time
 import uuid
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -124,7 +127,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(_Strict):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's default)
     user: str | None = None
 
 
@@ -200,6 +203,24 @@ class Guard:
             return msg
 
         return await self.app(scope, limited, send)
+
+
+def text_embedder(spec: str):
+    """embed(texts) -> (list of unit vectors, token count) from a sentence encoder (llmkit.rag.embeddings:
+    mean-pooled MiniLM, equal to sentence-transformers); `spec` is a registry name or a model folder."""
+    from ..rag.embeddings import Embedder
+
+    path = spec
+    if not Path(spec).is_dir():
+        from ..hub import pull
+
+        path = pull(spec, quiet=True)
+    embedder = Embedder(path)
+
+    def embed(texts: list[str]) -> tuple[list[list[float]], int]:
+        return embedder.embed(texts).tolist(), sum(len(ids) for ids in embedder.token_ids(texts))
+
+    return embed
 
 
 def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | None = None,
@@ -517,9 +538,13 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
             else list(body.input)
         if not inputs or len(inputs) > 256:
             raise APIError(400, "input takes 1 to 256 texts", param="input")
+        if not all(isinstance(x, str) for x in inputs):
+            raise APIError(400, "input must be text: token-id input is not supported for embeddings", param="input")
         vecs, n_tok = await asyncio.get_running_loop().run_in_executor(None, embedder, inputs)
         return {"object": "list", "model": body.model or "embeddings",
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)],
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": v if body.encoding_format == "float" else
+                          base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for i, v in enumerate(vecs)],
                 "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
 
     # ------------------------------------------------------------ ollama
