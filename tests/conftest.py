@@ -50,3 +50,13 @@ def smollm2(smollm2_gguf):
     from llmkit.loading import load_model
 
     return load_model(str(smollm2_gguf))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models: OpenMP hand-offs dominate at that size, and on a shared,
+    oversubscribed CPU two threads can be 40x slower than one (modules opt in with usefixtures)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,13 +11,7 @@ from llmkit.inference import (BatchKVCache, PrefixCache, RollingKVCache, Samplin
 from llmkit.models.config import ModelConfig
 from llmkit.models.transformer import Transformer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP hand-off costs that dominate at this size."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one torch thread
 
 
 FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-mixtral", "tiny-qwen2"]

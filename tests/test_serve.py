@@ -22,12 +22,7 @@ from llmkit.inference import SamplingParams, generate  # noqa: E402
 from llmkit.serve import Engine, Request  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run on one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -361,6 +361,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def sse_failure(ev) -> str:
+        """The event that ends a stream whose generation raised (OpenAI's error schema)."""
+        return sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None,
+                              "code": None}})
+
     def usage(prompt_len: int, completion: int) -> dict:
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
 
@@ -420,8 +425,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
                                                     "logprobs": None, "finish_reason": None}]})
                 async for i, ev in events:
                     if ev.finish_reason == "error":
-                        yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                             "param": None, "code": None}})
+                        yield sse_failure(ev)
                         return
                     counts[i] += ev.token is not None
                     delta = texts[i].put(ev.token, finished=bool(ev.finish_reason))
@@ -495,8 +499,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, api_key: str | Non
                 head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
                 async for i, ev in events:
                     if ev.finish_reason == "error":
-                        yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                             "param": None, "code": None}})
+                        yield sse_failure(ev)
                         return
                     counts[i] += ev.token is not None
                     before = texts[i].sent
