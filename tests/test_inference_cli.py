@@ -4,9 +4,10 @@ import io
 import json
 
 import pytest
-from test_inference import one_thread  # noqa: F401  (autouse: one torch thread for these tests)
 
 from llmkit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for these tests
 
 
 def run(capsys, *argv):

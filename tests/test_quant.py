@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from test_inference import one_thread  # noqa: F401  (autouse: one torch thread for these tests)
 
 from llmkit.checkpoint import load_checkpoint, save_checkpoint
 from llmkit.cli import main
@@ -14,6 +13,8 @@ from llmkit.models import ModelConfig, Transformer
 from llmkit.models.modules import concat_linears
 from llmkit.quant import METHODS, QuantLinear, fuse_projections, keep_dense_copy, quantize
 from llmkit.quant.methods import _int4_quantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for these tests
 
 
 def tiny(**kw) -> Transformer:
