@@ -156,3 +156,29 @@ def test_speedrun_ngram_end_to_end(tmp_path):
     assert (tmp_path / "run" / "report.md").read_text().startswith("# llmkit speedrun report: ngram")
     with pytest.raises(LLMKitError, match="unknown speedrun arch 'cnn'"):
         speedrun(SpeedrunConfig(arch="cnn", out=str(tmp_path / "x")), progress=False)
+
+
+@pytest.mark.parametrize("sg", [True, False])
+def test_word2vec_groups_words_that_share_contexts(sg):
+    from llmkit.classic.word2vec import Word2Vec, Word2VecConfig
+
+    rng = random.Random(0)
+    a, b = [f"a{i}" for i in range(6)], [f"b{i}" for i in range(6)]
+    corpus = []
+    for _ in range(3000):  # sentences drawn from one group at a time
+        corpus += rng.choices(rng.choice([a, b]), k=6)
+    m = Word2Vec(Word2VecConfig(sg=sg, dim=16, window=2, min_count=1, sample=0, epochs=3, batch_pairs=256)).fit(corpus)
+    for w in ("a0", "b3"):
+        assert all(n[0] == w[0] for n, _ in m.most_similar(w, 5))  # its 5 neighbours are its own group
+    assert m.analogy("a0", "a1", "zzz") is None
+
+
+def test_word2vec_bad_input():
+    from llmkit.classic.word2vec import Word2Vec, Word2VecConfig, words
+
+    assert words("Thou art, O ROMEO! 'tis i'faith 3 times") == ["thou", "art", "o", "romeo", "tis", "i'faith", "times"]
+    with pytest.raises(LLMKitError, match="fewer than 2 words occur at least min_count=5"):
+        Word2Vec(Word2VecConfig(min_count=5)).fit(["a", "b", "a"])
+    m = Word2Vec(Word2VecConfig(min_count=1, epochs=1, dim=4)).fit(["a", "b"] * 10)
+    with pytest.raises(LLMKitError, match="'zzz' is not in the vocabulary"):
+        m.most_similar("zzz")
