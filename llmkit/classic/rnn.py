@@ -11,7 +11,11 @@ same weights give the same outputs (tests/test_classic.py):
                                                                     (Hochreiter & Schmidhuber 1997)
 
 The input projections of all T steps are one matmul (B, T, I) @ (I, G·H); only h @ W_hh runs in the
-time loop. Training is truncated backpropagation through time: the state is carried from one window
+time loop. That loop is Python, so autograd records ~10 ops per step: on one CPU thread a step of
+the 512-wide LSTM takes ~3x as long as torch.nn.LSTM's fused C++ loop. `RNNConfig.fused` (the
+default for training) therefore runs the same weights through torch.nn.{RNN,GRU,LSTM} (`FusedRecurrent`,
+the same parameter layout and outputs as `Recurrent`, tests/test_classic.py); `fused=False` runs the
+written-out cells. Training is truncated backpropagation through time: the state is carried from one window
 of the token stream to the next but detached, so gradients flow back at most one window.
 
 Shapes: B batch, T time steps, V vocabulary, E embedding width, H hidden width, G gate blocks.
@@ -35,6 +39,7 @@ class Cell:
     has_cell_state: bool  # LSTM carries (h, c); the others h only
     # (xw_t (B, G·H) = W_ih x_t + b_ih, h (B, H), c (B, H) or None, W_hh (G·H, H), b_hh (G·H,)) -> (h', c')
     step: Callable
+    torch_cls: type  # the torch.nn module with the same layout (the fused kernel)
 
 
 def _rnn_step(xw, h, c, w_hh, b_hh):
@@ -57,9 +62,9 @@ def _lstm_step(xw, h, c, w_hh, b_hh):
 
 
 CELLS: dict[str, Cell] = {
-    "rnn": Cell(gates=1, has_cell_state=False, step=_rnn_step),
-    "gru": Cell(gates=3, has_cell_state=False, step=_gru_step),
-    "lstm": Cell(gates=4, has_cell_state=True, step=_lstm_step),
+    "rnn": Cell(gates=1, has_cell_state=False, step=_rnn_step, torch_cls=nn.RNN),
+    "gru": Cell(gates=3, has_cell_state=False, step=_gru_step, torch_cls=nn.GRU),
+    "lstm": Cell(gates=4, has_cell_state=True, step=_lstm_step, torch_cls=nn.LSTM),
 }
 
 
@@ -102,6 +107,29 @@ class Recurrent(nn.Module):
         return torch.stack(outs, dim=1), (h, c)
 
 
+class FusedRecurrent(nn.Module):
+    """The same layer run by torch.nn.{RNN,GRU,LSTM}'s fused loop: same parameters (`rnn.weight_ih_l0`
+    ... in `Recurrent`'s layout), same state convention ((h, c), each (B, H); c None but for LSTM)."""
+
+    def __init__(self, kind: str, input_size: int, hidden_size: int):
+        super().__init__()
+        self.kind, self.cell, self.hidden_size = kind, get_cell(kind), hidden_size
+        self.rnn = self.cell.torch_cls(input_size, hidden_size, batch_first=True)
+        bound = hidden_size ** -0.5
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    zero_state = Recurrent.zero_state
+
+    def forward(self, x: torch.Tensor, state: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        h, c = state if state is not None else self.zero_state(x.shape[0], x.device)
+        if self.cell.has_cell_state:
+            y, (h, c) = self.rnn(x, (h[None], c[None]))
+            return y, (h[0], c[0])
+        y, h = self.rnn(x, h[None])
+        return y, (h[0], None)
+
+
 @dataclass
 class RNNConfig:
     kind: str = "lstm"  # rnn | gru | lstm
@@ -110,6 +138,7 @@ class RNNConfig:
     d_hidden: int = 512
     n_layer: int = 1
     dropout: float = 0.2  # on embeddings, between layers and before the head (Zaremba et al. 2014)
+    fused: bool = True  # torch.nn's fused loop over the same weights (FusedRecurrent); False: the cells above
 
 
 class RNNLM(nn.Module):
@@ -120,7 +149,8 @@ class RNNLM(nn.Module):
         get_cell(cfg.kind)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_embed)
-        self.layers = nn.ModuleList(Recurrent(cfg.kind, cfg.d_embed if i == 0 else cfg.d_hidden, cfg.d_hidden)
+        layer = FusedRecurrent if cfg.fused else Recurrent
+        self.layers = nn.ModuleList(layer(cfg.kind, cfg.d_embed if i == 0 else cfg.d_hidden, cfg.d_hidden)
                                     for i in range(cfg.n_layer))
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.d_hidden, cfg.vocab_size)

@@ -45,6 +45,7 @@ class ClassicSection:
     d_hidden: int = 512
     n_layer: int = 1
     dropout: float = 0.25
+    fused: bool = True  # torch.nn's fused recurrent loop (same weights and outputs as the written-out cells)
     bptt: int = 64  # truncated-BPTT window
     batch_size: int = 32  # parallel streams
     lr: float = 3e-3
@@ -85,7 +86,7 @@ def train_recurrent(kind: str, c: ClassicSection, train_ids: list[int], vocab_si
 
     torch.manual_seed(seed)
     model = RNNLM(RNNConfig(kind=kind, vocab_size=vocab_size, d_embed=c.d_embed, d_hidden=c.d_hidden,
-                            n_layer=c.n_layer, dropout=c.dropout))
+                            n_layer=c.n_layer, dropout=c.dropout, fused=c.fused))
     data = _streams(train_ids, c.batch_size)  # (B, N)
     if data.shape[1] <= c.bptt + 1:
         raise LLMKitError(f"{len(train_ids)} training tokens are too few for {c.batch_size} streams of "
@@ -139,7 +140,7 @@ def estimate_stream_seconds(arch: str, c: ClassicSection, vocab_size: int, n_tok
     if arch == "ngram":
         return 0.0
     model = RNNLM(RNNConfig(kind=arch, vocab_size=vocab_size, d_embed=c.d_embed, d_hidden=c.d_hidden,
-                            n_layer=c.n_layer))
+                            n_layer=c.n_layer, fused=c.fused))
     ids = list(range(min(vocab_size, 256))) * (256 // min(vocab_size, 256) + 1)
     t0 = time.perf_counter()
     stream_logprobs(model, ids[:257])
