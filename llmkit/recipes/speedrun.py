@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LLMKitError
 from ..io import atomic_write_text, check_overwrite
+from .classic import ARCHS, ClassicSection, classic_speedrun, estimate_stream_seconds
 from .config import OptimSection
 from .pretrain import PretrainConfig, PretrainData, PretrainTrain, pretrain
 
@@ -40,6 +41,9 @@ def _default_model() -> dict:
 @dataclass
 class SpeedrunConfig:
     minutes: float = 10.0  # total wall-clock budget, tokenizer and report included
+    # transformer (the default), or a classic LM on the same split and tokenizer (recipes/classic.py)
+    arch: str = "transformer"  # transformer | ngram | rnn | gru | lstm
+    classic: ClassicSection = field(default_factory=ClassicSection)  # the classic models' settings
     out: str = ""  # default: ./speedrun-<timestamp>
     corpus: str = ""  # default: the packaged tinyshakespeare.txt
     heldout_fraction: float = 0.1  # the last 10% of the bytes
@@ -154,9 +158,11 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
     if budget <= cfg.reserve_s + 5:
         raise LLMKitError(f"--minutes {cfg.minutes} leaves no time to train (need more than "
                           f"{(cfg.reserve_s + 5) / 60:.1f} minutes)")
+    if cfg.arch not in ARCHS:
+        raise LLMKitError(f"unknown speedrun arch {cfg.arch!r} (choose from {', '.join(ARCHS)})")
     out = Path(cfg.out) if cfg.out else default_out_dir()
     check_overwrite(out, force)
-    threads = cfg.threads or pick_threads(cfg)
+    threads = cfg.threads or (pick_threads(cfg) if cfg.arch == "transformer" else 1)
     torch.set_num_threads(threads)
     dtype = cfg.dtype
     if dtype == "auto":
@@ -181,6 +187,18 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
     t0 = time.perf_counter()
     tok = Tokenizer.train([data_dir / "train.txt"], cfg.vocab_size)
     tok_s = time.perf_counter() - t0
+    if cfg.arch != "transformer":  # a classic LM: same split and tokenizer, its own loop (recipes/classic.py)
+        score_est = estimate_stream_seconds(cfg.arch, cfg.classic, tok.vocab_size, len(tok.encode(heldout_text)))
+        left = budget - (time.perf_counter() - t_begin) - cfg.reserve_s - score_est
+        if left < 5:
+            raise LLMKitError(f"--minutes {cfg.minutes} leaves no time to train")
+        r = classic_speedrun(cfg.arch, cfg.classic, out=out, tok=tok, train_text=train_text,
+                             heldout_text=heldout_text, budget_left_s=left, seed=cfg.seed, progress=progress)
+        tok.save(out / "tokenizer")
+        r.update(wall_s=time.perf_counter() - t_begin, budget_s=budget, tokenizer_s=tok_s, threads=threads,
+                 load_average=_loadavg(), config=dataclasses.asdict(cfg))
+        (out / "speedrun.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+        return r
     # 3. shards: train split from train.txt; the held-out text is the validation split
     t0 = time.perf_counter()
     manifest = prepare([data_dir / "train.txt"], tok, data_dir / "tokens", val_inputs=[data_dir / "heldout.txt"],
