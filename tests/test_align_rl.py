@@ -201,8 +201,7 @@ def test_ppo_nan_loss_stops_keeps_the_good_checkpoint_and_resumes_exactly(tmp_pa
                                           r"checkpoint .*step_00000002"):
         ppo(rl_cfg("ppo", tmp_path / "cut", *cfg), model=tiny(), tokenizer=tok, quiet=True, rewards={"d": digits})
     monkeypatch.undo()
-    state = torch.load(ckpt.latest_checkpoint(tmp_path / "cut.partial" / "checkpoints") / "train_state.pt",
-                       weights_only=True)
+    state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "cut.partial" / "checkpoints"))
     assert state["loader"]["algorithm"]["kl_coef"] != 0.05 and state["loader"]["opt_step"] == 4
     ppo(rl_cfg("ppo", tmp_path / "cut", *cfg), model=tiny(), tokenizer=tok, quiet=True, rewards={"d": digits},
         resume=True)

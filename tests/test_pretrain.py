@@ -385,7 +385,7 @@ def test_disk_full_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
 
     def full_disk(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # the second checkpoint's first file (each writes model + train-state tensors)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
 
@@ -444,7 +444,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
     """A step checkpoint's tensors, or an exported checkpoint's (`final`) under the same names."""
     from safetensors.torch import load_file
 
-    if (d / "train_state.pt").is_file():
+    if (d / "train_state.json").is_file():
         return load_file(str(d / "model.safetensors"))
     return {k: v.detach() for k, v in load_model(str(d))[0].state_dict().items()}
 
@@ -480,3 +480,28 @@ def test_tail_average_is_the_mean_of_the_last_steps_and_resumes(data_dir, tmp_pa
     assert max((again[k] - final[k]).abs().max().item() for k in raw[12]) < 1e-6
     with pytest.raises(LLMKitError, match="average_tail"):
         pretrain(small_cfg(data_dir, tmp_path / "bad", "train.average_tail=1"))
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    """train_state.json + .safetensors hold optimiser moments, RNG states, tuples (random.getstate())
+    and non-string keys exactly; nothing in a step checkpoint is a pickle."""
+    import math
+    import random
+
+    from llmkit.train import checkpoint as ckpt
+
+    state = {"step": 3, "rng": {"torch": torch.get_rng_state()}, "python": random.getstate(),
+             "optimizer": {"state": {"w": {"exp_avg": torch.randn(4, 3), "step": torch.tensor(3.0)}},
+                           "param_groups": [{"lr": 1e-3, "params": ["w"], "betas": (0.9, 0.95)}]},
+             "ints": {1: "a", 2: None}, "odd": {"__tensor__": "not a reference"}, "nan": float("nan")}
+    ckpt.write_state(tmp_path, state)
+    back = ckpt.read_state(tmp_path)
+    assert back["python"] == state["python"] and back["ints"] == state["ints"] and back["odd"] == state["odd"]
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"] and math.isnan(back["nan"])
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    assert torch.equal(back["optimizer"]["state"]["w"]["exp_avg"], state["optimizer"]["state"]["w"]["exp_avg"])
+    random.setstate(back["python"])  # the structure random needs (tuples) survived
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_state.json", "train_state.safetensors"]
+    (tmp_path / "train_state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LLMKitError, match="cannot read"):
+        ckpt.read_state(tmp_path)

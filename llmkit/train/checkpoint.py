@@ -2,8 +2,9 @@
 
     RUN/checkpoints/step_00000100/
         model.safetensors   full (unsharded) weights, llmkit parameter names (fine-tuning: only those that train)
-        train_state.pt      optimiser state (keyed by parameter name), step, data-loader position,
-                            torch RNG states, run config; read back with torch.load(weights_only=True)
+        train_state.json    step, data-loader position, RNG states, run config and the optimiser state's
+        train_state.safetensors  structure, with every tensor in it (moments, torch RNG states) stored in the
+                            safetensors file and referenced by key: no pickle anywhere (pack_state/unpack_state)
         info.json           step and metrics, for humans
 
 Full state dicts keyed by parameter name (torch.distributed.checkpoint.state_dict) make a checkpoint
@@ -29,6 +30,7 @@ from ..errors import LLMKitError
 from ..io import atomic_dir, clean_interrupted
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"
 AVERAGE_FILE = "average.safetensors"  # a running weight mean (train.average.TailAverage), when one had started
 
 
@@ -60,12 +62,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------- nested state without pickle
+_MARKERS = ("__tensor__", "__tuple__", "__items__")
+
+
+def pack_state(obj, tensors: dict):
+    """A nested state (dicts, lists, tuples, tensors, numbers, strings, None) -> a JSON-able skeleton;
+    each tensor goes into `tensors` under a fresh key and is referenced as {"__tensor__": key}. Tuples
+    and dicts with non-string keys are marked so they come back as they were (random.getstate())."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared memory
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(m in obj for m in _MARKERS):
+            return {k: pack_state(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[pack_state(k, tensors), pack_state(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack_state(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [pack_state(x, tensors) for x in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a training checkpoint")
+
+
+def unpack_state(obj, tensors: dict):
+    """The inverse of pack_state."""
+    if isinstance(obj, list):
+        return [unpack_state(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unpack_state(x, tensors) for x in obj["__tuple__"])
+        if "__items__" in obj:
+            return {unpack_state(k, tensors): unpack_state(v, tensors) for k, v in obj["__items__"]}
+        return {k: unpack_state(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def write_state(d: Path, state: dict) -> None:
+    tensors: dict = {}
+    skeleton = pack_state(state, tensors)
+    save_file(tensors, d / STATE_TENSORS)
+    (d / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
+
+
+def read_state(d: Path) -> dict:
+    try:
+        with safe_open(d / STATE_TENSORS, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return unpack_state(json.loads((d / STATE_JSON).read_text()), tensors)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # truncated or foreign files: say which
+        raise LLMKitError(f"cannot read the training state in {d}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # safetensors' own errors (SafetensorError) derive from Exception only
+        raise LLMKitError(f"cannot read {d / STATE_TENSORS}: {str(e).splitlines()[0]}") from None
+
+
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     """Complete step checkpoints under `ckpt_root`, oldest first."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "train_state.pt").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_JSON).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -116,8 +176,8 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
             with atomic_dir(out, force=True, owns=("*",)) as tmp:  # a step dir is wholly ours
                 save_file(tensors, tmp / "model.safetensors",
                           metadata={"format": "pt", "step": str(step), "aliases": json.dumps(aliases)})
-                torch.save({"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
-                            "config": config}, tmp / "train_state.pt")
+                write_state(tmp, {"step": step, "optimizer": optim_sd, "loader": loader_state, "rng": rng_state(),
+                                  "config": config})
                 if average:
                     save_file(average[0], tmp / AVERAGE_FILE, metadata={"n": json.dumps(average[1])})
                 (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
@@ -144,17 +204,14 @@ def load_train_state(ckpt_dir: str | Path, model: nn.Module, optimizer, trainabl
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     d = Path(ckpt_dir)
-    if not (d / "model.safetensors").is_file() or not (d / "train_state.pt").is_file():
-        raise LLMKitError(f"{d} is not a training checkpoint (needs model.safetensors and train_state.pt)")
+    if not all((d / f).is_file() for f in ("model.safetensors", STATE_JSON, STATE_TENSORS)):
+        raise LLMKitError(f"{d} is not a training checkpoint (needs model.safetensors, {STATE_JSON} and {STATE_TENSORS})")
     with safe_open(d / "model.safetensors", framework="pt") as f:  # one pass: tensors and metadata
         model_sd = {k: f.get_tensor(k) for k in f.keys()}
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     for name, stored in aliases.items():  # tied weights were stored once
         model_sd[name] = model_sd[stored]
-    try:
-        state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise LLMKitError(f"cannot read {d / 'train_state.pt'}: {str(e).splitlines()[0]}") from None
+    state = read_state(d)
     if trainable_only:
         from .dist import unwrap
 
