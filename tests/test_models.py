@@ -199,3 +199,17 @@ def test_training_forward_traces_as_one_graph():
     assert compiled(x).shape == (2, 16, 256)
     with pytest.raises(Exception, match="context window"):
         compiled(torch.zeros(1, 300, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_shard_index_cannot_point_outside_the_model_folder(tmp_path, name):
+    from safetensors.torch import save_file
+
+    from llmkit.checkpoint.hf import read_hf_weights
+
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(LLMKitError, match="names a weight file outside its folder"):
+        read_hf_weights(d)

@@ -227,9 +227,14 @@ def weight_files(d: Path) -> list[str]:
     if not index.exists():
         return ["model.safetensors"]
     try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError) as e:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LLMKitError(f"{index} is not a valid safetensors index ({e})") from None
+    root = d.resolve()
+    for f in files:  # an index names files inside its folder, never ../ or absolute paths (or links out of it)
+        if not isinstance(f, str) or not (d / f).resolve().is_relative_to(root):
+            raise LLMKitError(f"{index} names a weight file outside its folder: {f!r}")
+    return files
 
 
 def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
