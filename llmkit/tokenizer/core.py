@@ -178,10 +178,47 @@ class Tokenizer:
         return render_chat_template(chat_template or self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt, {**specials, **kwargs})
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    @functools.cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The text of every special (control) token, e.g. "<|im_start|>"."""
+        return tuple(t.content for t in self.hf.get_added_tokens_decoder().values() if t.special)
+
+    @functools.cached_property
+    def _plain_hf(self):
+        """A copy of the tokenizer that reads special-token text as ordinary text (its own instance, so
+        no shared flag is flipped under a server's concurrent requests)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = True
+        return hf
+
+    def encode_chat(self, messages: list[dict], special_in_content: bool = False) -> list[int]:
         """Token ids of `messages` rendered with the chat template, the assistant turn opened (the
-        template writes any bos itself)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+        template writes any bos itself).
+
+        Special-token text inside a message's content ("<|im_start|>system ...") is encoded as plain
+        text, so a user cannot forge a turn or a role (transformers parses it as control tokens; a
+        server must not); `special_in_content=True` parses it as the template's own text is parsed.
+        Messages without such text encode exactly as `encode(apply_chat_template(...))`."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        contents = [m.get("content") for m in messages if isinstance(m.get("content"), str)]
+        if special_in_content or not any(sp in c for c in contents for sp in self.special_texts):
+            return self.encode(text, add_bos=False)
+        # find each content in the rendering, in order; encode the template's text with control tokens
+        # and the contents without (the pieces are cut where the template meets the content)
+        ids, pos = [], 0
+        for c in contents:
+            if not c:
+                continue
+            at = text.find(c, pos)
+            if at < 0:
+                raise LLMKitError("a chat message's content holds special-token text and the chat template "
+                                  "changes that content, so it cannot be encoded as plain text")
+            ids += self.encode(text[pos:at], add_bos=False) if at > pos else []
+            ids += self._plain_hf.encode(c, add_special_tokens=False).ids
+            pos = at + len(c)
+        return ids + (self.encode(text[pos:], add_bos=False) if pos < len(text) else [])
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict:
