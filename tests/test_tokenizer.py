@@ -98,10 +98,9 @@ def test_train_bad_input(tmp_path, corpus):
         Tokenizer.train([corpus], vocab_size=258)
     with pytest.raises(LLMKitError, match="does not exist"):
         Tokenizer.train([tmp_path / "missing.txt"], vocab_size=1000)
-    binary = tmp_path / "bin.txt"
+    binary = tmp_path / "bin.txt"  # invalid UTF-8 is text too: U+FFFD with a warning (llmkit/text.py)
     binary.write_bytes(b"ok\n\xff\xfe\x00 bad")
-    with pytest.raises(LLMKitError, match="not UTF-8"):
-        Tokenizer.train([binary], vocab_size=1000)
+    assert Tokenizer.train([binary], vocab_size=300).decode(Tokenizer.train([binary], vocab_size=300).encode("ok"))
     with pytest.raises(LLMKitError, match="not one of the special tokens"):
         Tokenizer.train([corpus], vocab_size=1000, eos_token="</s>")
 

@@ -32,6 +32,9 @@ def run(args) -> int:
     history: list[dict] = []
     prefix = PrefixCache(max_entries=2)  # each turn's prompt starts with the previous turn's: reuse its K/V
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a line of invalid UTF-8 must not end the session: U+FFFD instead
+        sys.stdin.reconfigure(errors="surrogateescape")
+    from ..text import clean
     if interactive:
         print("chat with the model; /reset clears the history, /exit quits, Ctrl-C stops an answer", file=sys.stderr)
     while True:
@@ -41,7 +44,7 @@ def run(args) -> int:
             if interactive:
                 print(file=sys.stderr)
             return 0
-        text = line.strip()
+        text = clean(line.strip(), "chat input")
         if not text:
             continue
         if text == "/exit":

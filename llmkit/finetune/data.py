@@ -67,11 +67,13 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     either optionally gzipped (.gz). Shared by the SFT and preference loaders."""
     import gzip
 
+    from ..text import decode
+
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise LLMKitError(f"cannot read {path} ({e})") from None
+    text = decode(raw, str(path))  # invalid UTF-8 -> U+FFFD, with a warning naming path:line
     if not text.strip():
         raise LLMKitError(f"{path} is empty (no records)")
     if text.lstrip().startswith("["):  # a JSON list (a JSONL line starts with "{")

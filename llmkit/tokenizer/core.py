@@ -109,14 +109,24 @@ class Tokenizer:
         """Token ids of `text`; prepends bos when `add_bos` (default: the tokenizer's own setting)."""
         if not isinstance(text, str):
             raise LLMKitError(f"encode expects a string, got {type(text).__name__}")
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (invalid UTF-8 from argv/stdin, a JSON "\ud800"): U+FFFD
+            from ..text import clean
+
+            ids = self.hf.encode(clean(text), add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust library)."""
-        encs = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        try:
+            encs = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        except TypeError:  # a text with lone surrogates: U+FFFD (llmkit/text.py)
+            from ..text import clean
+
+            encs = self.hf.encode_batch_fast([clean(t) for t in texts], add_special_tokens=False)
         prefix = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []
         return [prefix + e.ids for e in encs]
 

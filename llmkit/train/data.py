@@ -56,16 +56,19 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def _txt_pieces(p: Path, block: int = 1 << 20) -> Iterator[str]:
-    """One .txt file = one document, read in ~1 MB pieces cut after a newline (streams large files)."""
-    with open(p, encoding="utf-8", newline="") as f:
-        tail = ""
-        while chunk := f.read(block):
-            chunk = tail + chunk
-            cut = chunk.rfind("\n") + 1 or len(chunk)
-            tail = chunk[cut:]
+    """One .txt file = one document, read in ~1 MB pieces cut after a newline (streams large files);
+    invalid UTF-8 becomes U+FFFD with a warning naming the file and line (llmkit/text.py)."""
+    from ..text import read_pieces
+
+    tail = ""
+    for chunk in read_pieces(p, block):
+        chunk = tail + chunk
+        cut = chunk.rfind("\n") + 1 or len(chunk)
+        tail = chunk[cut:]
+        if chunk[:cut]:
             yield chunk[:cut]
-        if tail:
-            yield tail
+    if tail:
+        yield tail
 
 
 def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[Iterator[str]]:
@@ -75,7 +78,10 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[Iter
             if p.suffix == ".txt":
                 yield _txt_pieces(p)
             elif p.suffix == ".jsonl":
-                with open(p, encoding="utf-8") as f:
+                from ..text import clean
+
+                # bad bytes arrive as lone surrogates and become U+FFFD with a warning naming the line
+                with open(p, encoding="utf-8", errors="surrogateescape") as f:
                     for n, line in enumerate(f, 1):
                         if not line.strip():
                             continue
@@ -85,7 +91,7 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[Iter
                             raise LLMKitError(f"{p}:{n}: not a JSON object with a {text_field!r} string") from None
                         if not isinstance(text, str):
                             raise LLMKitError(f"{p}:{n}: field {text_field!r} is not a string")
-                        yield iter((text,))
+                        yield iter((clean(text, f"{p}:{n}"),))
             else:
                 try:
                     import pyarrow.parquet as pq
