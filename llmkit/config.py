@@ -10,6 +10,8 @@ and suggest close ones. Values given on the command line are parsed as YAML scal
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +62,46 @@ def _coerce(value, tp, key: str):
     return value
 
 
+# ---------------------------------------------------------------- ranges, declared with the field
+_RULE = re.compile(r"^(?:(>=|>|<=|<)(-?[\d.e+-]+)|([\[(])(-?[\d.e+-]+),(-?[\d.e+-]+)([\])]))$")
+
+
+def ranged(default, rule: str, **kw):
+    """A dataclass field whose value (when not None) must satisfy `rule`: ">0", ">=0", "[0,1)", "(0,1]",
+    "[1,65535]"... checked by `from_dict` with one line naming the key, the value and the range.
+
+        lr: float | None = ranged(None, ">0")"""
+    if not _RULE.match(rule):
+        raise ValueError(f"bad range rule {rule!r}")
+    if callable(default) and not isinstance(default, (int, float)):
+        return dataclasses.field(default_factory=default, metadata={"range": rule}, **kw)
+    return dataclasses.field(default=default, metadata={"range": rule}, **kw)
+
+
+def _in_range(v, rule: str) -> bool:
+    m = _RULE.match(rule)
+    if m.group(1):
+        op, bound = m.group(1), float(m.group(2))
+        return {">": v > bound, ">=": v >= bound, "<": v < bound, "<=": v <= bound}[op]
+    lo, hi = float(m.group(4)), float(m.group(5))
+    return (v >= lo if m.group(3) == "[" else v > lo) and (v <= hi if m.group(6) == "]" else v < hi)
+
+
+def check_value(key: str, value, rule: str | None) -> None:
+    """Every number in a config is finite; one with a declared range lies in it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LLMKitError(f"config key {key!r} must be a finite number, got {value}")
+    if rule and not _in_range(value, rule):
+        raise LLMKitError(f"config key {key!r} must be {_words(rule)}, got {value}")
+
+
+def _words(rule: str) -> str:
+    m = _RULE.match(rule)
+    return f"{m.group(1)} {m.group(2)}" if m.group(1) else f"in {rule}"
+
+
 def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys raise LLMKitError. Fields not in `data`
     keep the values of `base` (an instance of cls) if given, else cls's defaults: a recipe can give
@@ -69,6 +111,7 @@ def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
     types = _field_types(cls)
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
                  if f.default_factory is not dataclasses.MISSING}
+    rules = {f.name: f.metadata.get("range") for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{where}{key}"
@@ -87,6 +130,7 @@ def from_dict(cls: type[T], data: dict, where: str = "", base=None) -> T:
             if isinstance(default, dict):  # a dict field: `model.dropout=0` changes one key, keeps the rest
                 value = _merge(default, value)
         kwargs[key] = _coerce(value, types[key], full)
+        check_value(full, kwargs[key], rules.get(key))
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as e:

@@ -312,7 +312,7 @@ def test_zero_intervals_mean_never_but_the_end(tmp_path, tok):
     assert [(st, loss is not None, v is not None) for st, loss, v in _losses(tmp_path / "z")] == \
         [(0, False, True), (3, True, True)]
     assert s["val_loss_after"] is not None
-    with pytest.raises(LLMKitError, match=r"train.eval_every must be >= 0"):
+    with pytest.raises(LLMKitError, match=r"'train.eval_every' must be >= 0"):
         finetune(ft_cfg(data, tmp_path / "n", "train.eval_every=-1"), model=tiny(), tokenizer=tok, quiet=True)
 
 

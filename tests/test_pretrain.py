@@ -4,6 +4,7 @@ exact resume after SIGKILL, bad input (empty corpus, short corpus, tiny vocab, u
 import errno
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -427,7 +428,7 @@ def test_zero_intervals_mean_never_but_the_end(data_dir, tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [3] and [r["step"] for r in recs if "val_loss" in r] == [3]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "z" / "checkpoints")] == ["step_00000003"]
     assert s["steps"] == 3 and "val_loss" in s
-    with pytest.raises(LLMKitError, match="train.log_every must be >= 0"):
+    with pytest.raises(LLMKitError, match="'train.log_every' must be >= 0"):
         pretrain(small_cfg(data_dir, tmp_path / "n", "train.log_every=-1"))
 
 
@@ -505,3 +506,28 @@ def test_training_state_round_trips_without_pickle(tmp_path):
     (tmp_path / "train_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(LLMKitError, match="cannot read"):
         ckpt.read_state(tmp_path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.beta2=2", "'optim.beta2' must be in [0,1), got 2.0"),
+    ("optim.lr=nan", "'optim.lr' must be a finite number, got nan"),
+    ("optim.lr=-1", "'optim.lr' must be > 0, got -1.0"),
+    ("optim.grad_clip=inf", "'optim.grad_clip' must be a finite number, got inf"),
+    ("train.log_every=-1", "'train.log_every' must be >= 0, got -1"),
+    ("train.ckpt_every=-1", "'train.ckpt_every' must be >= 0, got -1"),
+    ("train.threads=-1", "'train.threads' must be > 0, got -1"),
+    ("train.max_tokens=-5", "'train.max_tokens' must be > 0, got -5"),
+    ("train.time_budget_s=-5", "'train.time_budget_s' must be > 0, got -5.0"),
+    ("optim.warmup_steps=-1", "'optim.warmup_steps' must be >= 0, got -1"),
+    ("train.seed=1e23", "'train.seed' must be in [0,9.2e18]"),
+])
+def test_config_ranges_are_checked_before_any_work(override, message, capsys):
+    """One validation layer: a range declared with the field (config.ranged), every float finite; the
+    CLI answers with one line and exit 2."""
+    from llmkit.cli import main
+
+    with pytest.raises(LLMKitError, match=re.escape(message)):
+        load_config(PretrainConfig, None, [override])
+    assert main(["pretrain", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmkit: error: config key")

@@ -8,11 +8,15 @@ Filtered-out tokens get -inf, so softmax of the result is the sampling distribut
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LLMKitError
+
+
+MAX_LOGPROBS = 20  # alternatives reported per token (OpenAI's top_logprobs limit)
 
 
 @dataclass
@@ -35,6 +39,9 @@ class SamplingParams:
     def __post_init__(self):
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
         self.stop = tuple(self.stop)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN would pass the range checks below silently
+                raise LLMKitError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise LLMKitError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -49,8 +56,10 @@ class SamplingParams:
             raise LLMKitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.n < 1:
             raise LLMKitError(f"n must be >= 1, got {self.n}")
-        if self.logprobs < 0:
-            raise LLMKitError(f"logprobs must be >= 0, got {self.logprobs}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise LLMKitError(f"logprobs must be in [0, {MAX_LOGPROBS}] (as OpenAI's top_logprobs), got {self.logprobs}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise LLMKitError(f"seed must be in [0, 2^63), got {self.seed}")
         if any(not s for s in self.stop):
             raise LLMKitError("stop strings must be non-empty")
 

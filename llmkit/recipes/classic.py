@@ -27,6 +27,7 @@ import torch
 
 from ..classic.ngram import NGramLM, fit_best_order
 from ..classic.rnn import RNNConfig, RNNLM, detach_state, stream_logprobs
+from ..config import ranged
 from ..errors import LLMKitError
 from ..io import atomic_write_text
 
@@ -36,23 +37,23 @@ ARCHS = ("transformer", "ngram", "rnn", "gru", "lstm")
 @dataclass
 class ClassicSection:
     # n-gram
-    max_order: int = 6  # orders 1..max_order are tried on the dev split
+    max_order: int = ranged(6, ">=1")  # orders 1..max_order are tried on the dev split
     smoothing: str = "kneser_ney"  # kneser_ney | add_k
-    discount: float = 0.75
-    k: float = 0.01
+    discount: float = ranged(0.75, "(0,1)")
+    k: float = ranged(0.01, ">0")
     # recurrent: sizes (same for rnn, gru and lstm, so the gates are the only difference)
-    d_embed: int = 256
-    d_hidden: int = 512
-    n_layer: int = 1
-    dropout: float = 0.25
+    d_embed: int = ranged(256, ">0")
+    d_hidden: int = ranged(512, ">0")
+    n_layer: int = ranged(1, ">0")
+    dropout: float = ranged(0.25, "[0,1)")
     fused: bool = True  # torch.nn's fused recurrent loop (same weights and outputs as the written-out cells)
-    bptt: int = 64  # truncated-BPTT window
-    batch_size: int = 32  # parallel streams
-    lr: float = 3e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    bptt: int = ranged(64, ">0")  # truncated-BPTT window
+    batch_size: int = ranged(32, ">0")  # parallel streams
+    lr: float = ranged(3e-3, ">0")
+    min_lr: float = ranged(1e-4, ">=0")
+    warmup_steps: int = ranged(50, ">0")
+    weight_decay: float = ranged(0.01, ">=0")
+    grad_clip: float = ranged(1.0, ">0")
 
 
 def bits_per_byte(logprobs: torch.Tensor | list[float], tokenizer, ids: list[int], text: str) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ranged
 from ..errors import LLMKitError
 from ..train.dist import DEVICES, STRATEGIES
 from ..train.optim import OPTIMIZERS
@@ -30,21 +31,21 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class DataSection:
-    seq_len: int = 256  # tokens per training row
+    seq_len: int = ranged(256, ">0")  # tokens per training row
 
 
 @dataclass
 class OptimSection:
-    lr: float | None = None  # peak learning rate; None: the recipe's default (fine-tuning: the method's)
-    min_lr: float | None = None  # the LR at the end of the decay; None: lr / 10
+    lr: float | None = ranged(None, ">0")  # peak learning rate; None: the recipe's default (fine-tuning: the method's)
+    min_lr: float | None = ranged(None, ">=0")  # the LR at the end of the decay; None: lr / 10
     name: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping
+    warmup_steps: int = ranged(100, ">=0")
+    weight_decay: float = ranged(0.1, ">=0")
+    beta1: float = ranged(0.9, "[0,1)")
+    beta2: float = ranged(0.95, "[0,1)")
+    eps: float = ranged(1e-8, ">0")
+    grad_clip: float = ranged(1.0, ">=0")  # 0 = no clipping
 
     def peak(self, default: float) -> tuple[float, float]:
         """(lr, min_lr) with the recipe's default filled in."""
@@ -55,18 +56,18 @@ class OptimSection:
 @dataclass
 class TrainSection:
     out_dir: str = ""
-    steps: int = 1000
-    batch_size: int = 32  # global rows per optimiser step
-    micro_batch_size: int | None = None  # rows per rank per forward; None = batch_size / world (no accumulation)
-    seed: int = 1337
+    steps: int = ranged(1000, ">0")
+    batch_size: int = ranged(32, ">0")  # global rows per optimiser step
+    micro_batch_size: int | None = ranged(None, ">0")  # rows per rank per forward; None = batch_size / world (no accumulation)
+    seed: int = ranged(1337, "[0,9.2e18]")
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | mps
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere
-    threads: int | None = None  # torch CPU threads (None: leave as is)
+    threads: int | None = ranged(None, ">0")  # torch CPU threads (None: leave as is)
     strategy: str = "ddp"  # ddp | fsdp | none (only used under torchrun with >1 process)
-    log_every: int = 1  # 0 = only the last step
-    eval_every: int = 200  # 0 = only at the end
-    ckpt_every: int = 500  # 0 = only at the end
-    keep_last: int = 3  # step checkpoints kept
+    log_every: int = ranged(1, ">=0")  # 0 = only the last step
+    eval_every: int = ranged(200, ">=0")  # 0 = only at the end
+    ckpt_every: int = ranged(500, ">=0")  # 0 = only at the end
+    keep_last: int = ranged(3, ">=0")  # step checkpoints kept
     progress: bool = True
 
 

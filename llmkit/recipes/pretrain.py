@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import ranged
 from ..errors import LLMKitError
 from ..io import locks_run_dir
 from ..models import ModelConfig, Transformer
@@ -45,16 +46,16 @@ class PretrainData(DataSection):
 
 @dataclass
 class PretrainTrain(TrainSection):
-    max_tokens: int | None = None  # token budget: sets steps = max_tokens / (batch_size * seq_len)
-    time_budget_s: float | None = None  # wall-clock budget: stop then; the LR decays over the budget
+    max_tokens: int | None = ranged(None, ">0")  # token budget: sets steps = max_tokens / (batch_size * seq_len)
+    time_budget_s: float | None = ranged(None, ">0")  # wall-clock budget: stop then; the LR decays over the budget
     compile: bool = False
     # the final weights are the mean of the weights over this last fraction of the run (steps or wall
     # clock); 0 = the last weights. Tail/SWA averaging: train/average.py
-    average_tail: float = 0.0
+    average_tail: float = ranged(0.0, "[0,1)")
     activation_checkpointing: bool = False
-    eval_batches: int = 20  # batches of validation windows (0 = the whole val split)
-    sample_every: int = 0  # 0 = only at the end
-    sample_tokens: int = 64
+    eval_batches: int = ranged(20, ">=0")  # batches of validation windows (0 = the whole val split)
+    sample_every: int = ranged(0, ">=0")  # 0 = only at the end
+    sample_tokens: int = ranged(64, ">=0")
     sample_prompt: str = ""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ranged
 from ..errors import LLMKitError
 from ..io import atomic_write_text, check_overwrite
 from .classic import ARCHS, ClassicSection, classic_speedrun, estimate_stream_seconds
@@ -40,29 +41,29 @@ def _default_model() -> dict:
 
 @dataclass
 class SpeedrunConfig:
-    minutes: float = 10.0  # total wall-clock budget, tokenizer and report included
+    minutes: float = ranged(10.0, ">0")  # total wall-clock budget, tokenizer and report included
     # transformer (the default), or a classic LM on the same split and tokenizer (recipes/classic.py)
     arch: str = "transformer"  # transformer | ngram | rnn | gru | lstm
     classic: ClassicSection = field(default_factory=ClassicSection)  # the classic models' settings
     out: str = ""  # default: ./speedrun-<timestamp>
     corpus: str = ""  # default: the packaged tinyshakespeare.txt
-    heldout_fraction: float = 0.1  # the last 10% of the bytes
-    vocab_size: int = 512
-    threads: int = 0  # 0 = pick 1 or 2 by timing a training step (a shared CPU can make 2 threads slower)
-    reserve_s: float = 15.0  # wall time kept back for the checkpoint and report (scoring is estimated)
+    heldout_fraction: float = ranged(0.1, "(0,1)")  # the last 10% of the bytes
+    vocab_size: int = ranged(512, "[260,1000000]")
+    threads: int = ranged(0, ">=0")  # 0 = pick 1 or 2 by timing a training step (a shared CPU can make 2 threads slower)
+    reserve_s: float = ranged(15.0, ">=0")  # wall time kept back for the checkpoint and report (scoring is estimated)
     preset: str = "tiny-llama"
     model: dict = field(default_factory=_default_model)
-    seq_len: int = 256
-    batch_size: int = 8  # small batches win at this budget: at 400k tokens, batch 8 reached 2.55 bits/byte, 16 2.66
+    seq_len: int = ranged(256, ">0")
+    batch_size: int = ranged(8, ">0")  # small batches win at this budget: at 400k tokens, batch 8 reached 2.55 bits/byte, 16 2.66
     # Muon beat AdamW by 0.07 bits/byte at 700 steps (lr tuned for each: Muon 6e-3, AdamW 3e-3)
     optimizer: str = "muon"  # muon | adamw
-    lr: float = 6e-3
-    min_lr: float = 1e-4
+    lr: float = ranged(6e-3, ">0")
+    min_lr: float = ranged(1e-4, ">=0")
     schedule: str = "cosine"  # cosine | linear (decay over the wall-clock budget after warm-up)
-    warmup_steps: int = 50
+    warmup_steps: int = ranged(50, ">=0")
     # 1 MB seen ~9 times overfits: decoupled weight decay 0.5 gave 2.010 bits/byte, 0.1 2.057, 1.0 2.043
-    weight_decay: float = 0.5
-    grad_clip: float = 1.0
+    weight_decay: float = ranged(0.5, ">=0")
+    grad_clip: float = ranged(1.0, ">=0")
     # auto: bf16 autocast when this CPU's bf16 matmuls are >= 1.5x its fp32 ones (AMX / AVX512-BF16),
     # else fp32. Weights, optimiser state and attention stay fp32 either way.
     dtype: str = "auto"  # auto | float32 | bfloat16
@@ -71,11 +72,11 @@ class SpeedrunConfig:
     compile: bool = False
     # the final weights are the mean over the last 20% of the wall-clock budget (train/average.py):
     # 1.983-1.999 held-out bits/byte in 5 runs, 0.010-0.019 better than the same runs' last weights
-    average_tail: float = 0.2
-    eval_every: int = 400
-    eval_batches: int = 4
-    sample_tokens: int = 120
-    seed: int = 1337
+    average_tail: float = ranged(0.2, "[0,1)")
+    eval_every: int = ranged(400, ">=0")
+    eval_batches: int = ranged(4, ">=0")
+    sample_tokens: int = ranged(120, ">=0")
+    seed: int = ranged(1337, "[0,9.2e18]")
 
 
 def corpus_path(cfg: SpeedrunConfig) -> Path:
