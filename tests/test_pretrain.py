@@ -234,7 +234,7 @@ def test_resume_drops_a_truncated_metrics_line_and_writes_nothing_until_validate
     metrics.write_text(bad)
     config_before = (cut / "config.json").read_bytes()
     with pytest.raises(LLMKitError, match=r"metrics\.jsonl:2: not a metrics record"):
-        pretrain(small_cfg(data_dir, cut, *common, "train.seed=7"), resume=True)
+        pretrain(small_cfg(data_dir, cut, *common, "train.log_every=2"), resume=True)
     assert metrics.read_text() == bad and (cut / "config.json").read_bytes() == config_before
 
     metrics.write_text("".join(kept) + '{"step": 5, "loss": 4.1')
@@ -249,7 +249,7 @@ def test_resume_drops_a_truncated_metrics_line_and_writes_nothing_until_validate
     # resuming a checkpoint at the run's last step: refused before anything is written
     metrics_before, config_before = metrics.read_bytes(), (cut / "config.json").read_bytes()
     with pytest.raises(LLMKitError, match="at step 6"):
-        pretrain(small_cfg(data_dir, cut, *common, "train.seed=7"), resume=True)
+        pretrain(small_cfg(data_dir, cut, *common, "train.log_every=2"), resume=True)
     assert metrics.read_bytes() == metrics_before and (cut / "config.json").read_bytes() == config_before
 
 
@@ -531,3 +531,21 @@ def test_config_ranges_are_checked_before_any_work(override, message, capsys):
     assert main(["pretrain", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llmkit: error: config key")
+
+
+def test_force_starts_a_new_run_and_resume_refuses_another_runs_checkpoint(data_dir, tmp_path):
+    """The splice: run A (8 steps, checkpoints every 2), then run B over it with --force (seed 99, 4 steps,
+    every 1), then --resume to 6: B's checkpoints and metrics only, nothing of A's. And a resume with
+    a different seed (another run) is refused, naming the key."""
+    out = tmp_path / "r"
+    (tmp_path / "r").mkdir()
+    (out / "notes.txt").write_text("mine")  # not the run's: --force keeps it
+    pretrain(small_cfg(data_dir, out, "train.steps=8", "train.ckpt_every=2"), force=True)
+    pretrain(small_cfg(data_dir, out, "train.steps=4", "train.ckpt_every=1", "train.seed=99"), force=True)
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == [f"step_0000000{i}" for i in (2, 3, 4)]
+    s = pretrain(small_cfg(data_dir, out, "train.steps=6", "train.ckpt_every=1", "train.seed=99"), resume=True)
+    assert s["steps"] == 6
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(LLMKitError, match=r"belongs to a different run \(train.seed = 99 there, 1337 here"):
+        pretrain(small_cfg(data_dir, out, "train.steps=8"), resume=True)

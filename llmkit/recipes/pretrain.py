@@ -118,6 +118,50 @@ def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None
     return plain
 
 
+# what a pretraining run writes into its out_dir (and --force removes; anything else there is kept)
+RUN_ARTEFACTS = ("checkpoints", "final", "metrics.jsonl", "config.json", "summary.json", "loss.png", "tensorboard")
+# settings a resumed run may change: how long it runs and how it reports, not what it trains
+RESUMABLE_CHANGES = ("train.steps", "train.max_tokens", "train.time_budget_s", "train.log_every", "train.eval_every",
+                     "train.ckpt_every", "train.keep_last", "train.progress", "train.threads", "train.sample_every",
+                     "train.sample_tokens", "train.sample_prompt", "train.eval_batches", "train.out_dir",
+                     # how the same computation is laid out: DDP/FSDP/one process, accumulation, compile
+                     "train.strategy", "train.device", "train.micro_batch_size", "train.compile",
+                     "train.activation_checkpointing")
+
+
+def clear_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_ARTEFACTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(saved: dict, now: dict, where) -> None:
+    """--resume continues the run that wrote the checkpoint: the same model, data, optimiser and seed
+    (only its length and reporting may change); another run's checkpoint is refused, naming a difference."""
+    a, b = _flat(saved), _flat(now)
+    diff = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+    if saved and diff:
+        k = diff[0]
+        raise LLMKitError(f"--resume: {where} belongs to a different run ({k} = {a.get(k)!r} there, {b.get(k)!r} "
+                          f"here{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); resume with the same "
+                          f"settings, or start over with --force")
+
+
 @locks_run_dir  # one writer per train.out_dir
 def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = False, tokenizer=None,
              on_eval=None) -> dict:
@@ -136,8 +180,10 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     if info.is_main:
         if resume:
             start_ckpt = ckpt.resume_checkpoint(resume, ckpt_root)
-        elif out.exists() and any(out.iterdir()) and not force:
-            raise LLMKitError(f"{out} already exists (pass --force to overwrite, or --resume to continue)")
+        elif out.exists() and any(out.iterdir()):
+            if not force:
+                raise LLMKitError(f"{out} already exists (pass --force to overwrite, or --resume to continue)")
+            clear_run(out)  # --force starts a new run: none of the old run's checkpoints or metrics may remain
     start_ckpt = broadcast_object(str(start_ckpt) if start_ckpt else None)
 
     # ---- data and tokenizer
@@ -178,6 +224,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         ckpt.set_rng_state(state["rng"])
         start_step = int(state["step"])
         elapsed_before = float(state["loader"].get("elapsed_s", 0.0))
+        check_same_run(state.get("config") or {}, dataclasses.asdict(cfg), start_ckpt)
         if start_step >= steps:
             raise LLMKitError(f"--resume: {start_ckpt} is at step {start_step}, not before the run's last step "
                               f"{steps}: set train.steps (or train.max_tokens) past {start_step} to train further")
