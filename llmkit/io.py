@@ -94,6 +94,42 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+# ------------------------------------------------------------------ write failures
+class WriteError(LLMKitError):
+    """Writing an output failed (disk full, read-only, quota...): one line naming the path, the cause and
+    the free space; the previous artefact is intact (writes are atomic). `reason` is the cause alone."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"could not write {path}: {reason}")
+
+
+_WRITE_ERRNOS = (28, 122, 30, 13, 5, 27)  # ENOSPC, EDQUOT, EROFS, EACCES, EIO, EFBIG
+# torch's zip writer and safetensors' Rust writer report a failed write as RuntimeError / SafetensorError
+_WRITE_MESSAGES = ("file write failed", "PytorchStreamWriter failed", "enforce fail at inline_container",
+                   "No space left", "StorageFull", "Disk quota", "Read-only file system", "IoError")
+
+
+def as_write_error(e: BaseException, path: Path) -> WriteError | None:
+    """The WriteError for `e` if it is a failed write, else None (a bug or bad input stays as it is)."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        reason = os.strerror(e.errno)
+    elif (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError") and \
+            any(m in str(e) for m in _WRITE_MESSAGES):
+        reason = os.strerror(28) if any(m in str(e) for m in ("No space", "StorageFull")) \
+            else str(e).splitlines()[0][:200]
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(next(q for q in (path, *path.parents) if q.exists())).free
+        reason += f" ({free / 2**20:,.0f} MiB free there)"
+    except (OSError, StopIteration):
+        pass
+    return WriteError(path, reason)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path to write; on success it replaces `path` atomically, on error it is removed."""
@@ -109,9 +145,11 @@ def atomic_path(path: str | Path):
             os.fsync(f.fileno())
         os.replace(tmp, p)
         _fsync_dir(p.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if (w := as_write_error(e, p)) is not None and w is not e:
+            raise w from None
         raise
 
 
@@ -180,8 +218,10 @@ def atomic_dir(path: str | Path, force: bool = False, owns: tuple[str, ...] = ()
         else:
             os.replace(tmp, p)
         _fsync_dir(p.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (w := as_write_error(e, p)) is not None and w is not e:
+            raise w from None
         raise
 
 

@@ -66,6 +66,7 @@ def _converted_gguf(path: Path) -> Path | None:
 
     from .checkpoint import is_checkpoint, load_gguf, save_checkpoint
     from .hub import cache_dir
+    from .io import WriteError
     from .tokenizer import Tokenizer
 
     if os.environ.get("LLMKIT_NO_CONVERT_CACHE"):
@@ -78,7 +79,7 @@ def _converted_gguf(path: Path) -> Path | None:
     tok = Tokenizer.from_gguf_metadata(meta, source=str(path))
     try:
         save_checkpoint(model, out, tok, meta={"converted_from": str(path)}, force=True)
-    except OSError:  # read-only or full cache: just load from the GGUF each time
+    except (OSError, WriteError):  # read-only or full cache: just load from the GGUF each time
         return None
     return out
 

@@ -3,6 +3,7 @@ working directory or holds the command's inputs is refused before any work, and 
 `.NAME.*.tmp` survives (a killed writer's are cleaned, or restored, at the next write)."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,52 @@ def test_one_writer_per_output(tmp_path, capsys):
     with output_lock(out):  # the stale .run.lock file is reused, not a blocker
         pass
     assert not (tmp_path / ".run.lock").exists()
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64; file write failed"),
+    OSError(30, "Read-only file system"),
+])
+def test_any_failed_write_is_one_line_naming_the_path(tmp_path, failure):
+    """Disk full through torch's zip writer, safetensors or plain I/O: a WriteError naming the path and
+    the free space, the previous output intact and no temp files left."""
+    from llmkit.io import WriteError, atomic_dir, atomic_write_text
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(WriteError, match=rf"could not write {re.escape(str(out))}: .*MiB free there"):
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+            raise failure
+    assert (out / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(WriteError):
+        with atomic_path_raising(tmp_path / "f.txt", failure):
+            pass
+    with pytest.raises(RuntimeError, match="a bug"):  # not a write failure: left as it is
+        with atomic_dir(out, force=True):
+            raise RuntimeError("a bug")
+
+
+def atomic_path_raising(path, failure):
+    import contextlib
+
+    from llmkit.io import atomic_path
+
+    @contextlib.contextmanager
+    def cm():
+        with atomic_path(path):
+            raise failure
+        yield
+    return cm()
+
+
+def test_safetensors_write_failure_is_a_write_error(tmp_path):
+    from safetensors import SafetensorError
+
+    from llmkit.io import WriteError, as_write_error
+
+    e = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+    w = as_write_error(e, tmp_path)
+    assert isinstance(w, WriteError) and "No space left on device" in str(w)

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import LLMKitError
-from ..io import atomic_dir, clean_interrupted
+from ..io import WriteError, atomic_dir, clean_interrupted
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"
@@ -181,9 +181,10 @@ def save_train_state(ckpt_root: str | Path, step: int, model: nn.Module, optimiz
                 if average:
                     save_file(average[0], tmp / AVERAGE_FILE, metadata={"n": json.dumps(average[1])})
                 (tmp / "info.json").write_text(json.dumps({"step": step, "metrics": metrics or {}}, indent=2) + "\n")
-        except OSError as e:
+        except (OSError, WriteError) as e:
             kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-            error = f"could not write checkpoint {out} ({e.strerror or e}){kept}"
+            reason = e.reason if isinstance(e, WriteError) else (e.strerror or str(e))
+            error = f"could not write checkpoint {out} ({reason}){kept}"
         else:
             for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
