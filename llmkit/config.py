@@ -178,7 +178,9 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise LLMKitError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise LLMKitError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise LLMKitError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

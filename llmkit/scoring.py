@@ -31,12 +31,12 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
         raise LLMKitError("need at least 2 tokens to score")
     device = next(model.parameters()).device
     C = context or model.max_tokens  # tokens per window (a model prefix, if any, takes its own positions)
+    if stride is not None and not 0 < stride <= C:
+        raise LLMKitError(f"stride must be in 1..{C}, got {stride}")
     if n <= C:
         x = ids[None].to(device)
         return sequence_logprobs(model, x[:, :-1], x[:, 1:])[0].cpu()
-    stride = stride or max(1, C // 2)
-    if not 0 < stride <= C:
-        raise LLMKitError(f"stride must be in 1..{C}, got {stride}")
+    stride = max(1, C // 2) if stride is None else stride
     out = torch.empty(n - 1)
     scored = 1  # tokens [1, scored) have log-probs
     starts = list(range(0, n - 1, stride))
@@ -76,6 +76,9 @@ def score_text(model, tokenizer, text: str, stride: int | None = None, progress:
     """Score `text`: every token after the first is predicted from all before it."""
     if not text or not text.strip():
         raise LLMKitError("empty text: nothing to score")
+    from .text import clean
+
+    text = clean(text, "the text to score")  # lone surrogates (bad bytes from argv) -> U+FFFD
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise LLMKitError("text is a single token: need at least 2 tokens to score")

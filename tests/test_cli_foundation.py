@@ -62,9 +62,9 @@ def test_bad_model_specs(capsys, argv, needle):
 def test_empty_text_and_bad_files(capsys, tmp_path, smollm2_gguf):
     rc, _, err = run_cli(capsys, "score", "--model", str(smollm2_gguf), "--text", "   ")
     assert rc == 2 and "empty text" in err
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00 caf\xe9")  # invalid UTF-8: U+FFFD and a warning (text.py)
     rc, _, err = run_cli(capsys, "score", "--model", str(smollm2_gguf), "--file", str(tmp_path / "bin.txt"))
-    assert rc == 2 and "not UTF-8" in err
+    assert rc == 0 and "bin.txt:1: invalid UTF-8 replaced with U+FFFD" in err
     rc, _, err = run_cli(capsys, "score", "--model", str(smollm2_gguf), "--file", str(tmp_path / "missing.txt"))
     assert rc == 2 and "file not found" in err
     (tmp_path / "x.gguf").write_bytes(b"not a gguf")

@@ -36,10 +36,11 @@ def read_lines(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise LLMKitError(f"file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LLMKitError(f"{p} is not UTF-8 text") from None
+    from ..text import decode
+
+    text = decode(p.read_bytes(), str(p))  # invalid UTF-8 -> U+FFFD with a warning naming the line
+    if not text:
+        return []
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
@@ -70,6 +71,8 @@ def run(args) -> int:
         preds = read_lines(args.predictions)
         refs = [read_lines(f) for f in args.references]
         check_lengths(preds, refs, names=args.references)
+        if not preds:
+            raise LLMKitError(f"{args.predictions} holds no predictions (an empty file)")
         kw = {}
         if args.name == "rouge":
             kw["use_stemmer"] = args.stem

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _num(s: str) -> float:
     """'135M', '1.5B', '2e9', '300k' -> float."""
@@ -10,9 +12,12 @@ def _num(s: str) -> float:
     mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
     t = s.strip().lower().replace("_", "").replace(",", "")
     try:
-        return float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
+        x = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(t)
     except ValueError:
         raise LLMKitError(f"not a number: {s!r} (examples: 135M, 1.5B, 2e9)") from None
+    if not math.isfinite(x):
+        raise LLMKitError(f"not a finite number: {s!r} (examples: 135M, 1.5B, 2e9)")
+    return x
 
 
 def register(sub) -> None:

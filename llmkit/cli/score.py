@@ -27,15 +27,14 @@ def register(sub) -> None:
 def read_text(args) -> str:
     if args.text is not None:
         return args.text
+    from ..text import decode
+
     if args.file == "-":
-        return sys.stdin.read()
+        return decode(sys.stdin.buffer.read(), "stdin")
     p = Path(args.file)
     if not p.is_file():
         raise LLMKitError(f"file not found: {p}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LLMKitError(f"{p} is not UTF-8 text (byte {e.start})") from None
+    return decode(p.read_bytes(), str(p))  # invalid UTF-8 -> U+FFFD with a warning naming the line
 
 
 def run(args) -> int:

@@ -39,8 +39,8 @@ def run_train(args) -> int:
     from ..tokenizer import Tokenizer
     from ..train.data import list_inputs
 
-    if args.vocab_size <= 0:
-        raise LLMKitError(f"--vocab-size must be positive, got {args.vocab_size}")
+    if not 0 < args.vocab_size <= 1 << 20:
+        raise LLMKitError(f"--vocab-size must be in [1, {1 << 20:,}], got {args.vocab_size:,}")
     with output_lock(args.out):  # one writer per output directory
         files = list_inputs(args.input)
         check_output_dir(args.out, args.force, files)  # fail before the (possibly long) training
@@ -51,6 +51,9 @@ def run_train(args) -> int:
                               progress=sys.stderr.isatty())
         with atomic_dir(args.out, force=args.force, owns=("tokenizer*.json",)) as tmp:
             tok.save(tmp)
+    if tok.vocab_size < args.vocab_size:
+        print(f"llmkit: warning: the corpus supports only {tok.vocab_size} tokens (asked for {args.vocab_size}): "
+              "BPE ran out of pairs to merge", file=sys.stderr)
     print(f"llmkit: vocab {tok.vocab_size}, eos {tok.eos_token!r}, fingerprint {tok.fingerprint()[:12]}",
           file=sys.stderr)
     print(Path(args.out))

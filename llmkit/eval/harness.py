@@ -66,9 +66,12 @@ class ResultCache:
             return
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(p))
-        self.db.execute("CREATE TABLE IF NOT EXISTS results (model TEXT, task TEXT, key TEXT, value TEXT, "
-                        "PRIMARY KEY (model, task, key))")
+        try:
+            self.db = sqlite3.connect(str(p))
+            self.db.execute("CREATE TABLE IF NOT EXISTS results (model TEXT, task TEXT, key TEXT, value TEXT, "
+                            "PRIMARY KEY (model, task, key))")
+        except sqlite3.DatabaseError as e:
+            raise LLMKitError(f"--cache {p} is not an eval cache (SQLite: {e}); give a new file or remove it") from None
 
     def get(self, model: str, task: str, key: str):
         if self.db is None:
