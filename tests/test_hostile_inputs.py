@@ -127,3 +127,21 @@ def test_invalid_utf8_is_replaced_with_a_warning_and_the_command_succeeds(w, cap
                  str(w / "utf8.txt")]) == 0
     assert main(["score", "--model", str(w / "model"), "--text", "caf\udce9 au lait"]) == 0  # argv's bad byte
     assert "U+FFFD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c["model_config"].update(n_layer="two"), "n_layer must be an integer, got 'two'"),
+    (lambda c: c["model_config"].update(vocab_size=10 ** 12), "needs 476,837.2 GiB in fp32"),
+    (lambda c: c.clear(), "has no model_config"),
+])
+def test_corrupt_checkpoint_configs_are_one_line(w, tmp_path, edit, needle):
+    import json
+    import shutil
+
+    m = tmp_path / "m"
+    shutil.copytree(w / "model", m)
+    cfg = json.loads((m / "llmkit.json").read_text())
+    edit(cfg)
+    (m / "llmkit.json").write_text(json.dumps(cfg))
+    rc, lines = _run(["score", "--model", str(m), "--text", "hello there"])
+    assert rc == 2 and len(lines) == 1 and needle in lines[0]

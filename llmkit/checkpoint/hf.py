@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LLMKitError
 from ..models import ModelConfig, Transformer
+from ..models.transformer import check_fits_in_memory
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -287,6 +288,7 @@ def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
     sd = read_hf_weights(d)
     with torch.device("meta"):
         model = Transformer(cfg)
+    check_fits_in_memory(cfg, "cpu")  # before to_empty allocates
     model = model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

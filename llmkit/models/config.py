@@ -51,6 +51,11 @@ class ModelConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "n_kv_head", "head_dim",
+                     "n_expert", "n_expert_per_tok", "sliding_window"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise LLMKitError(f"model config: {name} must be an integer, got {v!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:

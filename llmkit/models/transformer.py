@@ -23,9 +23,36 @@ from .config import ModelConfig
 from .modules import MoE, Block, Dropout, attention_class, make_norm, rope_cache
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits_in_memory(cfg: ModelConfig, device: str | None = None) -> None:
+    """A config whose fp32 weights cannot fit in this machine's available memory (a 10^12-token
+    vocabulary in a corrupt config) is one line before any allocation, not an allocator's error.
+    Models built on the meta device (loading straight into quantized modules) allocate nothing."""
+    if torch.device(device or torch.get_default_device()).type != "cpu":
+        return
+    from .flops import num_params
+
+    need, avail = num_params(cfg) * 4, _available_bytes()
+    if avail is not None and need > avail:
+        raise LLMKitError(f"a model of this config ({num_params(cfg):,} parameters) needs {need / 2**30:,.1f} GiB "
+                          f"in fp32; this machine has {avail / 2**30:,.1f} GiB available")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_fits_in_memory(cfg)
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # GPT-2: h0 = U·We + Wp (learned absolute positions); others rotate q/k instead
