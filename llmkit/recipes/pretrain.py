@@ -166,7 +166,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     optimizer = OPTIMIZERS[cfg.optim.name](model, max_lr, cfg.optim.weight_decay,
                                            (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
-    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0)
+    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0,
+                                mtp_coef=mcfg.mtp_loss_weight if mcfg.mtp_depth else 0.0)
 
     averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0
