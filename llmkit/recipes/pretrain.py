@@ -157,6 +157,9 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     torch.manual_seed(t.seed)
     mcfg = build_model_config(cfg, tokenizer.vocab_size)
+    if mcfg.mtp_depth and info.enabled and t.strategy == "fsdp":
+        # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
+        raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
     model = Transformer(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
