@@ -480,3 +480,15 @@ def test_tail_average_is_the_mean_of_the_last_steps_and_resumes(data_dir, tmp_pa
     assert max((again[k] - final[k]).abs().max().item() for k in raw[12]) < 1e-6
     with pytest.raises(LLMKitError, match="average_tail"):
         pretrain(small_cfg(data_dir, tmp_path / "bad", "train.average_tail=1"))
+
+
+def test_pretrain_deepseek_with_mtp(data_dir, tmp_path):
+    """model.mtp_depth=1 trains through the recipe: MLA + DeepSeekMoE with the MTP loss and the load-
+    balancing loss (the MTP block's router logits refreshed every step), and the saved model drafts."""
+    s = pretrain(small_cfg(data_dir, tmp_path / "r", "train.steps=3", "preset=tiny-deepseek", "model.mtp_depth=1"))
+    assert math.isfinite(s["final_loss"]) and s["model_config"]["mtp_depth"] == 1
+    from llmkit.inference import SamplingParams, generate, mtp_generate
+
+    model, _ = load_model(str(tmp_path / "r" / "final"))
+    p = SamplingParams(max_new_tokens=8, temperature=0)
+    assert mtp_generate(model.eval(), [5, 6, 7], p).tokens == generate(model, [5, 6, 7], p).tokens

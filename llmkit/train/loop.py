@@ -56,14 +56,14 @@ def lm_loss(model: nn.Module, batch: dict, aux_coef: float = 0.0, mtp_coef: floa
     ce = cross_entropy(model(batch["idx"]), batch["targets"])  # logits (B, T, V)
     inner = unwrap(model)
     loss, stats = ce, {"ce": ce}
+    if mtp_coef and getattr(inner.cfg, "mtp_depth", 0):  # first: its MoE layers' router logits join aux_loss
+        mtp = inner.mtp_loss(batch["targets"]).to(ce.device)
+        loss = loss + mtp_coef * mtp
+        stats["mtp_loss"] = mtp
     if aux_coef and getattr(inner.cfg, "n_expert", 0):
         aux = inner.aux_loss().to(ce.device)
         loss = loss + aux_coef * aux
         stats["aux_loss"] = aux
-    if mtp_coef and getattr(inner.cfg, "mtp_depth", 0):
-        mtp = inner.mtp_loss(batch["targets"]).to(ce.device)
-        loss = loss + mtp_coef * mtp
-        stats["mtp_loss"] = mtp
     return loss, {"loss": loss, **stats}
 
 
