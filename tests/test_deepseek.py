@@ -255,3 +255,23 @@ def test_bad_configs():
         ModelConfig.from_preset("tiny-deepseek", router_scoring="softplus")
     with pytest.raises(LLMKitError, match="multi-token"):
         mtp_generate(Transformer(ModelConfig.from_preset("tiny-deepseek")).eval(), [1, 2], SamplingParams())
+
+
+def test_mtp_modules_round_trip_through_hf_layout(tmp_path):
+    """MTP module k is written as layers.{n_layer + k} (V3's layers.61 layout) and read back when asked."""
+    from llmkit.checkpoint import load_hf_model, save_hf_model
+    from llmkit.checkpoint.hf import config_from_hf, read_config_json
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny-deepseek", mtp_depth=1)).eval()
+    save_hf_model(m, tmp_path)
+    hf_cfg = read_config_json(tmp_path)
+    assert hf_cfg["model_type"] == "deepseek_v3" and hf_cfg["num_nextn_predict_layers"] == 1
+    assert load_hf_model(tmp_path).mtp is None  # as transformers: the MTP layers are skipped by default
+    m2 = load_hf_model(tmp_path, cfg=config_from_hf(hf_cfg, mtp_depth=1))
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        h = m(ids, return_hidden=True)
+        a = m.mtp_forward(0, h[:, :9], ids[:, 1:], torch.arange(9))[1]
+        b = m2.mtp_forward(0, m2(ids, return_hidden=True)[:, :9], ids[:, 1:], torch.arange(9))[1]
+    assert torch.equal(a, b)
