@@ -54,12 +54,14 @@ def _deepseek_from_hf(hf: dict, where: str, mtp_depth: int = 0) -> ModelConfig:
     its mscale on the softmax scale) is not supported: only unscaled rope."""
     theta, scaling = _rope_from_hf(hf)
     if scaling:
-        raise LLMKitError(f"{where}: DeepSeek rope scaling {scaling.get('type')!r} is not supported (only unscaled rope)")
+        raise LLMKitError(f"{where}: DeepSeek rope scaling {scaling.get('type')!r} is not supported "
+                          "(only unscaled rope)")
     if hf.get("attention_bias"):
         raise LLMKitError(f"{where}: attention_bias is not supported")
     n = _need(hf, "num_attention_heads", where)
     return ModelConfig(
-        family="deepseek", vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
+        family="deepseek", vocab_size=_need(hf, "vocab_size", where),
+        n_layer=_need(hf, "num_hidden_layers", where),
         n_head=n, n_kv_head=n, d_model=_need(hf, "hidden_size", where), d_ff=_need(hf, "intermediate_size", where),
         max_seq_len=hf.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         mlp="deepseek_moe", activation=hf.get("hidden_act", "silu"), pos_emb="rope", rope_theta=theta,
@@ -67,10 +69,12 @@ def _deepseek_from_hf(hf: dict, where: str, mtp_depth: int = 0) -> ModelConfig:
         qk_nope_head_dim=_need(hf, "qk_nope_head_dim", where), qk_rope_head_dim=_need(hf, "qk_rope_head_dim", where),
         v_head_dim=_need(hf, "v_head_dim", where), rope_interleave=bool(hf.get("rope_interleave", True)),
         n_expert=_need(hf, "n_routed_experts", where), n_expert_per_tok=_need(hf, "num_experts_per_tok", where),
-        moe_intermediate_size=_need(hf, "moe_intermediate_size", where), n_shared_experts=hf.get("n_shared_experts") or 0,
+        moe_intermediate_size=_need(hf, "moe_intermediate_size", where),
+        n_shared_experts=hf.get("n_shared_experts") or 0,
         first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
         routed_scaling=float(hf.get("routed_scaling_factor", 1.0)), n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1, router_scoring="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        topk_group=hf.get("topk_group") or 1, router_scoring="sigmoid",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
         tie_embeddings=hf.get("tie_word_embeddings", False), mtp_depth=mtp_depth,
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
 
@@ -121,7 +125,8 @@ def _first(x):
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     family = cfg.family if cfg.family in ARCHITECTURES else ("gpt2" if cfg.pos_emb == "learned" else "llama")
-    common = dict(architectures=[ARCHITECTURES[family]], model_type=_MODEL_TYPES.get(family, family), vocab_size=cfg.vocab_size,
+    common = dict(architectures=[ARCHITECTURES[family]], model_type=_MODEL_TYPES.get(family, family),
+                  vocab_size=cfg.vocab_size,
                   tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
                   eos_token_id=cfg.eos_token_id, torch_dtype="float32")
     if family == "gpt2":

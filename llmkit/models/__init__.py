@@ -7,5 +7,5 @@ from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from .flops import flops_per_token, kv_bytes_per_token, num_params
 from .transformer import Transformer
 
-__all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token", "kv_bytes_per_token",
-           "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]
+__all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
+           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]

@@ -12,7 +12,8 @@ def _mla_params(cfg: ModelConfig) -> int:
     C, H, r = cfg.d_model, cfg.n_head, cfg.kv_lora_rank
     dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     q = C * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * dq if cfg.q_lora_rank else C * H * dq
-    return q + C * (r + cfg.qk_rope_head_dim) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * C
+    kv = C * (r + cfg.qk_rope_head_dim) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + H * cfg.v_head_dim * C
 
 
 def _layer_params(cfg: ModelConfig, active: bool, layer_idx: int = 0) -> int:

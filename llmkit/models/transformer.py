@@ -42,7 +42,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # P(u) = softmax(hn · Weᵀ)
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(cfg.mtp_depth)) if cfg.mtp_depth else None
+        self.mtp = (nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(cfg.mtp_depth))
+                    if cfg.mtp_depth else None)
         self.mtp_hidden: torch.Tensor | None = None  # (B, T, C) of the last training forward, for mtp_loss
         self.prefix: nn.Module | None = None  # learned (n, C) vectors in front of every sequence, see above
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
