@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from llmkit.checkpoint import load_hf_model, save_hf_model  # noqa: E402
 from llmkit.errors import LLMKitError  # noqa: E402
-from llmkit.models import PRESETS, KVCache, ModelConfig, Transformer, num_params  # noqa: E402
+from llmkit.models import PRESETS, ModelConfig, Transformer, num_params  # noqa: E402
 
 TOL = 1e-4
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -106,7 +106,7 @@ def test_kv_cache_matches_full_forward(preset):
     ids = torch.randint(0, cfg.vocab_size, (2, 40))  # past tiny-mistral's window of 16
     with torch.no_grad():
         full = m(ids)
-        cache = KVCache(cfg, 2, 64)
+        cache = m.new_cache(2, 64)  # the attention's own layout (MLA caches its latent)
         steps = [m(ids[:, :20], torch.arange(20), cache)]
         steps += [m(ids[:, t:t + 1], torch.tensor([t]), cache) for t in range(20, 40)]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5

@@ -549,3 +549,15 @@ def test_force_starts_a_new_run_and_resume_refuses_another_runs_checkpoint(data_
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(LLMKitError, match=r"belongs to a different run \(train.seed = 99 there, 1337 here"):
         pretrain(small_cfg(data_dir, out, "train.steps=8"), resume=True)
+
+
+def test_pretrain_deepseek_with_mtp(data_dir, tmp_path):
+    """model.mtp_depth=1 trains through the recipe: MLA + DeepSeekMoE with the MTP loss and the load-
+    balancing loss (the MTP block's router logits refreshed every step), and the saved model drafts."""
+    s = pretrain(small_cfg(data_dir, tmp_path / "r", "train.steps=3", "preset=tiny-deepseek", "model.mtp_depth=1"))
+    assert math.isfinite(s["final_loss"]) and s["model_config"]["mtp_depth"] == 1
+    from llmkit.inference import SamplingParams, generate, mtp_generate
+
+    model, _ = load_model(str(tmp_path / "r" / "final"))
+    p = SamplingParams(max_new_tokens=8, temperature=0)
+    assert mtp_generate(model.eval(), [5, 6, 7], p).tokens == generate(model, [5, 6, 7], p).tokens

@@ -1,8 +1,11 @@
 """Hugging Face format: config.json + model.safetensors (or shards + model.safetensors.index.json).
 
-Reads and writes GPT-2, LLaMA, Mistral, Mixtral and Qwen2 checkpoints. llmkit's module names are
-HF LLaMA's minus the "model." prefix, so most tensors map by name; GPT-2 (fused c_attn, Conv1D
-weights stored (in, out)) and Mixtral (block_sparse_moe.experts.e.w1/w2/w3) are translated.
+Reads and writes GPT-2, LLaMA, Mistral, Mixtral, Qwen2 and DeepSeek-V3 checkpoints. llmkit's module
+names are HF LLaMA's minus the "model." prefix, so most tensors map by name; GPT-2 (fused c_attn, Conv1D
+weights stored (in, out)) and Mixtral (block_sparse_moe.experts.e.w1/w2/w3) are translated. DeepSeek's
+multi-token prediction modules live in HF checkpoints as layers n_layer.. (V3's layers.61): llmkit's
+`mtp.k.*` is written there, and read back only when the config asks for them (mtp_depth), as
+transformers itself ignores them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from ..models import ModelConfig, Transformer
 from ..models.transformer import check_fits_in_memory
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "deepseek": "DeepseekV3ForCausalLM"}
+_MODEL_TYPES = {"deepseek": "deepseek_v3"}  # llmkit family -> HF model_type where they differ
 _LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2")
 
 
@@ -45,10 +50,44 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+def _deepseek_from_hf(hf: dict, where: str, mtp_depth: int = 0) -> ModelConfig:
+    """DeepSeek-V3 config.json -> the deepseek family (MLA + DeepSeekMoE). Rope scaling (V3's yarn with
+    its mscale on the softmax scale) is not supported: only unscaled rope."""
+    theta, scaling = _rope_from_hf(hf)
+    if scaling:
+        raise LLMKitError(f"{where}: DeepSeek rope scaling {scaling.get('type')!r} is not supported "
+                          "(only unscaled rope)")
+    if hf.get("attention_bias"):
+        raise LLMKitError(f"{where}: attention_bias is not supported")
+    n = _need(hf, "num_attention_heads", where)
+    return ModelConfig(
+        family="deepseek", vocab_size=_need(hf, "vocab_size", where),
+        n_layer=_need(hf, "num_hidden_layers", where),
+        n_head=n, n_kv_head=n, d_model=_need(hf, "hidden_size", where), d_ff=_need(hf, "intermediate_size", where),
+        max_seq_len=hf.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="deepseek_moe", activation=hf.get("hidden_act", "silu"), pos_emb="rope", rope_theta=theta,
+        attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=_need(hf, "kv_lora_rank", where),
+        qk_nope_head_dim=_need(hf, "qk_nope_head_dim", where), qk_rope_head_dim=_need(hf, "qk_rope_head_dim", where),
+        v_head_dim=_need(hf, "v_head_dim", where), rope_interleave=bool(hf.get("rope_interleave", True)),
+        n_expert=_need(hf, "n_routed_experts", where), n_expert_per_tok=_need(hf, "num_experts_per_tok", where),
+        moe_intermediate_size=_need(hf, "moe_intermediate_size", where),
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
+        routed_scaling=float(hf.get("routed_scaling_factor", 1.0)), n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1, router_scoring="sigmoid",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        tie_embeddings=hf.get("tie_word_embeddings", False), mtp_depth=mtp_depth,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+
+
+def config_from_hf(hf: dict, where: str = "config.json", mtp_depth: int = 0) -> ModelConfig:
+    """mtp_depth: DeepSeek multi-token prediction modules to read (0: none, as transformers loads)."""
     model_type = hf.get("model_type")
+    if model_type == "deepseek_v3":
+        return _deepseek_from_hf(hf, where, mtp_depth)
     if model_type not in ARCHITECTURES:
-        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: "
+                          f"{', '.join(_MODEL_TYPES.get(f, f) for f in ARCHITECTURES)})")
     if model_type == "gpt2":
         d = _need(hf, "n_embd", where)
         act = hf.get("activation_function", "gelu_new")
@@ -87,7 +126,8 @@ def _first(x):
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     family = cfg.family if cfg.family in ARCHITECTURES else ("gpt2" if cfg.pos_emb == "learned" else "llama")
-    common = dict(architectures=[ARCHITECTURES[family]], model_type=family, vocab_size=cfg.vocab_size,
+    common = dict(architectures=[ARCHITECTURES[family]], model_type=_MODEL_TYPES.get(family, family),
+                  vocab_size=cfg.vocab_size,
                   tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
                   eos_token_id=cfg.eos_token_id, torch_dtype="float32")
     if family == "gpt2":
@@ -108,6 +148,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if family == "qwen2":
         d.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window,
                  max_window_layers=cfg.n_layer)
+    if family == "deepseek":
+        if cfg.router_scoring != "sigmoid" or cfg.mlp != "deepseek_moe" or cfg.attention != "mla":
+            raise LLMKitError("HF export of the deepseek family needs attention=mla, mlp=deepseek_moe, "
+                              "router_scoring=sigmoid (DeepSeek-V3's layout)")
+        for k in ("num_key_value_heads", "head_dim", "rope_scaling"):
+            d.pop(k)
+        d.update(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave,
+                 n_routed_experts=cfg.n_expert, num_experts_per_tok=cfg.n_expert_per_tok,
+                 moe_intermediate_size=cfg.moe_intermediate_size or cfg.d_ff, n_shared_experts=cfg.n_shared_experts,
+                 first_k_dense_replace=cfg.first_k_dense_replace, routed_scaling_factor=cfg.routed_scaling,
+                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                 num_nextn_predict_layers=cfg.mtp_depth, attention_bias=False)
     if family == "mixtral":
         d.update(num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.n_expert_per_tok,
                  router_aux_loss_coef=cfg.router_aux_loss_coef)
@@ -156,6 +209,12 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         if k.endswith("rotary_emb.inv_freq"):
             continue
         k = k.removeprefix("model.")
+        if cfg.family == "deepseek" and k.startswith("layers.") and int(k.split(".")[1]) >= cfg.n_layer:
+            depth = int(k.split(".")[1]) - cfg.n_layer  # an MTP module (V3: layers.61)
+            rest = k.split(".", 2)[2]
+            if depth >= cfg.mtp_depth or rest.startswith(("embed_tokens.", "shared_head.head.")):
+                continue  # not asked for, or the shared embedding / head
+            k = f"mtp.{depth}." + rest.replace("shared_head.norm.", "norm.")
         if ".block_sparse_moe." in k:  # Mixtral: w1 = gate, w3 = up, w2 = down
             k = k.replace(".block_sparse_moe.", ".mlp.")
             k = k.replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj.")
@@ -210,6 +269,10 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
         if cfg.family == "mixtral" and ".mlp." in k:
             k = k.replace(".mlp.", ".block_sparse_moe.")
             k = k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.")
+        if k.startswith("mtp."):  # DeepSeek MTP module d -> layers.{n_layer + d} (V3's layout)
+            _, depth, rest = k.split(".", 2)
+            rest = "shared_head.norm." + rest[5:] if rest.startswith("norm.") else rest
+            k = f"layers.{cfg.n_layer + int(depth)}.{rest}"
         out[k if k == "lm_head.weight" else "model." + k] = v
     return out
 

@@ -7,6 +7,7 @@
     stream(model, tokenizer, ids, params)  text deltas (the only place text appears, with stop strings)
     best_of_n                              n candidates, the best by mean log-prob or a score function
     speculative_generate                   draft proposes k tokens, target verifies them in one pass
+    mtp_generate                           the same, drafted by the model's own multi-token prediction heads
 
 Shapes: B rows, T tokens, V vocab. Log-probs reported are those of the raw model distribution
 (log_softmax of the logits before any sampling processor), as `llmkit score` computes them.
@@ -381,6 +382,31 @@ def best_of_n(model, prompt: list[int], params: SamplingParams, n: int,
 
 
 # ---------------------------------------------------------------- speculative decoding
+class _Emitter:
+    """Appends accepted tokens to one completion; calling it returns True when generation ends (a stop
+    id, a stop string, or max_new tokens)."""
+
+    def __init__(self, comp: Completion, history: History, params: SamplingParams, tokenizer, max_new: int):
+        self.comp, self.history, self.params, self.tokenizer, self.max_new = comp, history, params, tokenizer, max_new
+        self.stop_ids = set(params.stop_ids)
+
+    def __call__(self, t: int, lp: float) -> bool:
+        comp = self.comp
+        if t in self.stop_ids:
+            comp.finish_reason = "stop"
+            return True
+        comp.tokens.append(t)
+        comp.logprobs.append(lp)
+        self.history.add(torch.tensor([t]))
+        if self.params.stop and _stop_string_hit(self.tokenizer.decode(comp.tokens), self.params.stop) >= 0:
+            comp.finish_reason = "stop"
+            return True
+        if len(comp.tokens) >= self.max_new:
+            comp.finish_reason = "length"
+            return True
+        return False
+
+
 def check_draft(target, draft):
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LLMKitError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
@@ -436,7 +462,6 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     size = min(ctx, T + max_new + k + 1)
     tcache, dcache = target.new_cache(1, size), draft.new_cache(1, size)
     gen = make_generator(params.seed)
-    stop_ids = set(params.stop_ids)
     t0 = time.perf_counter()
     ids = torch.tensor([prompt])
     t_logits = prefill(target, ids, tcache)  # (1, V)
@@ -448,22 +473,7 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     d_done = 0  # draft cache holds positions < d_done
     proposed = accepted = forwards = 0
 
-    def emit(t: int, lp: float) -> bool:
-        """Append a token; True when generation ends."""
-        if t in stop_ids:
-            comp.finish_reason = "stop"
-            return True
-        comp.tokens.append(t)
-        comp.logprobs.append(lp)
-        history.add(torch.tensor([t]))
-        if params.stop and _stop_string_hit(tokenizer.decode(comp.tokens), params.stop) >= 0:
-            comp.finish_reason = "stop"
-            return True
-        if len(comp.tokens) >= max_new:
-            comp.finish_reason = "length"
-            return True
-        return False
-
+    emit = _Emitter(comp, history, params, tokenizer, max_new)
     done = max_new == 0
     if done:
         comp.finish_reason = "length"
@@ -514,6 +524,106 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
         d_done = n + min(a, kk - 1) + 1
         seq.extend(new[:-1])
         tok = new[-1]
+    timings["decode_s"] = time.perf_counter() - t1
+    timings["ttft_s"] = timings["prefill_s"]
+    timings["new_tokens"] = len(comp.tokens)
+    if tokenizer is not None:
+        _finish_text([comp], tokenizer, params)
+    stats = {"proposed": proposed, "accepted": accepted, "target_forwards": forwards,
+             "acceptance_rate": accepted / proposed if proposed else 0.0}
+    return Generation(prompt, [comp], timings, stats)
+
+
+@torch.inference_mode()
+def mtp_generate(model, prompt: list[int], params: SamplingParams | None = None, *, tokenizer=None,
+                 truncate: bool = False) -> Generation:
+    """Self-speculative decoding with the model's multi-token prediction modules (DeepSeek-V3 sec. 5.4.3;
+    the draft-and-verify of Leviathan et al. 2023 with no second model).
+
+    Each round, MTP depth d (d = 1..D) reads the hidden state the last target forward left at position
+    n-1 (depth d-1's, for d > 1) and the embedding of the token d ahead, and proposes the token at n+d;
+    the target scores [tok, d_1..d_D] in one forward and `speculative_accept` keeps the output
+    distribution exactly the target's (token for token its greedy output at temperature 0). That
+    forward's hidden states feed the next round's drafts, so drafting costs D small blocks, not a
+    second model. The MTP blocks keep their K/V in the same cache (layers n_layer..). With D > 1,
+    depth d's cache entries for the last d-1 positions of a round were computed from drafted tokens
+    (not recomputed if rejected): that only changes the drafts, never the output.
+    stats: proposed, accepted, acceptance_rate, target_forwards (as `speculative_generate`).
+    """
+    params = params or SamplingParams()
+    D = model.cfg.mtp_depth
+    if not D or getattr(model, "mtp", None) is None:
+        raise LLMKitError("the model has no multi-token prediction modules (mtp_depth=0): nothing to draft with")
+    if params.n != 1:
+        raise LLMKitError("speculative decoding takes n=1")
+    if params.stop and tokenizer is None:
+        raise LLMKitError("stop strings need a tokenizer")
+    prompt = check_prompt(list(prompt), model, params.max_new_tokens, truncate)
+    ctx, T = model.max_tokens, len(prompt)
+    max_new = min(params.max_new_tokens, ctx - T)
+    cache = model.new_cache(1, min(ctx, T + max_new + D + 1))
+    dev = model_device(model)
+    gen = make_generator(params.seed)
+    t0 = time.perf_counter()
+    h = model(torch.tensor([prompt], device=dev), input_pos=_positions(0, T, dev), cache=cache,
+              return_hidden=True)  # (1, T, C): every prompt position feeds the MTP modules
+    t_logits = model.lm_head(h[:, -1]).cpu()
+    history = History.start([prompt], model.cfg.vocab_size, params)
+    comp = Completion()
+    emit = _Emitter(comp, history, params, tokenizer, max_new)
+    tok = int(sample(process_logits(t_logits, params, history.seen, history.counts), params, gen)[0])
+    timings = {"prefill_s": time.perf_counter() - t0}
+    seq, h_start = list(prompt), 0  # h holds the main model's hidden states at positions h_start..len(seq)-1
+    proposed = accepted = forwards = 0
+    done = max_new == 0
+    if done:
+        comp.finish_reason = "length"
+    else:
+        done = emit(tok, float(torch.log_softmax(t_logits.float(), -1)[0, tok]))
+    t1 = time.perf_counter()
+    while not done:
+        n = len(seq)  # position of the pending token `tok`
+        kk = min(D, ctx - 1 - n)
+        if kk < 1:
+            comp.finish_reason = "length"
+            break
+        # draft: depth d over positions h_start..n-1, each reading the token d ahead
+        ahead = seq[h_start + 1:] + [tok]
+        pos = _positions(h_start, n, dev)
+        dh = history.clone()
+        drafts, qs = [], []
+        hk = h
+        for d in range(kk):
+            hk, lg = model.mtp_forward(d, hk, torch.tensor([ahead], device=dev), pos, cache)
+            q_proc = process_logits(lg[:, -1].cpu(), params, dh.seen, dh.counts)
+            qs.append(probs_from_logits(q_proc, params))
+            x = sample(q_proc, params, gen) if params.greedy else torch.multinomial(qs[-1], 1, generator=gen)[:, 0]
+            drafts.append(int(x[0]))
+            dh.add(x)
+            ahead = ahead[1:] + [drafts[-1]]
+        # verify: the target scores [tok, d_1..d_kk] at positions n..n+kk in one forward
+        hb = model(torch.tensor([[tok] + drafts], device=dev), input_pos=_positions(n, n + kk + 1, dev), cache=cache,
+                   return_hidden=True)  # (1, kk+1, C)
+        logits = model.lm_head(hb)[0].cpu()
+        forwards += 1
+        th = history.clone()
+        ps = []
+        for i in range(kk + 1):
+            ps.append(probs_from_logits(process_logits(logits[i:i + 1], params, th.seen, th.counts), params))
+            if i < kk:
+                th.add(torch.tensor([drafts[i]]))
+        n_acc, nxt = speculative_accept(torch.stack(ps, 1), torch.stack(qs, 1), torch.tensor([drafts]), gen)
+        a = int(n_acc[0])
+        proposed += kk
+        accepted += a
+        logp = torch.log_softmax(logits.float(), -1)
+        new = drafts[:a] + [int(nxt[0])]
+        for i, t in enumerate(new):
+            if emit(t, float(logp[i, t])):
+                done = True
+                break
+        seq += [tok] + drafts[:a]
+        h, h_start, tok = hb[:, :a + 1], n, new[-1]  # hidden states of the accepted positions n..n+a
     timings["decode_s"] = time.perf_counter() - t1
     timings["ttft_s"] = timings["prefill_s"]
     timings["new_tokens"] = len(comp.tokens)

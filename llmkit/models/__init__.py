@@ -4,8 +4,8 @@ BERT-style bidirectional encoder (encoder.py)."""
 from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
 from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
-from .flops import flops_per_token, num_params
+from .flops import flops_per_token, kv_bytes_per_token, num_params
 from .transformer import Transformer
 
 __all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
-           "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]
+           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]

@@ -14,6 +14,9 @@ Build caches with `Transformer.new_cache`: the model sizes them and fills the sl
   slots past a row's end are overwritten by its own next tokens before any query reaches them.
   The same rule makes rollback free (speculative decoding, prefix reuse): stale slots past the
   current position are never attended. Attention only reads slots 0..max position, not max_len.
+- The tensors a slot holds are the attention's choice (`kv_shape`): K and V heads (B, K, S, D) by
+  default; multi-head latent attention stores its latent c_kv and shared rotary key (B, 1, S, r) and
+  (B, 1, S, d_rope) instead, with the same slot and row logic.
 - `RollingKVCache`: Mistral's rolling buffer (Jiang et al. 2023, sec. 2) for sliding-window
   models: W slots, position p lives in slot p mod W, so memory is W entries, not T.
 """
@@ -27,14 +30,18 @@ from .config import ModelConfig
 
 
 class KVCache:
-    """k[l], v[l]: (B, K, S, D) for layer l; slot j holds position j."""
+    """k[l], v[l]: (B, K, S, D) for layer l; slot j holds position j.
+
+    kv_shape: (heads, k_dim, v_dim) per slot, default (n_kv_head, head_dim, head_dim); an attention that
+    caches something else passes its own (MLA: (1, kv_lora_rank, qk_rope_head_dim))."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
-                 offset: int = 0):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+                 offset: int = 0, kv_shape: tuple[int, int, int] | None = None):
+        heads, dk, dv = kv_shape or (cfg.n_kv_head, cfg.head_dim, cfg.head_dim)
         self.offset = offset  # leading slots held by the model's prefix (set by Transformer.new_cache)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        L = cfg.n_layer + cfg.mtp_depth  # multi-token prediction blocks keep their K/V after the layers'
+        self.k = torch.zeros((L, batch_size, heads, max_len, dk), dtype=dtype, device=device)
+        self.v = torch.zeros((L, batch_size, heads, max_len, dv), dtype=dtype, device=device)
         self.max_len = max_len
         self.window = cfg.sliding_window
 
@@ -58,11 +65,11 @@ class BatchKVCache(KVCache):
     """k[l], v[l]: (B, K, S, D); per-row positions; attention reads only slots < `self.length`."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
-                 offset: int = 0):
+                 offset: int = 0, kv_shape: tuple[int, int, int] | None = None):
         if max_len > cfg.max_seq_len:
             raise LLMKitError(f"cache of {max_len} tokens is longer than the model's context window "
                               f"of {cfg.max_seq_len}")
-        super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device, offset=offset)
+        super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device, offset=offset, kv_shape=kv_shape)
         self.length = 0  # slots 0..length-1 are read by this forward
 
     @property
@@ -93,6 +100,7 @@ class BatchKVCache(KVCache):
         else:  # per-row slots: scatter along the slot axis
             idx = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
             self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+            idx = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))  # V may be narrower (MLA)
             self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
 
@@ -144,7 +152,7 @@ class RollingKVCache:
             raise LLMKitError("a rolling-buffer cache needs a sliding-window model (sliding_window is unset)")
         self.window = W = cfg.sliding_window
         self.n_layer = cfg.n_layer
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, W, cfg.head_dim)
+        shape = (cfg.n_layer + cfg.mtp_depth, batch_size, cfg.n_kv_head, W, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_pos = torch.full((W,), -1, dtype=torch.long, device=device)  # position held, -1 empty

@@ -6,6 +6,9 @@ Families differ only in which modules they use (see `modules.NORMS`, `modules.ML
   mistral  llama + sliding-window attention
   mixtral  mistral + sparse Mixture-of-Experts MLP
   qwen2    llama + biases on q/k/v
+  deepseek multi-head latent attention ("mla"), DeepSeekMoE ("deepseek_moe": fine-grained routed plus
+           shared experts, sigmoid router with group-limited top-k), optional multi-token prediction
+           (DeepSeek-AI 2024, V2 arXiv:2405.04434 and V3 arXiv:2412.19437)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..errors import LLMKitError, closest
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 (used for HF export)
+    family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 | deepseek (used for HF export)
     vocab_size: int = 32000
     n_layer: int = 12
     n_head: int = 12
@@ -46,6 +49,25 @@ class ModelConfig:
     n_expert: int = 0  # >0 swaps the MLP for a sparse MoE of this many experts (Mixtral)
     n_expert_per_tok: int = 2
     router_aux_loss_coef: float = 0.02
+    # ---- DeepSeek (family "deepseek"; see modules.MLA, modules.DeepSeekMoE, transformer.MTPModule)
+    q_lora_rank: int | None = None  # MLA: rank of the query compression (None: a full-rank q_proj)
+    kv_lora_rank: int = 0  # MLA: width of the cached joint K/V latent c_kv
+    qk_nope_head_dim: int = 0  # MLA: per-head query/key dims without rotary (decompressed from c_kv)
+    qk_rope_head_dim: int = 0  # MLA: per-head rotary dims (one key shared by all heads); = head_dim
+    v_head_dim: int = 0  # MLA: per-head value dims
+    rope_interleave: bool = False  # rotary pairs (2i, 2i+1) as in DeepSeek-V3, not (i, i + D/2)
+    moe_intermediate_size: int = 0  # DeepSeekMoE: width of each routed expert (0: d_ff)
+    n_shared_experts: int = 0  # DeepSeekMoE: always-on experts, one SwiGLU of n * moe_intermediate_size
+    first_k_dense_replace: int = 0  # the first k layers keep a dense d_ff MLP
+    routed_scaling: float = 1.0  # routed experts' weights are multiplied by this
+    n_group: int = 1  # experts form n_group groups; tokens pick experts from the topk_group best groups
+    topk_group: int = 1
+    router_scoring: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    router_balance: str = "aux_loss"  # aux_loss (load-balancing loss) | bias (V3's auxiliary-loss-free)
+    router_bias_rate: float = 1e-3  # gamma of the aux-loss-free bias update
+    mtp_depth: int = 0  # multi-token prediction modules (V3 sec. 2.2): module k predicts token i+k+1
+    mtp_loss_weight: float = 0.3  # lambda of the MTP loss (V3 uses 0.3, later 0.1)
     dropout: float = 0.0  # on embeddings and each residual branch, training only (small-data pretraining)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -58,6 +80,12 @@ class ModelConfig:
                 raise LLMKitError(f"model config: {name} must be an integer, got {v!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.attention == "mla":  # rotary tables are built for head_dim: MLA rotates qk_rope_head_dim dims
+            if self.head_dim not in (None, self.qk_rope_head_dim) or min(
+                    self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) <= 0:
+                raise LLMKitError("attention=mla needs positive kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim "
+                                  "and v_head_dim, and head_dim unset or equal to qk_rope_head_dim")
+            self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 raise LLMKitError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -71,6 +99,15 @@ class ModelConfig:
             raise LLMKitError(f"n_expert_per_tok={self.n_expert_per_tok} must be in 1..n_expert={self.n_expert}")
         if not 0 <= self.dropout < 1:
             raise LLMKitError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.router_scoring not in ("softmax", "sigmoid"):
+            raise LLMKitError(f"router_scoring={self.router_scoring!r} must be softmax or sigmoid")
+        if self.router_balance not in ("aux_loss", "bias"):
+            raise LLMKitError(f"router_balance={self.router_balance!r} must be aux_loss or bias")
+        if self.n_expert and (self.n_expert % self.n_group or not 0 < self.topk_group <= self.n_group):
+            raise LLMKitError(f"n_group={self.n_group} must divide n_expert={self.n_expert}, topk_group="
+                              f"{self.topk_group} be in 1..n_group")
+        if self.mtp_depth < 0:
+            raise LLMKitError(f"mtp_depth={self.mtp_depth} must be >= 0")
         if not self.causal and self.sliding_window:
             raise LLMKitError("a sliding window is a causal pattern: unset sliding_window for a non-causal model")
 
@@ -110,6 +147,12 @@ PRESETS: dict[str, dict] = {
                          n_expert_per_tok=2),
     "tiny-qwen2": dict(_LLAMA, family="qwen2", vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
                        d_ff=172, max_seq_len=256, qkv_bias=True, tie_embeddings=True, norm_eps=1e-6),
+    "tiny-deepseek": dict(_LLAMA, family="deepseek", vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=128,
+                          max_seq_len=256, attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                          qk_rope_head_dim=8, head_dim=8, v_head_dim=16, rope_interleave=True,
+                          mlp="deepseek_moe", n_expert=8, n_expert_per_tok=2, moe_intermediate_size=32,
+                          n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                          router_scoring="sigmoid", routed_scaling=2.5, norm_eps=1e-6),
     # real shapes
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
                          max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True, bos_token_id=1,
@@ -127,6 +170,14 @@ PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(_LLAMA, family="mixtral", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8,
                          d_model=4096, d_ff=14336, max_seq_len=32768, rope_theta=1e6, n_expert=8,
                          n_expert_per_tok=2, bos_token_id=1, eos_token_id=2),
+    # DeepSeek-V3 (arXiv:2412.19437; 671B total, 37B active; its one MTP module adds 14B: mtp_depth=1)
+    "deepseek-v3": dict(_LLAMA, family="deepseek", vocab_size=129280, n_layer=61, n_head=128, d_model=7168,
+                        d_ff=18432, max_seq_len=4096, attention="mla", q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+                        mlp="deepseek_moe", n_expert=256, n_expert_per_tok=8, moe_intermediate_size=2048,
+                        n_shared_experts=1, first_k_dense_replace=3, n_group=8, topk_group=4,
+                        router_scoring="sigmoid", routed_scaling=2.5, router_balance="bias", norm_eps=1e-6,
+                        bos_token_id=0, eos_token_id=1),
     "qwen2.5-0.5b": dict(_LLAMA, family="qwen2", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
                          d_model=896, d_ff=4864, max_seq_len=32768, rope_theta=1e6, qkv_bias=True,
                          tie_embeddings=True, norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645),

@@ -6,7 +6,6 @@ K key/value heads, D head dim, E experts.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -124,6 +123,16 @@ def concat_linears(parts: list[nn.Module]) -> nn.Module | None:
 
 
 # ---------------------------------------------------------------- attention
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention, kept in fp32 under CPU bf16 autocast: autocast runs the
+    projections in bf16 (AMX) and would run SDPA in bf16 too, but torch's CPU flash-attention is slower
+    in bf16 than in fp32 (fwd+bwd 19.5 vs 14.7 ms at B=8 H=6 T=256 D=32)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads (Ainslie et al. 2023; K=1 is MQA, Shazeer 2019).
 
@@ -155,6 +164,11 @@ class Attention(nn.Module):
         if fused is not None:
             del self.q_proj, self.k_proj, self.v_proj
             self.qkv_proj = fused
+
+    @staticmethod
+    def cache_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+        """(heads, key dims, value dims) one cache slot holds per layer: K heads of D-dim keys and values."""
+        return cfg.n_kv_head, cfg.head_dim, cfg.head_dim
 
     @classmethod
     def new_cache(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
@@ -190,19 +204,107 @@ class Attention(nn.Module):
         elif K != H:  # share each K/V head among H/K query heads
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
-        ctx = contextlib.nullcontext()
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # CPU bf16 autocast runs the projections in bf16 (AMX) and would run SDPA in bf16 too, but
-            # torch's CPU flash-attention is slower in bf16 than in fp32 (fwd+bwd 19.5 vs 14.7 ms at
-            # B=8 H=6 T=256 D=32), so attention stays in fp32
-            ctx, q, k, v = torch.autocast("cpu", enabled=False), q.float(), k.float(), v.float()
-        with ctx:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               is_causal=self.causal and mask is None and T > 1, enable_gqa=gqa)
+        y = sdpa(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-ATTENTIONS = {"gqa": Attention}
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) with rotary pairs (2i, 2i+1) -> pairs (i, i + D/2), the layout `apply_rope` rotates.
+    DeepSeek-V3's checkpoints rotate interleaved pairs; permuting q and k alike leaves q·k unchanged."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, sec. 2.1; names as HF DeepseekV3).
+
+    Keys and values are decompressed from one low-rank latent per token, and only the latent is cached:
+        c_kv = RMSNorm(W_DKV x)                    (B, T, r)       r = kv_lora_rank
+        k_rope = RoPE(W_KR x)                      (B, T, d_r)     one rotary key shared by every head
+        [k_nope; v]_h = W_UK,h c_kv ; W_UV,h c_kv  (B, H, T, d_n), (B, H, T, d_v)   (kv_b_proj)
+        q_h = [q_nope; RoPE(q_rope)]_h from W_UQ RMSNorm(W_DQ x)  (q_lora_rank; or one q_proj)
+        score_h(t, s) = (q_nope,h · k_nope,h + q_rope,h · k_rope) / sqrt(d_n + d_r)
+    RoPE is decoupled: rotating k_nope would make W_UK position-dependent and forbid the absorption
+    below, so position lives only in the d_r extra dims. A cache slot holds (c_kv, k_rope): r + d_r
+    numbers per layer instead of 2·H·D (`cache_shape`).
+
+    Absorbed decode (V2 sec. 2.1.3): q_nope,h · (W_UK,h c) = (W_UK,hᵀ q_nope,h) · c, so the query is
+    moved into the latent space and attention runs over the cached latents directly, as MQA with one
+    (r + d_r)-dim key head and one r-dim value head; W_UV,h is applied after the weighted sum. Per
+    step it costs H·S·r multiply-adds instead of decompressing S latents (S·r·H·(d_n + d_v)), so it
+    pays when T < d_n + d_v queries read the cache: decode steps and speculative verification.
+    `absorb` forces one path (None: that rule).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.causal = cfg.causal
+        self.n_head = cfg.n_head
+        self.dn, self.dr, self.dv, self.r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.interleave = cfg.rope_interleave
+        H, C = cfg.n_head, cfg.d_model
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(C, cfg.q_lora_rank, bias=cfg.bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # DeepSeek's fixed eps for the latents
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.dn + self.dr), bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * (self.dn + self.dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.r + self.dr, bias=cfg.bias)  # [W_DKV; W_KR]
+        self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)  # [W_UK; W_UV] per head
+        self.o_proj = nn.Linear(H * self.dv, C, bias=cfg.bias)
+        self.absorb: bool | None = None
+
+    @staticmethod
+    def cache_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+        """One "head" of the latent c_kv (r dims, stored as the cache's k) and the rotary key (d_r, as v)."""
+        return 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+
+    @classmethod
+    def new_cache(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                  rolling: bool = False, offset: int = 0):
+        if rolling:
+            raise LLMKitError("multi-head latent attention has no sliding window: no rolling-buffer cache")
+        return BatchKVCache(cfg, batch_size, max_len, dtype=dtype, device=device, offset=offset,
+                            kv_shape=cls.cache_shape(cfg))
+
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        """x: (B, T, C); rope: (cos, sin) of (T|B,T, d_r); mask as `Attention.forward`."""
+        B, T, _ = x.shape
+        H, dn, dr, dv, r = self.n_head, self.dn, self.dr, self.dv, self.r
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)  # (B, H, T, d_n|d_r)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)[:, None]  # (B, 1, T, r)
+        k_rope = k_rope[:, None]  # (B, 1, T, d_r)
+        if self.interleave:
+            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+        q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
+        if cache is not None:  # the cache holds (c_kv, k_rope) per slot: (B, 1, S, r), (B, 1, S, d_r)
+            c_kv, k_rope = cache.update(self.layer_idx, input_pos, c_kv, k_rope)
+        S = c_kv.size(2)
+        scale = (dn + dr) ** -0.5
+        causal = self.causal and mask is None and T > 1
+        absorb = self.absorb
+        if absorb is None:
+            absorb = cache is not None and T < dn + dv and isinstance(self.kv_b_proj, nn.Linear)
+        if absorb:
+            w = self.kv_b_proj.weight.view(H, dn + dv, r)
+            w_uk, w_uv = w[:, :dn], w[:, dn:]  # (H, d_n, r), (H, d_v, r)
+            q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # W_UKᵀ q_nope: (B, H, T, r)
+            y = sdpa(torch.cat([q_lat, q_rope], -1), torch.cat([c_kv, k_rope], -1), c_kv, attn_mask=mask,
+                     is_causal=causal, scale=scale, enable_gqa=True)  # (B, H, T, r): weighted latents
+            y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # W_UV per head: (B, H, T, d_v)
+        else:
+            kv = self.kv_b_proj(c_kv[:, 0]).view(B, S, H, dn + dv).transpose(1, 2)  # (B, H, S, d_n + d_v)
+            k_nope, v = kv.split([dn, dv], dim=-1)
+            k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)
+            y = sdpa(torch.cat([q_nope, q_rope], -1), k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
+
+
+ATTENTIONS = {"gqa": Attention, "mla": MLA}
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -286,16 +388,107 @@ class MoE(nn.Module):
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(xf)
-        for e, expert in enumerate(self.experts):
-            tok, slot = (chosen == e).nonzero(as_tuple=True)  # tokens routed to expert e
-            if tok.numel():
-                out.index_add_(0, tok, expert(xf[tok]) * weights[tok, slot, None])
+        return run_experts(self.experts, xf, chosen, weights).view(B, T, C)
+
+
+def run_experts(experts: nn.ModuleList, xf: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[n, j] * experts[chosen[n, j]](xf[n]) for xf (N, C), chosen and weights (N, k): each
+    expert runs once, on the tokens routed to it."""
+    out = torch.zeros_like(xf)
+    for e, expert in enumerate(experts):
+        tok, slot = (chosen == e).nonzero(as_tuple=True)  # tokens routed to expert e
+        if tok.numel():
+            out.index_add_(0, tok, expert(xf[tok]) * weights[tok, slot, None])
+    return out
+
+
+class Router(nn.Module):
+    """DeepSeekMoE's router (V2 sec. 2.2, V3 sec. 2.1.2): scores s = sigmoid(W x) (V3) or softmax (V2),
+    top-k experts chosen by s + b within the topk_group best of n_group expert groups (device-limited
+    routing); the gate values are s (not s + b) of the chosen, renormalised (norm_topk_prob) and
+    scaled by routed_scaling.
+
+    b (`e_score_correction_bias`, E) is the auxiliary-loss-free balance of V3 (Wang et al. 2024,
+    arXiv:2408.15664): with router_balance="bias", each training forward moves b_e by
+    rate·sign(mean load - load_e), so overloaded experts get picked less without a loss term pulling on
+    the router's weights. It is a buffer (no gradient), saved with the weights as HF does.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_expert
+        self.top_k, self.n_group, self.topk_group = cfg.n_expert_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring, self.norm_topk_prob, self.scaling = cfg.router_scoring, cfg.norm_topk_prob, cfg.routed_scaling
+        self.balance_bias, self.rate = cfg.router_balance == "bias", cfg.router_bias_rate
+        self.weight = nn.Parameter(torch.empty(E, cfg.d_model))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E))
+
+    def forward(self, xf: torch.Tensor):
+        """xf (N, C) -> logits (N, E), gate weights (N, k) fp32, chosen experts (N, k)."""
+        N, E = xf.size(0), self.weight.size(0)
+        logits = F.linear(xf.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:  # keep the experts of the topk_group best groups
+            grouped = choice.view(N, self.n_group, E // self.n_group)
+            # a group's score: its best expert (V2), the sum of its best two (V3)
+            g = grouped.topk(2, -1)[0].sum(-1) if self.scoring == "sigmoid" else grouped.amax(-1)  # (N, G)
+            keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(self.topk_group, -1)[1], True)
+            choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape(N, E), float("-inf"))
+        chosen = choice.topk(self.top_k, -1)[1]  # (N, k)
+        weights = scores.gather(1, chosen)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.training and self.balance_bias:
+            with torch.no_grad():
+                load = torch.bincount(chosen.flatten(), minlength=E).float()  # tokens per expert
+                self.e_score_correction_bias += self.rate * torch.sign(load.mean() - load)
+        return logits, weights * self.scaling, chosen
+
+
+class DeepSeekMoE(nn.Module):
+    """DeepSeekMoE (Dai et al. 2024, arXiv:2401.06066; V2 sec. 2.2): many fine-grained routed experts
+    (n_expert SwiGLUs of moe_intermediate_size, k per token) plus n_shared_experts always-on experts
+    (one SwiGLU of n·moe_intermediate_size) that hold common knowledge:
+        y = shared(x) + sum_{e in topk} g_e · expert_e(x)
+    The router's logits of the last forward are kept in `router_logits` (N, E) for the load-balancing
+    loss when router_balance="aux_loss"; with "bias" there is no loss (see `Router`)."""
+
+    sparse = True  # make_mlp: this MLP kind routes itself (not the experts of a top-k MoE)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d_ff = cfg.moe_intermediate_size or cfg.d_ff
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(SwiGLU(cfg, d_ff) for _ in range(cfg.n_expert))
+        self.shared_experts = SwiGLU(cfg, d_ff * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.keep_logits = cfg.router_balance == "aux_loss"
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        xf = x.reshape(-1, C)  # (N, C)
+        logits, weights, chosen = self.gate(xf)
+        self.router_logits = logits if self.keep_logits else None
+        out = run_experts(self.experts, xf, chosen, weights.to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(xf)
         return out.view(B, T, C)
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
-    return MoE(cfg) if cfg.n_expert > 0 else MLPS[cfg.mlp](cfg)
+MLPS["deepseek_moe"] = DeepSeekMoE
+
+
+def make_mlp(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:
+    """The MLP of layer `layer_idx`: a sparse kind (DeepSeekMoE) as is; a dense kind as the experts of a
+    top-k MoE when n_expert > 0 (Mixtral), else alone. The first `first_k_dense_replace` layers keep a
+    dense SwiGLU of d_ff (DeepSeek-V2 sec. 3.1: routing in the lowest layers balances poorly)."""
+    if layer_idx < cfg.first_k_dense_replace:
+        return SwiGLU(cfg)
+    kind = MLPS[cfg.mlp]
+    if getattr(kind, "sparse", False) or not cfg.n_expert:
+        return kind(cfg)
+    return MoE(cfg)
 
 
 # ---------------------------------------------------------------- dropout
@@ -341,7 +534,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg)
         self.self_attn = make_attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer_idx)
         self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):

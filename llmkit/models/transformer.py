@@ -8,6 +8,12 @@ prompt): a module with `weight` (n, C). The forward owns it, so callers never te
 takes positions 0..n-1, the caller's tokens keep their positions 0..T-1 as seen from outside (n..n+T-1
 inside), attention masks gain the prefix's columns, its outputs are dropped, and `new_cache` puts its
 K/V into the first n slots of every cache. It costs n positions of the context window (`max_tokens`).
+
+`mtp` holds cfg.mtp_depth multi-token prediction modules (DeepSeek-V3, arXiv:2412.19437, sec. 2.2),
+sharing the embedding and output head: module k reads the previous depth's hidden state at position i
+and the embedding of token i+k, and predicts token i+k+1. In training `mtp_loss` adds their
+cross-entropy (from the hidden states the last forward kept); at inference they draft tokens for
+self-speculative decoding (`llmkit.inference.generate.mtp_generate`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import LLMKitError
-from ..losses import load_balancing_loss
+from ..losses import cross_entropy, load_balancing_loss
 from .config import ModelConfig
-from .modules import MoE, Block, Dropout, attention_class, make_norm, rope_cache
+from .modules import Block, Dropout, attention_class, make_norm, rope_cache
 
 
 def _available_bytes() -> int | None:
@@ -63,6 +69,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # P(u) = softmax(hn · Weᵀ)
             self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = (nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(cfg.mtp_depth))
+                    if cfg.mtp_depth else None)
+        self.mtp_hidden: torch.Tensor | None = None  # (B, T, C) of the last training forward, for mtp_loss
         self.prefix: nn.Module | None = None  # learned (n, C) vectors in front of every sequence, see above
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.init_weights()
@@ -119,10 +128,40 @@ class Transformer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing loss of the MoE layers from the last forward (0 for dense models)."""
-        logits = [m.router_logits for m in self.modules() if isinstance(m, MoE) and m.router_logits is not None]
+        logits = [r for m in self.modules() if (r := getattr(m, "router_logits", None)) is not None]
         if not logits:
             return torch.zeros(())
         return load_balancing_loss(logits, self.cfg.n_expert, self.cfg.n_expert_per_tok)
+
+    def mtp_forward(self, depth: int, h: torch.Tensor, next_idx: torch.Tensor, input_pos: torch.Tensor,
+                    cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (0-based) on h (B, T, C), the previous depth's hidden states at positions
+        input_pos (T,), and next_idx (B, T) the tokens depth+1 ahead of them -> its hidden states
+        (B, T, C) for the next depth and the logits (B, T, V) of the tokens depth+2 ahead."""
+        if self.n_prefix:
+            raise LLMKitError("multi-token prediction does not support a prefix (prompt tuning)")
+        last = int(input_pos.max()) if cache is not None else h.size(1) - 1
+        rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
+        mask = self.attention_mask(input_pos, h.size(1), last, cache, None, h.device)
+        out = self.mtp[depth](h, self.embed_tokens(next_idx), rope, mask, cache, input_pos)
+        return out, self.lm_head(self.mtp[depth].norm(out))
+
+    def mtp_loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """V3 eq. 24-25: mean over depths k = 1..D of the cross-entropy of token i+k+1 at position i,
+        for the inputs and targets (B, T) of the last training forward (targets = inputs shifted by one;
+        0 for a model without MTP). Module k sees h^{k-1}_i and Emb(t_{i+k}) for i < T - k."""
+        if self.mtp is None or self.mtp_hidden is None:
+            return torch.zeros(())
+        h, idx = self.mtp_hidden, self.mtp_idx
+        T = idx.size(1)
+        losses = []
+        for k in range(1, len(self.mtp) + 1):
+            if T - k < 1:
+                break
+            h, logits = self.mtp_forward(k - 1, h[:, :T - k], idx[:, k:], torch.arange(T - k, device=idx.device))
+            losses.append(cross_entropy(logits, targets[:, k:], ignore_index=ignore_index))
+        self.mtp_hidden = None
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=idx.device)
 
     # ------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor | None, input_pos: torch.Tensor | None = None, cache=None,
@@ -165,6 +204,8 @@ class Transformer(nn.Module):
         if n and cache is None:
             x = x[:, n:]  # drop the prefix's outputs
         x = self.norm(x)
+        if self.mtp is not None and self.training and cache is None and idx is not None:
+            self.mtp_hidden, self.mtp_idx = x, idx  # mtp_loss reads them (as aux_loss the router logits)
         if last_only:
             x = x[:, -1:]
         return x if return_hidden else self.lm_head(x)
@@ -224,3 +265,21 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
     return ((j <= i) & (i - j < window))[None, None]
+
+
+class MTPModule(Block):
+    """One multi-token prediction depth (DeepSeek-V3 sec. 2.2, eq. 21-23): a transformer block on
+        h'_i = eh_proj([RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)])    (B, T, 2C) -> (B, T, C)
+    with its own final norm before the shared output head. (The paper writes [h; Emb]; the released
+    weights and vLLM concatenate the embedding first, so eh_proj is laid out that way.) Its block's
+    layer index is n_layer + k - 1: its K/V sit in the cache after the main layers'."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm, self.hnorm = make_norm(cfg), make_norm(cfg)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.norm = make_norm(cfg)  # V3's shared_head.norm
+
+    def forward(self, h, emb, rope, mask, cache=None, input_pos=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return super().forward(x, rope, mask, cache, input_pos)

@@ -204,6 +204,9 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     torch.manual_seed(t.seed)
     mcfg = build_model_config(cfg, tokenizer.vocab_size)
+    if mcfg.mtp_depth and info.enabled and t.strategy == "fsdp":
+        # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
+        raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
     model = Transformer(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -213,7 +216,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     optimizer = OPTIMIZERS[cfg.optim.name](model, max_lr, cfg.optim.weight_decay,
                                            (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
-    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0)
+    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0,
+                                mtp_coef=mcfg.mtp_loss_weight if mcfg.mtp_depth else 0.0)
 
     averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0

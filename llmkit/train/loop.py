@@ -1,7 +1,7 @@
 """Pieces of a training loop, shared by the pretraining, fine-tuning and alignment recipes.
 
     train_step     one optimiser step over micro-batches with the recipe's loss_fn (accumulation, clipping, autocast)
-    lm_loss        the pretraining loss_fn: next-token cross-entropy (+ MoE load-balancing loss)
+    lm_loss        the pretraining loss_fn: next-token cross-entropy (+ MoE load-balancing loss, + MTP loss)
     evaluate       validation loss, perplexity and bits per byte
     sample_text    a short generated sample to watch progress
     MetricsLogger  JSONL (+ TensorBoard when installed), truncated on resume so curves stay exact
@@ -48,17 +48,23 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-def lm_loss(model: nn.Module, batch: dict, aux_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Next-token loss for batch {"idx", "targets"} (B, T): (loss, {"loss", "ce"[, "aux_loss"]}).
-    MoE models add coef · the load-balancing loss (Fedus et al. 2021); "ce" stays the plain
-    cross-entropy, comparable across dense and MoE runs."""
+def lm_loss(model: nn.Module, batch: dict, aux_coef: float = 0.0, mtp_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Next-token loss for batch {"idx", "targets"} (B, T): (loss, {"loss", "ce"[, "aux_loss", "mtp_loss"]}).
+    MoE models add coef · the load-balancing loss (Fedus et al. 2021); models with multi-token
+    prediction add mtp_coef · the MTP loss (DeepSeek-V3 eq. 25, lambda). "ce" stays the plain
+    next-token cross-entropy, comparable across runs."""
     ce = cross_entropy(model(batch["idx"]), batch["targets"])  # logits (B, T, V)
     inner = unwrap(model)
+    loss, stats = ce, {"ce": ce}
+    if mtp_coef and getattr(inner.cfg, "mtp_depth", 0):  # first: its MoE layers' router logits join aux_loss
+        mtp = inner.mtp_loss(batch["targets"]).to(ce.device)
+        loss = loss + mtp_coef * mtp
+        stats["mtp_loss"] = mtp
     if aux_coef and getattr(inner.cfg, "n_expert", 0):
         aux = inner.aux_loss().to(ce.device)
-        loss = ce + aux_coef * aux
-        return loss, {"loss": loss, "ce": ce, "aux_loss": aux}
-    return ce, {"loss": ce, "ce": ce}
+        loss = loss + aux_coef * aux
+        stats["aux_loss"] = aux
+    return loss, {"loss": loss, **stats}
 
 
 def train_step(model: nn.Module, optimizer, micro_batches: Sequence[dict], *, loss_fn: Callable,
