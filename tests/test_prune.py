@@ -263,3 +263,22 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, tiny_ckpt, capsys, args, msg
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_recovery_lora_lowers_the_loss_and_keeps_the_zeros():
+    from llmkit.compress.prune import recover
+    from llmkit.losses import cross_entropy
+
+    model, ids = tiny_llama(), calib(n=4, t=32)
+    prune(model, "wanda", 0.5, ids)
+    zeros = {n: m.weight == 0 for n, m in prunable_linears(model).items()}
+    with torch.no_grad():
+        before = float(cross_entropy(model(ids[:, :-1]), ids[:, 1:]))
+    r = recover(model, ids, steps=30, lr=1e-2, batch=4)
+    with torch.no_grad():
+        after = float(cross_entropy(model(ids[:, :-1]), ids[:, 1:]))
+    assert after < before - 0.1 and r["loss_last"] < r["loss_first"]
+    assert set(prunable_linears(model)) == set(zeros)  # plain linears again (LoRA merged and unloaded)
+    for n, m in prunable_linears(model).items():
+        assert torch.equal(m.weight == 0, zeros[n]), n  # exactly the pruned zeros, no more, no fewer
+    assert all(p.requires_grad for p in model.parameters()) and not model.training

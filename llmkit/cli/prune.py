@@ -5,7 +5,8 @@
     llmkit score --model smollm2-wanda50 --file held_out.txt                                # loads everywhere
 
 Calibration (wanda, structured): --calibration FILE (UTF-8 text), else the training part of the packaged
-tinyshakespeare (never its held-out last 10%); --calib-seqs rows of --calib-len tokens.
+tinyshakespeare (never its held-out last 10%); --calib-seqs rows of --calib-len tokens. --recover-steps N
+then trains LoRA on the same rows for N steps and merges it (`llmkit.compress.prune.recover`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def register(sub) -> None:
                    "training part, packaged)")
     p.add_argument("--calib-seqs", type=int, default=32, help="calibration rows (default 32)")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration row (default 256)")
+    p.add_argument("--recover-steps", type=int, default=0, help="then a short LoRA fine-tune of this many steps "
+                   "on the calibration rows, merged back (unstructured zeros kept; default 0: none)")
+    p.add_argument("--recover-lr", type=float, default=1e-3, help="recovery learning rate (AdamW, default 1e-3)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=run)
@@ -52,27 +56,32 @@ def read_calibration(path: str | None) -> tuple[str, str]:
 
 def run(args) -> int:
     from ..checkpoint import save_checkpoint
-    from ..compress.prune import calibration_ids, check_options, prune
+    from ..compress.prune import calibration_ids, check_options, prune, recover
     from ..errors import LLMKitError
     from ..io import check_output_dir
     from ..loading import load_model, resolve
 
     # every argument checked before the model is loaded or anything is computed
     rec = check_options(args.method, args.sparsity, args.scope, args.target)
+    if args.recover_steps < 0:
+        raise LLMKitError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    calibrate = rec.needs_calibration or args.recover_steps > 0
     _, model_path = resolve(args.model)
     check_output_dir(args.out, args.force, inputs=[model_path])
     text = where = None
-    if rec.needs_calibration:
+    if calibrate:
         text, where = read_calibration(args.calibration)
         if not text.strip():
             raise LLMKitError(f"calibration file {where} is empty")
     model, tok = load_model(args.model)
     ids = None
-    if rec.needs_calibration:
+    if calibrate:
         if tok is None:
             raise LLMKitError(f"{args.model} has no tokenizer (tokenizer.json) to encode the calibration text with")
         ids = calibration_ids(tok, text, args.calib_seqs, min(args.calib_len, model.max_tokens), source=where)
     model, report = prune(model, args.method, args.sparsity, ids, scope=args.scope, target=args.target)
+    if args.recover_steps:
+        report["recovery"] = recover(model, ids, args.recover_steps, lr=args.recover_lr, progress=True)
     meta = {"pruned_from": args.model, "pruning": {**report, **({"calibration": where} if where else {})}}
     save_checkpoint(model, args.out, tok, meta=meta, force=args.force)
     shape = "" if not rec.structured else f", {report['params_after']:,} of {report['params_before']:,} parameters kept"

@@ -457,3 +457,48 @@ def prune(model: Transformer, method: str, sparsity: float, calibration: torch.T
               "prunable_weights": prunable, "achieved_sparsity": achieved}
     return new, report
 
+
+
+# ---------------------------------------------------------------- recovery
+def recover(model: Transformer, ids: torch.Tensor, steps: int, lr: float = 1e-3, r: int = 8, batch: int = 4,
+            seed: int = 0, progress: bool = False) -> dict:
+    """A short recovery fine-tune: LoRA (Hu et al. 2021, rank r on every prunable linear) trained with the
+    next-token loss on rows of `ids` (N, T) for `steps` steps of `batch` rows (AdamW, constant lr, the shared
+    `train_step`), then merged into the weights. The merged low-rank update is dense, so the zeros an
+    unstructured pruning made are put back after the merge: the sparsity is unchanged. -> {"loss_first",
+    "loss_last"} (training loss, mean of the first / last 10% of the steps)."""
+    from ..losses import cross_entropy
+    from ..peft.lora import apply_lora, unload_lora
+    from ..progress import progress_bar
+    from ..train.loop import train_step
+
+    if steps <= 0:
+        raise LLMKitError(f"recovery steps must be positive, got {steps}")
+    if ids.size(1) < 2:
+        raise LLMKitError("recovery needs calibration rows of at least 2 tokens")
+    linears = prunable_linears(model)
+    masks = {n: m.weight != 0 for n, m in linears.items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    device = next(model.parameters()).device
+    model.train()
+    apply_lora(model, targets=list(linears), r=r, alpha=2.0 * r)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(m, b):  # b["ids"] (B, T): predict tokens 1..T-1 from 0..T-2
+        loss = cross_entropy(m(b["ids"][:, :-1]), b["ids"][:, 1:])
+        return loss, {"loss": loss.detach()}
+
+    losses = []
+    for _ in progress_bar(iterable=range(steps), desc="recover", unit="step", enabled=progress):
+        rows = ids[torch.randint(0, ids.size(0), (min(batch, ids.size(0)),), generator=gen)].to(device)
+        losses.append(train_step(model, opt, [{"ids": rows}], loss_fn=loss_fn)["loss"])
+    unload_lora(model, merge=True)
+    with torch.no_grad():
+        for n, m in prunable_linears(model).items():
+            m.weight.mul_(masks[n])
+    for n, p in model.named_parameters():
+        p.requires_grad_(grads.get(n, True))
+    model.eval()
+    k = max(1, steps // 10)
+    return {"steps": steps, "lr": lr, "lora_r": r, "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
