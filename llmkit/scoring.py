@@ -23,7 +23,8 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
 
     If N exceeds the context C, windows of C tokens start every `stride` tokens (default C/2) and
     each token is scored once, by the window that gives it the most left context (as in HF's
-    perplexity guide); with stride = C the windows do not overlap.
+    perplexity guide); with stride = C each window starts at the last token the one before scored
+    (they overlap by that one token, which every later window needs as its first context).
     """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     n = ids.numel()
@@ -37,9 +38,16 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
         x = ids[None].to(device)
         return sequence_logprobs(model, x[:, :-1], x[:, 1:])[0].cpu()
     stride = max(1, C // 2) if stride is None else stride
+    # window starts: every `stride` tokens, but never past the token before the first unscored one (with
+    # stride = C a window starting at the next unscored token could not predict it: it would be left out)
+    starts, scored, start = [], 1, 0
+    while scored < n:
+        start = min(start, scored - 1)
+        starts.append(start)
+        scored = min(start + C, n)
+        start += stride
     out = torch.empty(n - 1)
     scored = 1  # tokens [1, scored) have log-probs
-    starts = list(range(0, n - 1, stride))
     it = starts
     if progress:
         from .progress import progress_bar
@@ -47,15 +55,10 @@ def token_logprobs(model, ids: torch.Tensor | list[int], context: int | None = N
         it = progress_bar(iterable=starts, desc="scoring", unit="window")
     for start in it:
         end = min(start + C, n)
-        if end <= scored:
-            continue
         window = ids[start:end][None].to(device)
         lp = sequence_logprobs(model, window[:, :-1], window[:, 1:])[0]  # predicts start+1..end-1
-        first = max(scored, start + 1)
-        out[first - 1:end - 1] = lp[first - start - 1:].cpu()
+        out[scored - 1:end - 1] = lp[scored - start - 1:].cpu()
         scored = end
-        if end == n:
-            break
     return out
 
 

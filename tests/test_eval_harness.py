@@ -313,3 +313,19 @@ def test_smollm2_cli_eval_matches_plain_scoring(smollm2_gguf, shared_data, tmp_p
         for ll, ctx, cont in zip(rec["ll"], ex.contexts, ex.continuations):
             c, d = encode_pair(tok, ctx, cont)
             assert ll == pytest.approx(float(token_logprobs(model, c + d)[len(c) - 1:].double().sum()), abs=1e-3)
+
+
+def test_token_logprobs_with_stride_equal_to_context_scores_every_token():
+    """With stride = C the next window must start one token early: a window starting at the first unscored
+    token cannot predict it (it was once left as uninitialised memory: -2e30 bits per byte on a long text)."""
+    from llmkit.scoring import token_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny-llama")).eval()
+    ids = torch.randint(0, 256, (100,))
+    C = 16
+    lp = token_logprobs(model, ids, context=C, stride=C)
+    assert torch.equal(lp, token_logprobs(model, ids, context=C, stride=C - 1))
+    with torch.no_grad():  # token 16, the first past the first window, from the window ids[15:31]
+        want = torch.log_softmax(model(ids[None, 15:31])[0, 0], -1)[ids[16]]
+    assert lp[15] == pytest.approx(float(want), abs=1e-5)

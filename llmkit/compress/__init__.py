@@ -1,0 +1,1 @@
+"""Model compression that changes the weights themselves: pruning (`prune`)."""
