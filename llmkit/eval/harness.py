@@ -169,7 +169,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
         groups.setdefault(tuple(ctx), []).append(i)
     out = [0.0] * len(pairs)
     device = next(model.parameters()).device
-    window = getattr(model.cfg, "sliding_window", None)
+    window = getattr(model.cfg, "uniform_window", None)  # per-layer windows: the model applies them
     todo = list(groups.items())
     while todo:
         pack, n_req, n_tok = [], 0, 0

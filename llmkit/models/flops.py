@@ -22,7 +22,9 @@ def _layer_params(cfg: ModelConfig, active: bool) -> int:
         mlp = k * expert + C * cfg.n_expert
     else:
         mlp = expert
-    norms = 2 * C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    norms = (4 if cfg.sandwich_norm else 2) * C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    if cfg.qk_norm:
+        norms += 2 * D
     return attn + mlp + norms
 
 
