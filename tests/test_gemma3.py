@@ -166,7 +166,9 @@ def gemma3(gemma3_gguf):
 def test_gemma3_270m_config_and_tokenizer_match_llama_cpp(gemma3, gemma3_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, tok = gemma3
-    assert model.cfg.to_dict() == ModelConfig.from_preset("gemma3-270m").to_dict()
+    got, want = model.cfg.to_dict(), ModelConfig.from_preset("gemma3-270m").to_dict()
+    assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"))  # 1e-6 stored as float32
+    assert got == want
     ll = llama_cpp.Llama(str(gemma3_gguf), vocab_only=True, verbose=False)
     for text in TEXTS:
         ids = tok.encode(text)
@@ -207,3 +209,19 @@ def test_gemma3_270m_greedy_matches_llama_cpp(gemma3, gemma3_gguf):
             if len(theirs) == 16:
                 break
         assert generate(model, ids, SamplingParams(max_new_tokens=16)).tokens == theirs, prompt
+
+
+def test_eval_prepends_bos_for_gemma_only():
+    """lm-eval's HFLM puts BOS in front of every request for Gemma models, and for no other by default."""
+    from llmkit.eval.harness import encode_pair, needs_bos
+
+    class Tok:
+        bos_id = 2
+
+        def encode(self, text, add_bos=False):
+            return [ord(c) for c in text]
+
+    assert needs_bos(Transformer(ModelConfig.from_preset("tiny-gemma3")))
+    assert not needs_bos(Transformer(ModelConfig.from_preset("tiny-llama")))
+    assert encode_pair(Tok(), "Q: a ", "b") == ([ord("Q"), ord(":"), 32, ord("a")], [32, ord("b")])
+    assert encode_pair(Tok(), "Q: a ", "b", bos=True) == ([2, ord("Q"), ord(":"), 32, ord("a")], [32, ord("b")])

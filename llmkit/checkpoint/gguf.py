@@ -8,7 +8,7 @@ HF's rotate-half rope layout to its interleaved one; we permute them back.
 
 Gemma 3 ("gemma3"): llama.cpp hard-codes what the metadata does not say (llama-model.cpp): every 6th
 layer global, the others within attention.sliding_window, whose RoPE base is 10000; the query scale
-is 1/sqrt(key_length). Its converter already folded Gemma's (1 + w) into the norm weights, which is
+is 1/sqrt(key_length), but 1/sqrt(C/H) for the 62-layer 27B (as its query_pre_attn_scalar). Its converter already folded Gemma's (1 + w) into the norm weights, which is
 llmkit's convention, and Gemma's rope is NEOX-style (rotate-half), so nothing is permuted.
 """
 
@@ -50,15 +50,18 @@ def config_from_gguf(meta: dict, where: str) -> ModelConfig:
     n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
     if arch == "gemma3":
         head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_head))
+        n_layer = int(need("block_count"))
+        window = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0) or None
         return ModelConfig(
-            family="gemma3", vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
+            family="gemma3", vocab_size=int(vocab), n_layer=n_layer, n_head=n_head,
             n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)), d_model=d_model, head_dim=head_dim,
             d_ff=int(need("feed_forward_length")), max_seq_len=int(need("context_length")),
             norm_eps=float(need("attention.layer_norm_rms_epsilon")), mlp="swiglu", activation="gelu_tanh",
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 1e6)), rope_scaling=scaling,
-            rope_local_theta=GEMMA3_LOCAL_THETA, sliding_window=int(need("attention.sliding_window")),
-            sliding_window_pattern=GEMMA3_PATTERN, qk_norm=True, sandwich_norm=True, embed_scale=True,
-            query_pre_attn_scalar=head_dim, tie_embeddings=True,
+            rope_local_theta=GEMMA3_LOCAL_THETA, sliding_window=window,
+            sliding_window_pattern=GEMMA3_PATTERN if window else 0, qk_norm=True, sandwich_norm=True,
+            embed_scale=True, query_pre_attn_scalar=d_model // n_head if n_layer == 62 else head_dim,
+            tie_embeddings=True,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     return ModelConfig(
         family="qwen2" if arch == "qwen2" else ("mixtral" if n_expert else "llama"),

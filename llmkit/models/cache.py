@@ -157,8 +157,8 @@ class RollingKVCache:
         self.offset = offset  # leading positions held by the model's prefix (set by Transformer.new_cache)
 
     def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """(1, 1, T, W + T) over [buffer slots, new keys] (every layer has the cache's window W). Buffer slots holding positions >= the
-        chunk's first position are stale (rolled back) and hidden."""
+        """(1, 1, T, W + T) over [buffer slots, new keys] (every layer has the cache's window W). Buffer
+        slots holding positions >= the chunk's first position are stale (rolled back) and hidden."""
         if input_pos.dim() != 1:
             raise LLMKitError("the rolling-buffer cache takes one shared position vector (T,), not per-row positions")
         old = self.slot_pos
