@@ -155,25 +155,35 @@ SLOW = pytest.mark.skipif(not __import__("os").environ.get("LLMKIT_SLOW"), reaso
 
 
 @pytest.fixture(scope="module")
-def gemma3(gemma3_gguf):
-    from llmkit.checkpoint import load_gguf
+def gemma3_tok(gemma3_gguf):
     from llmkit.tokenizer import Tokenizer
 
-    model, meta = load_gguf(gemma3_gguf)  # straight from the file, not the converted cache
-    return model, Tokenizer.from_gguf_metadata(meta, source=str(gemma3_gguf))
+    return Tokenizer.from_gguf(gemma3_gguf)
 
 
-def test_gemma3_270m_config_and_tokenizer_match_llama_cpp(gemma3, gemma3_gguf):
+@pytest.fixture(scope="module")
+def gemma3(gemma3_gguf, gemma3_tok):
+    from llmkit.checkpoint import load_gguf
+
+    model, _ = load_gguf(gemma3_gguf)  # straight from the file, not the converted cache
+    return model, gemma3_tok
+
+
+def test_gemma3_270m_config_and_tokenizer_match_llama_cpp(gemma3_gguf, gemma3_tok):
+    """Metadata only (no weights): the config read from the file is the preset, and token ids equal llama.cpp's."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model, tok = gemma3
-    got, want = model.cfg.to_dict(), ModelConfig.from_preset("gemma3-270m").to_dict()
+    from llmkit.checkpoint.gguf import config_from_gguf
+    from llmkit.gguf_io import read_metadata
+
+    cfg = config_from_gguf(read_metadata(gemma3_gguf), str(gemma3_gguf))
+    got, want = cfg.to_dict(), ModelConfig.from_preset("gemma3-270m").to_dict()
     assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"))  # 1e-6 stored as float32
     assert got == want
     ll = llama_cpp.Llama(str(gemma3_gguf), vocab_only=True, verbose=False)
     for text in TEXTS:
-        ids = tok.encode(text)
+        ids = gemma3_tok.encode(text)
         assert ids == ll.tokenize(text.encode(), add_bos=True, special=True), text
-        assert tok.decode(ids[1:]) == text
+        assert gemma3_tok.decode(ids[1:]) == text
 
 
 @SLOW
