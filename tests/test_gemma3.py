@@ -204,21 +204,34 @@ def test_gemma3_270m_logprobs_match_transformers(gemma3, gemma3_gguf):
 
 @SLOW
 def test_gemma3_270m_greedy_matches_llama_cpp(gemma3, gemma3_gguf):
+    """Greedy tokens equal llama.cpp's up to a near-tie: llama.cpp multiplies with 8-bit quantised
+    activations, so where llmkit's (= transformers') top two log-probs are within 0.1 nats it may pick
+    the other one (measured: 0.012 and 0.059 nats at the two divergences in the first 24 tokens of
+    these prompts), and from there the texts differ legitimately."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from llmkit.inference import generate
     from llmkit.inference.sampling import SamplingParams
 
     model, tok = gemma3
     ll = llama_cpp.Llama(str(gemma3_gguf), n_ctx=512, n_threads=1, verbose=False)
+    exact = 0
     for prompt in ["The capital of France is", "Once upon a time,", "def add(a, b):"]:
         ids = tok.encode(prompt)
         ll.reset()
         theirs = []
         for t in ll.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
             theirs.append(t)
-            if len(theirs) == 16:
+            if len(theirs) == 24:
                 break
-        assert generate(model, ids, SamplingParams(max_new_tokens=16)).tokens == theirs, prompt
+        ours = generate(model, ids, SamplingParams(max_new_tokens=24)).tokens
+        d = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if d is None:
+            exact += 1
+            continue
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids + ours[:d]]))[0, -1], -1)
+        assert lp[ours[d]] - lp[theirs[d]] < 0.1, (prompt, d)  # a near-tie, not a different model
+    assert exact >= 1
 
 
 def test_eval_prepends_bos_for_gemma_only():
