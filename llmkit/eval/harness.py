@@ -103,8 +103,15 @@ def example_key(obj) -> str:
 
 
 # ---------------------------------------------------------------- log-likelihoods
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's _encode_pair: (context ids, continuation ids) of the text context+continuation."""
+def needs_bos(model) -> bool:
+    """lm-eval's HFLM prepends BOS to every request for Gemma models ("Gemma underperforms without it")
+    and to no other model by default; so does llmkit, by the model's family."""
+    return str(getattr(getattr(model, "cfg", None), "family", "")).startswith("gemma")
+
+
+def encode_pair(tokenizer, context: str, continuation: str, bos: bool = False) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair: (context ids, continuation ids) of the text context+continuation,
+    the context after BOS if `bos` (see `needs_bos`)."""
     n_space = len(context) - len(context.rstrip())
     if n_space:
         continuation = context[-n_space:] + continuation
@@ -112,6 +119,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = tokenizer.encode(context + continuation, add_bos=False)
     ctx = tokenizer.encode(context, add_bos=False)
     cont = whole[len(ctx):]
+    if bos:
+        ctx = [tokenizer.bos_id] + ctx
     if not ctx:  # nothing to condition on: start from BOS (or EOS) as lm-eval's prefix token
         bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         ctx = [bos]
@@ -172,7 +181,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
         groups.setdefault(tuple(ctx), []).append(i)
     out = [0.0] * len(pairs)
     device = next(model.parameters()).device
-    window = getattr(model.cfg, "sliding_window", None)
+    window = getattr(model.cfg, "uniform_window", None)  # per-layer windows: the model applies them
     todo = list(groups.items())
     while todo:
         pack, n_req, n_tok = [], 0, 0
@@ -258,6 +267,7 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
     n = len(selected)
     C = model.max_tokens  # the context window less the model's prefix, if any
     records: list[dict] = []
+    bos = needs_bos(model) and tokenizer.bos_id is not None
     bar = progress_bar(n, desc=task.name, unit="ex", file=sys.stderr, enabled=progress)
     for c0 in range(0, n, cfg.chunk):
         chunk = selected[c0:c0 + cfg.chunk]
@@ -268,10 +278,11 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
                 ctxs = [_chat(tokenizer, c.rstrip()) if cfg.chat else c for c in ex.contexts]
                 conts = [c.lstrip() if cfg.chat else c for c in ex.continuations]
                 ex.contexts, ex.continuations = ctxs, conts
-                keys[i] = example_key({"ctx": ctxs, "cont": conts})
+                keys[i] = example_key({"ctx": ctxs, "cont": conts, **({"bos": True} if bos else {})})
             else:
                 ex.prompt = _chat(tokenizer, ex.prompt) if cfg.chat else ex.prompt
-                keys[i] = example_key({"prompt": ex.prompt, "max_new": cfg.max_new_tokens})
+                keys[i] = example_key({"prompt": ex.prompt, "max_new": cfg.max_new_tokens,
+                                       **({"bos": True} if bos else {})})
             if cache.get(fingerprint, task.name, keys[i]) is None:
                 todo.append(i)
         results = {}
@@ -279,7 +290,7 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
             pairs, owner = [], []
             for i in todo:
                 for ctx, cont in zip(exs[i].contexts, exs[i].continuations):
-                    p = encode_pair(tokenizer, ctx, cont)
+                    p = encode_pair(tokenizer, ctx, cont, bos)
                     if len(p[0]) + len(p[1]) > C:
                         raise LLMKitError(f"task {task.name} example {i + 1}: {len(p[0]) + len(p[1])} tokens do not "
                                           f"fit the model's context of {C} tokens (use fewer --shots; nothing is cut)")
@@ -291,7 +302,7 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
         else:
             prompts = []
             for i in todo:
-                ids = tokenizer.encode(exs[i].prompt, add_bos=False)
+                ids = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(exs[i].prompt, add_bos=False)
                 if len(ids) + cfg.max_new_tokens > C:
                     raise LLMKitError(f"task {task.name} example {i + 1}: the prompt has {len(ids)} tokens; with "
                                       f"{cfg.max_new_tokens} new tokens that exceeds the model's context of {C} "

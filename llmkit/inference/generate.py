@@ -170,7 +170,7 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     t0 = time.perf_counter()
     dev = model_device(model)
     # a rolling buffer only where it saves memory and rows share positions; prefix reuse needs full slots
-    rolling = bool(cfg.sliding_window and P == 1 and prefix_cache is None and T + max_new > cfg.sliding_window)
+    rolling = bool(cfg.uniform_window and P == 1 and prefix_cache is None and T + max_new > cfg.uniform_window)
     cache = model.new_cache(P, T + max(max_new, 1), rolling=rolling)
     start = 0
     if prefix_cache is not None:

@@ -43,7 +43,7 @@ class KVCache:
         self.k = torch.zeros((L, batch_size, heads, max_len, dk), dtype=dtype, device=device)
         self.v = torch.zeros((L, batch_size, heads, max_len, dv), dtype=dtype, device=device)
         self.max_len = max_len
-        self.window = cfg.sliding_window
+        self.window = cfg.uniform_window  # a window every layer has; per-layer ones come with mask()
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at positions input_pos (T,); return the layer's full (B, K, S, D)."""
@@ -51,13 +51,15 @@ class KVCache:
         self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(1, 1, T, S) bool: query at position i sees slot j iff j <= i (and i - j < W with a window)."""
+    def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """(1, 1, T, S) bool: query at position i sees slot j iff j <= i (and i - j < W with a window:
+        `window`, for the layers that have one, else the cache's own)."""
+        W = window or self.window
         j = torch.arange(self.max_len, device=input_pos.device)
         i = input_pos[:, None]
         m = j[None, :] <= i
-        if self.window:
-            m = m & (i - j[None, :] < self.window)
+        if W:
+            m = m & (i - j[None, :] < W)
         return m[None, None]
 
 
@@ -76,20 +78,22 @@ class BatchKVCache(KVCache):
     def batch_size(self) -> int:
         return self.k.size(1)
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+    def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
         """input_pos (T,) shared or (B, T) per row -> bool (1|B, 1, T, length), or None when every
-        slot read is visible (a single decode step with no window), which lets SDPA skip masking."""
+        slot read is visible (a single decode step with no window), which lets SDPA skip masking.
+        window: that of the layers asking (interleaved local/global models ask once per kind)."""
+        W = window or self.window
         hi = int(input_pos.max()) + 1
         if hi > self.max_len:
             raise LLMKitError(f"position {hi - 1} is past the cache's {self.max_len} slots")
         self.length = hi
-        if input_pos.dim() == 1 and not self.window and (input_pos.numel() == 1 or int(input_pos[0]) == 0):
+        if input_pos.dim() == 1 and not W and (input_pos.numel() == 1 or int(input_pos[0]) == 0):
             return None  # one decode step sees every slot read; a prefill from 0 is plain causal (T == length)
         j = torch.arange(hi, device=input_pos.device)
         i = input_pos[..., None]  # (T, 1) or (B, T, 1)
         m = j <= i
-        if self.window:
-            m = m & (i - j < self.window)
+        if W:
+            m = m & (i - j < W)
         return m[None, None] if input_pos.dim() == 1 else m[:, None]
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -148,8 +152,9 @@ class RollingKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, dtype=torch.float32, device=None, offset: int = 0):
-        if not cfg.sliding_window:
-            raise LLMKitError("a rolling-buffer cache needs a sliding-window model (sliding_window is unset)")
+        if not cfg.uniform_window:
+            raise LLMKitError("a rolling-buffer cache needs a model whose every layer has a sliding window "
+                              "(sliding_window is unset, or some layers attend globally)")
         self.window = W = cfg.sliding_window
         self.n_layer = cfg.n_layer
         shape = (cfg.n_layer + cfg.mtp_depth, batch_size, cfg.n_kv_head, W, cfg.head_dim)
@@ -159,9 +164,9 @@ class RollingKVCache:
         self.max_len = None  # unbounded: the model's context window is the only limit
         self.offset = offset  # leading positions held by the model's prefix (set by Transformer.new_cache)
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(1, 1, T, W + T) over [buffer slots, new keys]. Buffer slots holding positions >= the
-        chunk's first position are stale (rolled back) and hidden."""
+    def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """(1, 1, T, W + T) over [buffer slots, new keys] (every layer has the cache's window W). Buffer
+        slots holding positions >= the chunk's first position are stale (rolled back) and hidden."""
         if input_pos.dim() != 1:
             raise LLMKitError("the rolling-buffer cache takes one shared position vector (T,), not per-row positions")
         old = self.slot_pos

@@ -9,6 +9,11 @@ Families differ only in which modules they use (see `modules.NORMS`, `modules.ML
   deepseek multi-head latent attention ("mla"), DeepSeekMoE ("deepseek_moe": fine-grained routed plus
            shared experts, sigmoid router with group-limited top-k), optional multi-token prediction
            (DeepSeek-AI 2024, V2 arXiv:2405.04434 and V3 arXiv:2412.19437)
+  gemma3   llama + GeGLU (gelu_tanh gate), embeddings x sqrt(C), QK-norm, norms after each sublayer too,
+           5 sliding-window layers to 1 global one with their own RoPE bases (Gemma Team 2025)
+
+Norm weights are stored as the multiplier itself (y = x_hat * w): Gemma's (1 + w) parametrisation is
+folded in when a checkpoint is read (+1) and unfolded when one is written, as llama.cpp's GGUF does.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..errors import LLMKitError, closest
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 | deepseek (used for HF export)
+    family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 | deepseek | gemma3 (used for HF export)
     vocab_size: int = 32000
     n_layer: int = 12
     n_head: int = 12
@@ -43,6 +48,14 @@ class ModelConfig:
     attention: str = "gqa"  # key of modules.ATTENTIONS
     causal: bool = True  # False: bidirectional attention, every position sees every other (encoders)
     sliding_window: int | None = None  # position i attends to i-W+1..i (Mistral)
+    # n > 0: only layers i with i % n != n-1 use the window, every n-th layer attends globally
+    # (Gemma 3: 6, five local to one global); 0: every layer uses sliding_window
+    sliding_window_pattern: int = 0
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers, unscaled (Gemma 3: 1e4 vs 1e6)
+    qk_norm: bool = False  # RMSNorm over each q/k head (D) before RoPE (Gemma 3, Qwen3)
+    sandwich_norm: bool = False  # also norm each sublayer's output before the residual add (Gemma 2/3)
+    embed_scale: bool = False  # h0 = embedding * sqrt(C) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by 1/sqrt(this), not 1/sqrt(D)
     bias: bool = False  # biases on every linear and norm (GPT-2)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     tie_embeddings: bool = False  # lm_head shares the token embedding (GPT-2, SmolLM2)
@@ -110,6 +123,18 @@ class ModelConfig:
             raise LLMKitError(f"mtp_depth={self.mtp_depth} must be >= 0")
         if not self.causal and self.sliding_window:
             raise LLMKitError("a sliding window is a causal pattern: unset sliding_window for a non-causal model")
+        if self.sliding_window_pattern < 0 or (self.sliding_window_pattern and not self.sliding_window):
+            raise LLMKitError("sliding_window_pattern needs a sliding_window and must be >= 0")
+
+    def local_layer(self, i: int) -> bool:
+        """Whether layer i attends within the sliding window (and uses rope_local_theta)."""
+        n = self.sliding_window_pattern
+        return bool(self.sliding_window) and (n == 0 or i % n != n - 1)
+
+    @property
+    def uniform_window(self) -> int | None:
+        """The sliding window when every layer has it (what a rolling-buffer cache may rely on), else None."""
+        return self.sliding_window if not self.sliding_window_pattern else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +160,10 @@ _GPT2 = dict(family="gpt2", norm="layernorm", mlp="gelu", activation="gelu_tanh"
              bias=True, tie_embeddings=True)
 _LLAMA = dict(family="llama", norm="rmsnorm", mlp="swiglu", activation="silu", pos_emb="rope")
 
+_GEMMA3 = dict(family="gemma3", norm="rmsnorm", mlp="swiglu", activation="gelu_tanh", pos_emb="rope",
+               rope_theta=1e6, rope_local_theta=1e4, qk_norm=True, sandwich_norm=True, embed_scale=True,
+               tie_embeddings=True, norm_eps=1e-6)
+
 PRESETS: dict[str, dict] = {
     # tiny shapes for tests and from-scratch CPU training
     "tiny-gpt2": dict(_GPT2, vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=256),
@@ -153,10 +182,15 @@ PRESETS: dict[str, dict] = {
                           mlp="deepseek_moe", n_expert=8, n_expert_per_tok=2, moe_intermediate_size=32,
                           n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                           router_scoring="sigmoid", routed_scaling=2.5, norm_eps=1e-6),
+    "tiny-gemma3": dict(_GEMMA3, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, d_model=64, head_dim=32,
+                        d_ff=128, max_seq_len=256, sliding_window=8, sliding_window_pattern=3),
     # real shapes
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
                          max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True, bos_token_id=1,
                          eos_token_id=2),
+    "gemma3-270m": dict(_GEMMA3, vocab_size=262144, n_layer=18, n_head=4, n_kv_head=1, d_model=640,
+                        head_dim=256, d_ff=2048, max_seq_len=32768, sliding_window=512, sliding_window_pattern=6,
+                        query_pre_attn_scalar=256, bos_token_id=2, eos_token_id=1),
     "gpt2-124m": dict(_GPT2, vocab_size=50257, n_layer=12, n_head=12, d_model=768, d_ff=3072, max_seq_len=1024,
                       bos_token_id=50256, eos_token_id=50256),
     "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,

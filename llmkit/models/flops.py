@@ -37,7 +37,9 @@ def _layer_params(cfg: ModelConfig, active: bool, layer_idx: int = 0) -> int:
         mlp = (k + cfg.n_shared_experts) * 3 * C * (cfg.moe_intermediate_size or cfg.d_ff) + C * cfg.n_expert
     else:
         mlp = k * expert + C * cfg.n_expert
-    norms = 2 * C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    norms = (4 if cfg.sandwich_norm else 2) * C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    if cfg.qk_norm:
+        norms += 2 * D
     return attn + mlp + norms
 
 

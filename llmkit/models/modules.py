@@ -47,16 +47,18 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    return NORMS[cfg.norm](cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    return NORMS[cfg.norm](dim or cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ---------------------------------------------------------------- rotary embeddings
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D), i < D/2 (Su et al. 2021), with optional context scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2 (Su et al. 2021), with optional context scaling.
+    local: the sliding-window layers' own base (cfg.rope_local_theta, never scaled: Gemma 3)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    sc = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = {} if local and cfg.rope_local_theta else (cfg.rope_scaling or {})
     kind = sc.get("type") or sc.get("rope_type")
     if kind in (None, "default"):
         return inv_freq.float()
@@ -75,9 +77,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise LLMKitError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
 
 
-def rope_cache(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(cfg: ModelConfig, length: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape (length, D), halves duplicated (the rotate-half layout of HF LLaMA)."""
-    inv_freq = rope_inv_freq(cfg)
+    inv_freq = rope_inv_freq(cfg, local)
     t = torch.arange(length, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (L, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (L, D)
@@ -152,6 +154,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.qkv_proj = None  # set by fuse(): q, k, v in one matmul (inference only)
+        # QK-norm (Dehghani et al. 2023; Gemma 3): RMSNorm over each head's D before RoPE keeps the
+        # logits bounded; one (D,) gain shared by the heads
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        # Gemma scales scores by query_pre_attn_scalar^-1/2 (= D^-1/2 in the 270M); None = SDPA's D^-1/2
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -195,6 +203,8 @@ class Attention(nn.Module):
         q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.reshape(B, T, K, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         gqa = False
@@ -204,7 +214,8 @@ class Attention(nn.Module):
         elif K != H:  # share each K/V head among H/K query heads
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
-        y = sdpa(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1, enable_gqa=gqa)
+        y = sdpa(q, k, v, attn_mask=mask, scale=self.scale, is_causal=self.causal and mask is None and T > 1,
+                 enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -527,7 +538,12 @@ class Dropout(nn.Module):
 
 # ---------------------------------------------------------------- block
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With cfg.sandwich_norm each sublayer's output is normed too before the add (Gemma 2/3):
+    x + attn_out_norm(attn(norm(x))). LLaMA's names are kept, so `post_attention_layernorm` is the
+    norm in front of the MLP (HF Gemma 3's pre_feedforward_layernorm); the two output norms are
+    HF Gemma 3's post_attention_layernorm and post_feedforward_layernorm."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -535,8 +551,11 @@ class Block(nn.Module):
         self.self_attn = make_attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = make_mlp(cfg, layer_idx)
+        self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
+        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x, rope, mask, cache=None, input_pos=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        h = self.attn_out_norm(self.self_attn(self.input_layernorm(x), rope, mask, cache, input_pos))
+        x = x + self.dropout(h)
+        return x + self.dropout(self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x))))

@@ -73,7 +73,7 @@ class Transformer(nn.Module):
                     if cfg.mtp_depth else None)
         self.mtp_hidden: torch.Tensor | None = None  # (B, T, C) of the last training forward, for mtp_loss
         self.prefix: nn.Module | None = None  # learned (n, C) vectors in front of every sequence, see above
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] | None = None  # see rope()
         self.init_weights()
 
     # ------------------------------------------------------------ init
@@ -92,14 +92,18 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     # ------------------------------------------------------------ helpers
-    def rope(self, input_pos: torch.Tensor):
-        """cos/sin rows for the given positions, computed lazily up to the largest position seen."""
+    def rope(self, input_pos: torch.Tensor, local: bool = False):
+        """cos/sin rows for the given positions, computed lazily up to the largest position seen.
+        local: the table of the sliding-window layers (their own base, cfg.rope_local_theta)."""
         need = int(input_pos.max()) + 1
-        if self._rope is None or self._rope[0].size(0) < need or self._rope[0].device != input_pos.device:
-            length = min(max(need, 2 * (self._rope[0].size(0) if self._rope else 0), 256), self.cfg.max_seq_len)
-            cos, sin = rope_cache(self.cfg, max(length, need))
-            self._rope = (cos.to(input_pos.device), sin.to(input_pos.device))
-        cos, sin = self._rope
+        tables = self._rope if self._rope is not None else {}  # {local: (cos, sin)}; None = not built yet
+        have = tables.get(local)
+        if have is None or have[0].size(0) < need or have[0].device != input_pos.device:
+            length = min(max(need, 2 * (have[0].size(0) if have else 0), 256), self.cfg.max_seq_len)
+            cos, sin = rope_cache(self.cfg, max(length, need), local)
+            tables[local] = (cos.to(input_pos.device), sin.to(input_pos.device))
+            self._rope = tables
+        cos, sin = tables[local]
         return cos[input_pos], sin[input_pos]
 
     @property
@@ -180,6 +184,8 @@ class Transformer(nn.Module):
         return_hidden: the final normalised hidden states (B, T, C) instead of logits.
         """
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
+        if self.cfg.embed_scale and embeds is None:  # Gemma: h0 = e * sqrt(C), the factor rounded to e's dtype
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
         T = x.size(1)
         if input_pos is None:
             if cache is not None:
@@ -215,10 +221,19 @@ class Transformer(nn.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(input_pos)
         x = self.dropout(x)
-        rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
-        mask = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device)
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, input_pos)
+        cfg = self.cfg
+        rope = self.rope(input_pos) if cfg.pos_emb == "rope" else None
+        mask = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device, cfg.uniform_window)
+        # interleaved local/global layers (Gemma 3): the windowed layers get their own mask and rope table
+        local = [cfg.local_layer(i) for i in range(len(self.layers))] if cfg.sliding_window_pattern else None
+        if local and any(local):
+            rope_l = self.rope(input_pos, local=True) if rope is not None and cfg.rope_local_theta else rope
+            mask_l = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device, cfg.sliding_window)
+        for i, layer in enumerate(self.layers):
+            if local and local[i]:
+                x = layer(x, rope_l, mask_l, cache, input_pos)
+            else:
+                x = layer(x, rope, mask, cache, input_pos)
         return x
 
     def _prepend_prefix(self, x: torch.Tensor, input_pos: torch.Tensor, attn_mask: torch.Tensor | None):
@@ -239,12 +254,13 @@ class Transformer(nn.Module):
         return x, input_pos, attn_mask
 
     def attention_mask(self, input_pos: torch.Tensor, T: int, last: int, cache, attn_mask: torch.Tensor | None,
-                       device) -> torch.Tensor | None:
-        """The bool mask (B|1, 1, T, S) every layer uses, or None for plain causal attention (SDPA's
-        is_causal path, no mask tensor; a non-causal attention then sees every key)."""
-        W = self.cfg.sliding_window
+                       device, window: int | None = None) -> torch.Tensor | None:
+        """The bool mask (B|1, 1, T, S) of layers with sliding window `window` (None: none), or None for
+        plain causal attention (SDPA's is_causal path, no mask tensor; a non-causal attention then sees
+        every key)."""
+        W = window
         if cache is not None:
-            mask = cache.mask(input_pos)  # the cache knows its layout (and applies the window)
+            mask = cache.mask(input_pos, W)  # the cache knows its layout (and applies the window)
             if attn_mask is not None:
                 mask = attn_mask if mask is None else mask & attn_mask
             return mask

@@ -1,11 +1,12 @@
 """GGUF vocabularies -> Hugging Face tokenizers: rebuild the tokenizer stored in a GGUF file's metadata
-(byte-level BPE "gpt2" and sentencepiece BPE "llama"), with the same ids as transformers' GGUF loader."""
+(byte-level BPE "gpt2" and sentencepiece BPE "llama", Gemma's variant of it too), with the same ids as
+transformers' GGUF loader."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LLMKitError
@@ -64,7 +65,8 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF") -> Tokenizer:
     - "gpt2" (byte-level BPE: SmolLM, Llama 3, Qwen2, ...): vocab respelled into the byte alphabet where
       needed, merges from the file, the split regex chosen by tokenizer.ggml.pre, ByteLevel decoder;
     - "llama" (sentencepiece BPE with byte fallback: Llama 2, Mistral, ...): Metaspace pre-tokenizer
-      prepending "▁" to the first word, merges from the file or recovered from the token scores.
+      prepending "▁" to the first word, merges from the file or recovered from the token scores;
+      Gemma's files ("llama" with architecture gemma*) the same BPE without the prepended "▁" (see `_gemma`).
     Then CONTROL tokens (type 3) become special tokens and USER_DEFINED (type 4) plain added tokens,
     and bos is prepended when tokenizer.ggml.add_bos_token (default: no for gpt2, yes for llama).
     """
@@ -72,7 +74,7 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF") -> Tokenizer:
     if kind is None:
         raise LLMKitError(f"{source} has no tokenizer metadata (tokenizer.ggml.model missing)")
     arch = meta.get("general.architecture")
-    if kind not in ("gpt2", "llama") or (kind == "llama" and arch in ("gemma", "gemma2", "gemma3", "phi3")):
+    if kind not in ("gpt2", "llama") or (kind == "llama" and arch == "phi3"):
         what = f"{kind!r}" + (f" for architecture {arch!r}" if kind == "llama" else "")
         raise LLMKitError(f"{source}: unsupported GGUF tokenizer model {what} (llmkit reads 'gpt2' byte-level "
                           f"BPE and 'llama' sentencepiece BPE)")
@@ -80,7 +82,7 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF") -> Tokenizer:
     if not tokens:
         raise LLMKitError(f"{source}: tokenizer.ggml.tokens is missing or empty")
     token_types = list(meta.get("tokenizer.ggml.token_type") or [])
-    build = _byte_level if kind == "gpt2" else _sentencepiece
+    build = _byte_level if kind == "gpt2" else _gemma if str(arch).startswith("gemma") else _sentencepiece
     try:
         hf, vocab, addable = build(meta, tokens, source)
     except LLMKitError:
@@ -180,4 +182,25 @@ def _sentencepiece(meta: dict, tokens: list[str], source: str):
     hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(content=" ", left=1)])
+    return hf, vocab, lambda t: True
+
+
+def _gemma(meta: dict, tokens: list[str], source: str):
+    """Gemma's sentencepiece BPE as transformers' GGUF loader builds it (gguf_tokenizer_mapping.gemma_tokenizer
+    and GemmaTokenizer): spaces become "▁" by a normalizer (no prefix space, no pre-tokenizer split), byte
+    fallback, and two fixes for the file: tokens made only of spaces are stored as spaces ("  ") but looked
+    up as "▁▁", so they are respelled; and the file has no merges and Gemma's scores do not follow its
+    merge order, the token order does, so merges are recovered ranked by position (earlier first)."""
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _merges(meta, source)
+    if merges is None:
+        merges = _merges_from_scores(vocab, {t: -i for i, t in enumerate(tokens)})
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(tokens) else None
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True,
+                                dropout=None))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return hf, vocab, lambda t: True
