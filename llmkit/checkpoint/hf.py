@@ -44,10 +44,19 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+# model types read by their own module's loader (dir, config dict) -> model, not by the decoder's mapping
+OTHER_LOADERS = {"t5": "llmkit.models.t5:load_hf_t5"}
+
+
+def supported_types() -> str:
+    return ", ".join([*ARCHITECTURES, *OTHER_LOADERS])
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+        arch = ", ".join(hf.get("architectures") or []) or "no architectures field"
+        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} ({arch}); supported: {supported_types()}")
     if model_type == "gpt2":
         d = _need(hf, "n_embd", where)
         act = hf.get("activation_function", "gelu_new")
@@ -275,10 +284,17 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], where: str) -> T
 
 
 def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
-    """Build a Transformer from an HF model directory (any supported family)."""
+    """Build a Transformer from an HF model directory (any supported family; a T5 folder gives a
+    models.t5.T5 through OTHER_LOADERS)."""
     d = Path(d)
     if cfg is None:
-        cfg = config_from_hf(read_config_json(d), where=str(d / "config.json"))
+        hf = read_config_json(d)
+        if hf.get("model_type") in OTHER_LOADERS:
+            import importlib
+
+            mod, fn = OTHER_LOADERS[hf["model_type"]].split(":")
+            return getattr(importlib.import_module(mod), fn)(d, hf)
+        cfg = config_from_hf(hf, where=str(d / "config.json"))
     sd = read_hf_weights(d)
     with torch.device("meta"):
         model = Transformer(cfg)
