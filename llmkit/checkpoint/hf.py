@@ -46,6 +46,14 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
 
 # model types read by their own module's loader (dir, config dict) -> model, not by the decoder's mapping
 OTHER_LOADERS = {"t5": "llmkit.models.t5:load_hf_t5"}
+OTHER_SAVERS = {"t5": "llmkit.models.t5:save_hf_t5"}  # family -> (model, dir) writer
+
+
+def _other(table: dict, key: str):
+    import importlib
+
+    mod, fn = table[key].split(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 def supported_types() -> str:
@@ -290,10 +298,7 @@ def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
     if cfg is None:
         hf = read_config_json(d)
         if hf.get("model_type") in OTHER_LOADERS:
-            import importlib
-
-            mod, fn = OTHER_LOADERS[hf["model_type"]].split(":")
-            return getattr(importlib.import_module(mod), fn)(d, hf)
+            return _other(OTHER_LOADERS, hf["model_type"])(d, hf)
         cfg = config_from_hf(hf, where=str(d / "config.json"))
     sd = read_hf_weights(d)
     with torch.device("meta"):
@@ -309,6 +314,8 @@ def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
 def save_hf_model(model: Transformer, d: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
     """Write config.json and safetensors (sharded with an index past max_shard_bytes) into directory d."""
     d = Path(d)
+    if model.cfg.family in OTHER_SAVERS:
+        return _other(OTHER_SAVERS, model.cfg.family)(model, d)
     d.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_hf(model)
     (d / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
