@@ -24,7 +24,7 @@ from ..errors import LLMKitError
 from ..io import MODEL_FILES, atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
-from .hf import (config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
+from .hf import (OTHER_LOADERS, config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
                  state_dict_from_hf, weight_files)
 
 META_FILE = "llmkit.json"
@@ -72,6 +72,8 @@ def load_checkpoint(d: str | Path) -> tuple[Transformer, dict]:
     info = read_meta(d)
     if "model_config" not in info:
         raise LLMKitError(f"{Path(d) / META_FILE} has no model_config")
+    if info["model_config"].get("family") in OTHER_LOADERS:  # e.g. a T5: its HF folder says it all
+        return load_hf_model(d), info.get("meta", {})
     cfg = ModelConfig.from_dict(info["model_config"])
     if info.get("quantization"):
         return load_quantized(Path(d), cfg, info["quantization"]), info.get("meta", {})

@@ -86,14 +86,30 @@ def _deepseek_from_hf(hf: dict, where: str, mtp_depth: int = 0) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
 
 
+# model types read by their own module's loader (dir, config dict) -> model, not by the decoder's mapping
+OTHER_LOADERS = {"t5": "llmkit.models.t5:load_hf_t5"}
+OTHER_SAVERS = {"t5": "llmkit.models.t5:save_hf_t5"}  # family -> (model, dir) writer
+
+
+def _other(table: dict, key: str):
+    import importlib
+
+    mod, fn = table[key].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def supported_types() -> str:
+    return ", ".join([*(_MODEL_TYPES.get(f, f) for f in ARCHITECTURES), *OTHER_LOADERS])
+
+
 def config_from_hf(hf: dict, where: str = "config.json", mtp_depth: int = 0) -> ModelConfig:
     """mtp_depth: DeepSeek multi-token prediction modules to read (0: none, as transformers loads)."""
     model_type = hf.get("model_type")
     if model_type == "deepseek_v3":
         return _deepseek_from_hf(hf, where, mtp_depth)
     if _FAMILY_OF.get(model_type, model_type) not in ARCHITECTURES:
-        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} (supported: "
-                          f"{', '.join(_MODEL_TYPES.get(f, f) for f in ARCHITECTURES)})")
+        arch = ", ".join(hf.get("architectures") or []) or "no architectures field"
+        raise LLMKitError(f"{where}: unsupported model_type {model_type!r} ({arch}); supported: {supported_types()}")
     if model_type == "gpt2":
         d = _need(hf, "n_embd", where)
         act = hf.get("activation_function", "gelu_new")
@@ -414,10 +430,14 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], where: str) -> T
 
 
 def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
-    """Build a Transformer from an HF model directory (any supported family)."""
+    """Build a Transformer from an HF model directory (any supported family; a T5 folder gives a
+    models.t5.T5 through OTHER_LOADERS)."""
     d = Path(d)
     if cfg is None:
-        cfg = config_from_hf(read_config_json(d), where=str(d / "config.json"))
+        hf = read_config_json(d)
+        if hf.get("model_type") in OTHER_LOADERS:
+            return _other(OTHER_LOADERS, hf["model_type"])(d, hf)
+        cfg = config_from_hf(hf, where=str(d / "config.json"))
     sd = read_hf_weights(d)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -433,6 +453,8 @@ def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
 def save_hf_model(model: Transformer, d: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
     """Write config.json and safetensors (sharded with an index past max_shard_bytes) into directory d."""
     d = Path(d)
+    if model.cfg.family in OTHER_SAVERS:
+        return _other(OTHER_SAVERS, model.cfg.family)(model, d)
     d.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_hf(model)
     (d / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")

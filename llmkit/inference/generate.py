@@ -160,6 +160,9 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
     if params.stop and detok is None:
         raise LLMKitError("stop strings need a tokenizer")
     prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate) for p in prompts]
+    # the decoder that continues the prompts and its start tokens: a decoder-only model itself and the
+    # prompts; an encoder-decoder (models/t5.py) its decoder over the prompts, encoded once, and its start token
+    model, prompts = model.decoder_for(prompts)
     cfg = model.cfg
     P, n = len(prompts), params.n
     lengths = torch.tensor([len(p) for p in prompts])

@@ -1,11 +1,13 @@
 """Model zoo: one decoder class, a config dataclass with named presets, swappable modules; and a
-BERT-style bidirectional encoder (encoder.py)."""
+BERT-style bidirectional encoder (encoder.py); and the T5 encoder-decoder (t5.py)."""
 
 from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
 from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from .flops import flops_per_token, kv_bytes_per_token, num_params
+from .t5 import T5_PRESETS, T5, T5Config
 from .transformer import Transformer
 
 __all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
-           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]
+           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS", "T5", "T5Config",
+           "T5_PRESETS"]

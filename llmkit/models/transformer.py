@@ -115,6 +115,11 @@ class Transformer(nn.Module):
         """Tokens a caller can feed: the context window less the prefix's positions."""
         return self.cfg.max_seq_len - self.n_prefix
 
+    def decoder_for(self, prompts: list[list[int]]) -> tuple["Transformer", list[list[int]]]:
+        """The decoder that continues `prompts` and the tokens it starts from (the generation engine's
+        one seam for encoder-decoders, see models/t5.py): here the model itself and the prompts."""
+        return self, prompts
+
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None, rolling: bool = False):
         """A KV cache for `max_len` caller positions in the layout of the model's attention
         (`Attention.new_cache`: full slots, or with rolling=True Mistral's rolling buffer), its first

@@ -3,6 +3,10 @@
     cfg = load_config(PretrainConfig, "run.yaml", ["optim.lr=1e-3"])
     summary = pretrain(cfg)
 
+objective=span with a T5 preset (models/t5.py) trains an encoder-decoder on T5's span corruption
+(train/span.py; sentinels and the decoder start token take ids after the tokenizer's); its run has no
+next-token validation or samples.
+
 Runs alone or under `torchrun --nproc_per_node=K` (train.strategy = ddp | fsdp). Global batch =
 micro_batch_size x accumulation steps x world size; each rank reads its own rows of every batch.
 Everything that decides the next step (weights, AdamW moments, step, data position, RNG, the running
@@ -32,7 +36,7 @@ from ..train.average import TailAverage, in_tail
 from ..train.data import BatchLoader, TokenShards, eval_windows, read_manifest
 from ..train.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed, wrap_model
 from ..train.loop import (MetricsLogger, autocast_context, evaluate, lm_loss, plot_metrics, progress_bar,
-                          read_metrics, sample_text, train_step)
+                          read_metrics, sample_text, seq2seq_loss, train_step)
 from ..train.mfu import device_peak_flops, mfu
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import decayed_lr, lr_at, set_lr
@@ -60,17 +64,55 @@ class PretrainTrain(TrainSection):
 
 
 @dataclass
+class SpanSection:
+    """T5 span corruption (train/span.py; Raffel et al. 2020): objective=span with a t5 preset."""
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+
+
+OBJECTIVES = ("next_token", "span")
+
+
+@dataclass
 class PretrainConfig:
-    preset: str = "tiny-llama"  # a model preset; `model` overrides its fields
+    preset: str = "tiny-llama"  # a model preset (a T5 one, e.g. tiny-t5, with objective=span); `model` overrides its fields
     model: dict = field(default_factory=dict)
+    objective: str = "next_token"  # next_token (decoders) | span (T5 span corruption, encoder-decoders)
+    span: SpanSection = field(default_factory=SpanSection)
     data: PretrainData = field(default_factory=PretrainData)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, min_lr=3e-4))
     train: PretrainTrain = field(default_factory=lambda: PretrainTrain(out_dir="runs/pretrain"))
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
-    """Preset + overrides; vocab follows the tokenizer and the context the sequence length unless set."""
+def span_ids(cfg: PretrainConfig, vocab_size: int) -> tuple[list[int], int]:
+    """Span objective: (sentinel ids, decoder start id), placed after the tokenizer's ids (the data has
+    no T5 vocabulary): one sentinel per noise span of a window, then the start token."""
+    from ..train.span import span_counts
+
+    n = span_counts(cfg.data.seq_len, cfg.span.noise_density, cfg.span.mean_span)[1]
+    return list(range(vocab_size, vocab_size + n)), vocab_size + n
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int):
+    """Preset + overrides; vocab follows the tokenizer and the context the sequence length unless set.
+    objective=span: a T5Config, its vocabulary grown by the sentinels and the decoder start token."""
     over = dict(cfg.model)
+    if cfg.objective == "span":
+        from ..models.t5 import T5_PRESETS, T5Config
+
+        if cfg.preset not in T5_PRESETS:
+            raise LLMKitError(f"objective=span trains an encoder-decoder: preset must be one of {', '.join(T5_PRESETS)}, "
+                              f"got {cfg.preset!r}")
+        sentinels, start = span_ids(cfg, vocab_size)
+        over.setdefault("vocab_size", start + 1)
+        over.setdefault("max_seq_len", cfg.data.seq_len + 1)
+        over.setdefault("pad_token_id", start)
+        over.setdefault("decoder_start_token_id", start)
+        mcfg = T5Config.from_preset(cfg.preset, **over)
+        if mcfg.vocab_size <= start:
+            raise LLMKitError(f"model vocab_size {mcfg.vocab_size} leaves no room for the tokenizer's {vocab_size} "
+                              f"ids, {len(sentinels)} sentinels and the start token")
+        return mcfg
     over.setdefault("vocab_size", vocab_size)
     over.setdefault("max_seq_len", cfg.data.seq_len)
     mcfg = ModelConfig.from_preset(cfg.preset, **over)
@@ -86,6 +128,11 @@ def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
     t = cfg.train
     if not cfg.data.dir:
         raise LLMKitError("data.dir is not set (a directory from `llmkit data prepare`)")
+    if cfg.objective not in OBJECTIVES:
+        from ..errors import closest
+
+        raise LLMKitError(f"unknown objective {cfg.objective!r}{closest(cfg.objective, OBJECTIVES)}; "
+                          f"known: {', '.join(OBJECTIVES)}")
     micro, accum = check_sections(cfg.data, cfg.optim, t, world)
     if not 0 <= t.average_tail < 1:
         raise LLMKitError(f"train.average_tail must be in [0, 1), got {t.average_tail}")
@@ -104,6 +151,13 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
+def new_model(mcfg) -> torch.nn.Module:
+    """The model a config describes: a Transformer, or a T5 for a T5Config."""
+    from ..models.t5 import T5, T5Config
+
+    return T5(mcfg) if isinstance(mcfg, T5Config) else Transformer(mcfg)
+
+
 def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None:
     """A plain Transformer with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -113,7 +167,7 @@ def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None
     sd = get_model_state_dict(model, options=_options())
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    plain = Transformer(mcfg)
+    plain = new_model(mcfg)
     plain.load_state_dict(sd, strict=False)  # tied weights appear once in sd
     return plain
 
@@ -198,16 +252,17 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     loader = BatchLoader(train_shards, cfg.data.seq_len, t.batch_size, seed=t.seed, rank=info.rank, world=info.world)
     has_val = val_shards.n_tokens >= cfg.data.seq_len + 1
     val_reader = BatchLoader(val_shards, cfg.data.seq_len, 1, shuffle=False) if has_val else None
+    span = cfg.objective == "span"  # validation and samples are next-token ones: not run for span corruption
     windows = eval_windows(val_shards, cfg.data.seq_len,
-                           t.eval_batches * micro if t.eval_batches else None) if has_val else []
+                           t.eval_batches * micro if t.eval_batches else None) if has_val and not span else []
 
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     torch.manual_seed(t.seed)
     mcfg = build_model_config(cfg, tokenizer.vocab_size)
-    if mcfg.mtp_depth and info.enabled and t.strategy == "fsdp":
+    if getattr(mcfg, "mtp_depth", 0) and info.enabled and t.strategy == "fsdp":
         # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
         raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
-    model = Transformer(mcfg).to(info.device)
+    model = new_model(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
@@ -216,8 +271,14 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     optimizer = OPTIMIZERS[cfg.optim.name](model, max_lr, cfg.optim.weight_decay,
                                            (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
-    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0,
-                                mtp_coef=mcfg.mtp_loss_weight if mcfg.mtp_depth else 0.0)
+    if span:
+        from ..train.span import span_batch
+
+        sentinels, start_id = span_ids(cfg, tokenizer.vocab_size)
+        loss_fn = seq2seq_loss
+    else:
+        loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0,
+                                    mtp_coef=mcfg.mtp_loss_weight if mcfg.mtp_depth else 0.0)
 
     averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0
@@ -240,8 +301,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     if info.is_main:
         (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
-    n_params = num_params(mcfg)
-    fpt = flops_per_token(mcfg, cfg.data.seq_len)
+    n_params = sum(p.numel() for p in _unique_params(model)) if span else num_params(mcfg)
+    fpt = 6 * n_params if span else flops_per_token(mcfg, cfg.data.seq_len)  # T5: the 6N estimate
     peak, peak_src = device_peak_flops(info.device, t.dtype)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     if info.is_main:
@@ -296,7 +357,12 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         set_lr(optimizer, lr)
         x, y = loader.next_batch()  # this rank's rows: (micro * accum, T)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-        micro_batches = [{"idx": a, "targets": b} for a, b in zip(x.split(micro), y.split(micro))]
+        if span:  # corruption seeded by (seed, step): a resumed run draws the same spans
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+            micro_batches = [span_batch(a, sentinels, start_id, tokenizer.eos_id, cfg.span.noise_density,
+                                        cfg.span.mean_span, gen) for a in x.split(micro)]
+        else:
+            micro_batches = [{"idx": a, "targets": b} for a, b in zip(x.split(micro), y.split(micro))]
         res = train_step(fwd_model, optimizer, micro_batches, loss_fn=loss_fn, grad_clip=cfg.optim.grad_clip,
                          autocast=autocast)
         # the logged loss is the next-token CE (MoE aux loss aside); a NaN in either stops the run
@@ -328,7 +394,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                                                                           if last_val else {}))
         if every(t.eval_every, step) and not final:
             last_val = run_eval(step)
-        if every(t.sample_every, step) and not final:
+        if every(t.sample_every, step) and not final and not span:
             text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             samples.append({"step": step, "text": text})
             if info.is_main:
@@ -345,8 +411,9 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         save(step, {"loss": loss, **last_val})
         averager.copy_to_model()
     last_val = run_eval(step) or last_val
-    text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
-    samples.append({"step": step, "text": text})
+    if not span:
+        text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        samples.append({"step": step, "text": text})
     save(step, {"loss": loss, **last_val})
     plain = _full_model(model, mcfg)
     summary = {}
@@ -369,3 +436,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()
     return summary
+
+
+def _unique_params(model: torch.nn.Module):
+    return {id(p): p for p in model.parameters()}.values()  # a tied head counted once

@@ -2,6 +2,7 @@
 
     train_step     one optimiser step over micro-batches with the recipe's loss_fn (accumulation, clipping, autocast)
     lm_loss        the pretraining loss_fn: next-token cross-entropy (+ MoE load-balancing loss, + MTP loss)
+    seq2seq_loss   the encoder-decoder loss_fn (T5 span corruption)
     evaluate       validation loss, perplexity and bits per byte
     sample_text    a short generated sample to watch progress
     MetricsLogger  JSONL (+ TensorBoard when installed), truncated on resume so curves stay exact
@@ -65,6 +66,14 @@ def lm_loss(model: nn.Module, batch: dict, aux_coef: float = 0.0, mtp_coef: floa
         loss = loss + aux_coef * aux
         stats["aux_loss"] = aux
     return loss, {"loss": loss, **stats}
+
+
+def seq2seq_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Encoder-decoder loss for batch {"idx" (B, S), "decoder_ids" (B, T), "targets" (B, T)[, "mask" (B, S)]}:
+    cross-entropy of the decoder's logits against the targets (-100 ignored), e.g. T5 span corruption
+    (train/span.py)."""
+    ce = cross_entropy(model(batch["idx"], batch["decoder_ids"], batch.get("mask")), batch["targets"])
+    return ce, {"loss": ce, "ce": ce}
 
 
 def train_step(model: nn.Module, optimizer, micro_batches: Sequence[dict], *, loss_fn: Callable,
