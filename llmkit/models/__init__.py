@@ -3,9 +3,9 @@ BERT-style bidirectional encoder (encoder.py)."""
 
 from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
-from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
+from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig, save_encoder
 from .flops import flops_per_token, num_params
 from .transformer import Transformer
 
 __all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
-           "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS"]
+           "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS", "save_encoder"]

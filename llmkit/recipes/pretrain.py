@@ -7,6 +7,10 @@ Runs alone or under `torchrun --nproc_per_node=K` (train.strategy = ddp | fsdp).
 micro_batch_size x accumulation steps x world size; each rank reads its own rows of every batch.
 Everything that decides the next step (weights, AdamW moments, step, data position, RNG, the running
 weight mean of train.average_tail) is in the step checkpoints, so `resume` continues the run exactly.
+
+`objective=mlm` with an encoder preset (tiny-bert, minilm-l6, bert-base) trains a BERT encoder with
+the masked-LM objective instead (train/mlm.py): same data, loop and checkpoints; the final model is a
+Hugging Face BERT folder (models/encoder.py `save_encoder`) for `llmkit fill-mask` and `llmkit embed`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.distributed as dist
 
 from ..errors import LLMKitError
 from ..io import locks_run_dir
-from ..models import ModelConfig, Transformer
+from ..models import Encoder, ModelConfig, Transformer, save_encoder
 from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
 from ..train.average import TailAverage, in_tail
@@ -61,6 +65,7 @@ class PretrainTrain(TrainSection):
 @dataclass
 class PretrainConfig:
     preset: str = "tiny-llama"  # a model preset; `model` overrides its fields
+    objective: str = "clm"  # clm: next token (a decoder preset) | mlm: masked tokens (an encoder preset, BERT)
     model: dict = field(default_factory=dict)
     data: PretrainData = field(default_factory=PretrainData)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, min_lr=3e-4))
@@ -86,6 +91,12 @@ def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
     if not cfg.data.dir:
         raise LLMKitError("data.dir is not set (a directory from `llmkit data prepare`)")
     micro, accum = check_sections(cfg.data, cfg.optim, t, world)
+    if cfg.objective not in ("clm", "mlm"):
+        raise LLMKitError(f"objective {cfg.objective!r} is not one of clm, mlm")
+    from ..models.encoder import ENCODER_PRESETS
+
+    if cfg.objective == "clm" and cfg.preset in ENCODER_PRESETS:
+        raise LLMKitError(f"preset {cfg.preset!r} is an encoder: train it with objective=mlm")
     if not 0 <= t.average_tail < 1:
         raise LLMKitError(f"train.average_tail must be in [0, 1), got {t.average_tail}")
     steps = t.steps
@@ -103,8 +114,8 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None:
-    """A plain Transformer with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
+def _full_model(model: torch.nn.Module, make) -> torch.nn.Module | None:
+    """A plain model (`make()`) with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from ..train.checkpoint import _options
@@ -112,7 +123,7 @@ def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None
     sd = get_model_state_dict(model, options=_options())
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    plain = Transformer(mcfg)
+    plain = make()
     plain.load_state_dict(sd, strict=False)  # tied weights appear once in sd
     return plain
 
@@ -156,8 +167,18 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     torch.manual_seed(t.seed)
-    mcfg = build_model_config(cfg, tokenizer.vocab_size)
-    model = Transformer(mcfg).to(info.device)
+    mlm = cfg.objective == "mlm"
+    if mlm:  # a BERT encoder (train/mlm.py); mcfg is its modules' view, for the FLOP and parameter counts
+        from ..train.mlm import Masker, build_encoder, mlm_evaluate, mlm_train_loss
+
+        model = build_encoder(cfg.preset, dict(cfg.model), tokenizer, cfg.data.seq_len).to(info.device)
+        ecfg = model.cfg
+        mcfg = ecfg.module_config()
+        masker = Masker(ecfg, tokenizer.special_ids | {i for i in (tokenizer.eos_id, tokenizer.pad_id)
+                                                       if i is not None}, t.seed)
+    else:
+        mcfg = build_model_config(cfg, tokenizer.vocab_size)
+        model = Transformer(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
@@ -166,7 +187,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
     optimizer = OPTIMIZERS[cfg.optim.name](model, max_lr, cfg.optim.weight_decay,
                                            (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
     autocast = autocast_context(info.device, t.dtype)
-    loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0)
+    loss_fn = (mlm_train_loss if mlm else
+               functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0))
 
     averager = TailAverage(model)
     start_step, elapsed_before = 0, 0.0
@@ -209,8 +231,12 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         if not windows:
             return {}
         # the eager model: a compiled one would recompile for eval mode, no_grad and a short last batch
-        res = evaluate(model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
-                       info.rank, info.world, autocast)
+        if mlm:
+            res = mlm_evaluate(model, val_reader.read, windows, micro, masker, info.device, info.rank, info.world,
+                               autocast)
+        else:
+            res = evaluate(model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
+                           info.rank, info.world, autocast)
         logger.log({"step": step, **res})
         if on_eval:
             on_eval(step, res)
@@ -243,6 +269,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         lr = lr_for(step, elapsed)
         set_lr(optimizer, lr)
         x, y = loader.next_batch()  # this rank's rows: (micro * accum, T)
+        if mlm:  # corrupted windows and the masked originals (labels -100 elsewhere)
+            x, y = masker(x, step)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         micro_batches = [{"idx": a, "targets": b} for a, b in zip(x.split(micro), y.split(micro))]
         res = train_step(fwd_model, optimizer, micro_batches, loss_fn=loss_fn, grad_clip=cfg.optim.grad_clip,
@@ -276,7 +304,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                                                                           if last_val else {}))
         if every(t.eval_every, step) and not final:
             last_val = run_eval(step)
-        if every(t.sample_every, step) and not final:
+        if every(t.sample_every, step) and not final and not mlm:
             text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             samples.append({"step": step, "text": text})
             if info.is_main:
@@ -293,15 +321,19 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         save(step, {"loss": loss, **last_val})
         averager.copy_to_model()
     last_val = run_eval(step) or last_val
-    text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
-    samples.append({"step": step, "text": text})
+    if not mlm:  # an encoder does not generate
+        text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
+        samples.append({"step": step, "text": text})
     save(step, {"loss": loss, **last_val})
-    plain = _full_model(model, mcfg)
+    plain = _full_model(model, (lambda: Encoder(ecfg)) if mlm else (lambda: Transformer(mcfg)))
     summary = {}
     if info.is_main:
         from ..checkpoint import save_checkpoint
 
-        final_dir = save_checkpoint(plain, out / "final", tokenizer, meta={"config": run_config}, force=True)
+        if mlm:
+            final_dir = save_encoder(plain, out / "final", tokenizer, force=True)
+        else:
+            final_dir = save_checkpoint(plain, out / "final", tokenizer, meta={"config": run_config}, force=True)
         records = read_metrics(out / "metrics.jsonl")
         plot_metrics(records, out / "loss.png", title=f"pretrain {mcfg.n_layer}L d{mcfg.d_model}")
         train_recs = [r for r in records if "tokens_per_s" in r]
@@ -313,7 +345,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                    "peak_flops": peak, "peak_source": peak_src, "flops_per_token": fpt, "final_loss": loss,
                    **last_val, "samples": samples, "final_checkpoint": str(final_dir), "world": info.world,
                    "averaged_steps": averager.n,
-                   "strategy": t.strategy if info.enabled else "none", "model_config": mcfg.to_dict()}
+                   "strategy": t.strategy if info.enabled else "none", "objective": cfg.objective,
+                   "model_config": dataclasses.asdict(ecfg) if mlm else mcfg.to_dict()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()
     return summary
