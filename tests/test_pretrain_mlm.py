@@ -82,7 +82,8 @@ def test_pretrain_mlm_lowers_the_loss(data_dir, tmp_path):
     assert losses[0] > math.log(V) - 0.5  # starts near uniform
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
-    assert s["val_loss"] < math.log(V) - 0.1 and s["val_mlm_accuracy"] > 0.02  # better than uniform
+    assert s["val_loss"] < math.log(V) - 0.5  # held-out masked tokens: well below uniform
+    assert 0 <= s["val_mlm_accuracy"] <= 1
     enc = Encoder.from_dir(s["final_checkpoint"])  # a BERT folder with the MLM head
     assert enc.cfg.mlm_head and enc.cfg.mask_token_id == 300
 

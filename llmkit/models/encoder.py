@@ -169,6 +169,16 @@ class Encoder(nn.Module):
         self.pooler = nn.Linear(C, C) if cfg.pooler else None
         self.mlm = MLMHead(cfg) if cfg.mlm_head else None
         self.classifier = nn.Linear(C, cfg.num_labels) if cfg.num_labels else None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """BERT's initialisation (initializer_range 0.02): N(0, 0.02) weights, zero biases, LayerNorm (1, 0);
+        with PyTorch's N(0, 1) embeddings the tied MLM logits would start ~8x too large."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, num_layers: int | None = None,
                 token_types: torch.Tensor | None = None) -> torch.Tensor:

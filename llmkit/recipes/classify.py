@@ -176,8 +176,9 @@ def finetune_classifier(cfg, model: Encoder | None = None, tokenizer=None, quiet
         classes = sorted({str(r[2]) for r in records})
         if len(classes) < 2:
             raise LLMKitError(f"the data has one class only ({classes[0]!r}): nothing to classify")
-        head = Encoder(dataclasses.replace(model.cfg, num_labels=len(classes), labels=tuple(classes)))
-        head.load_state_dict(model.state_dict(), strict=False)  # the pooler/classifier start fresh
+        # the pooler (unless the base has one) and the classifier start fresh; a masked-LM head is dropped
+        head = Encoder(dataclasses.replace(model.cfg, num_labels=len(classes), labels=tuple(classes), mlm_head=False))
+        head.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}, strict=False)
         model = head
     classes = list(model.cfg.labels) or [str(i) for i in range(model.cfg.num_labels)]
     index = {c: i for i, c in enumerate(classes)}
