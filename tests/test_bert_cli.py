@@ -26,7 +26,8 @@ WORDS = ("the a cat dog sat on mat rug is was good bad great awful movie film ve
 def _tiny_bert(d, cls_name="BertForMaskedLM"):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok = transformers.BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)  # transformers 5: vocab=
+    assert len(tok) == len(vocab)
     tok.save_pretrained(d)
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=48, max_position_embeddings=64)
@@ -112,7 +113,7 @@ def test_classify_finetune_learns(mlm_dir, tmp_path):
     data = tmp_path / "sent.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = [f"model={mlm_dir[0]}", "task=classify", f"train.out_dir={tmp_path / 'out'}", "train.steps=40",
-            "train.batch_size=16", "data.seq_len=32", "optim.lr=2e-3", "optim.warmup_steps=4", "train.eval_every=0",
+            "train.batch_size=16", "data.seq_len=32", "optim.lr=1e-2", "optim.warmup_steps=4", "train.eval_every=0",
             "train.ckpt_every=0", "data.val_fraction=0.25", "train.progress=false"]
     cfg = load_config(FinetuneConfig, None, base)  # method defaults to lora: refused
     cfg.data.files = [str(data)]
