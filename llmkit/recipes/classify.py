@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from ..errors import LLMKitError
 from ..finetune.data import read_records
 from ..models.encoder import Encoder, save_encoder
+from ..train import checkpoint as ckpt
 from ..train.dist import init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from ..train import checkpoint as ckpt
 from .common import finish_run, restore, seed_torch, start_point
 from .config import check_inputs, check_sections, every
 
