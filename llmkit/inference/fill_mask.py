@@ -54,5 +54,5 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[dict]]:
     probs = model.mlm_logits(h[0, where]).float().softmax(-1)  # (n_masks, V)
     top = probs.topk(min(top_k, probs.size(-1)))
     n = tokenizer.vocab_size
-    return [[{"id": int(i), "token": tokenizer.decode([int(i)]).strip() if i < n else MASK, "prob": float(p)}
+    return [[{"id": int(i), "token": tokenizer.decode([int(i)]) if i < n else MASK, "prob": float(p)}
              for p, i in zip(ps, idx)] for ps, idx in zip(top.values, top.indices)]
