@@ -1,7 +1,9 @@
 """Resolve a `--model` argument to (model, tokenizer).
 
 Accepted everywhere: a registry name (pulled on first use), a GGUF file, a Hugging Face model
-directory (config.json + safetensors), or an llmkit checkpoint directory.
+directory (config.json + safetensors), or an llmkit checkpoint directory. BERT encoders (a registry
+encoder or a folder whose config.json says model_type "bert") load with `load_encoder`; each loader
+refuses the other kind with a one-line error (an encoder cannot generate, a decoder has no masks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def resolve(spec: str) -> tuple[str, Path]:
     if spec in REGISTRY:
         entry = REGISTRY[spec]
         if entry.kind != "gguf":
-            raise LLMKitError(f"{spec!r} is a {entry.kind} model, not a language model")
+            raise LLMKitError(_ENCODER_NOT_LM.format(spec))
         return "gguf", pull(spec)
     p = Path(spec).expanduser()
     if not p.exists():
@@ -39,11 +41,56 @@ def resolve(spec: str) -> tuple[str, Path]:
     if is_checkpoint(p):
         return "checkpoint", p
     if (p / "config.json").exists():
+        if is_encoder_dir(p):
+            raise LLMKitError(_ENCODER_NOT_LM.format(p))
         return "hf", p
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf", ggufs[0]
     raise LLMKitError(f"{p} is not an HF model directory (no config.json), an llmkit checkpoint or a GGUF file")
+
+
+_ENCODER_NOT_LM = ("{} is a BERT encoder, not a language model: it cannot generate text "
+                   "(use `llmkit embed` or `llmkit fill-mask`)")
+
+
+def is_encoder_dir(p: Path) -> bool:
+    """A Hugging Face folder of a BERT encoder (config.json model_type "bert")."""
+    import json
+
+    try:
+        return json.loads((p / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve_encoder(spec: str) -> Path:
+    """The folder of a BERT encoder: a registry encoder (pulled on first use) or a BERT folder; a decoder
+    (GGUF, llmkit checkpoint, another HF architecture) is refused."""
+    if spec in REGISTRY:
+        if REGISTRY[spec].kind != "encoder":
+            raise LLMKitError(f"{spec!r} is a decoder language model, not a BERT encoder")
+        return pull(spec, quiet=True)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        from .errors import closest
+
+        names = [n for n, e in REGISTRY.items() if e.kind == "encoder"]
+        raise LLMKitError(f"encoder not found: {spec!r}{closest(spec, names)} (a registry encoder: "
+                          f"{', '.join(names)}, or a BERT folder)")
+    if not is_encoder_dir(p):
+        raise LLMKitError(f"{p} is not a BERT encoder (a decoder language model or another format): "
+                          "give a BERT folder, e.g. minilm-l6-v2")
+    return p
+
+
+def load_encoder(spec: str):
+    """-> (Encoder in eval mode, its Tokenizer)."""
+    from .models.encoder import Encoder
+    from .tokenizer import Tokenizer
+
+    p = resolve_encoder(spec)
+    return Encoder.from_dir(p), Tokenizer.from_dir(p)
 
 
 def load_tokenizer(kind: str, path: Path, gguf_meta: dict | None = None):

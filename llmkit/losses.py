@@ -252,3 +252,27 @@ def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
                    "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask),
                    "value_clip_frac": masked_mean((vf2 > vf1).float(), mask)}
     return loss, metrics
+
+
+# ------------------------------------------------------------------ masked-LM pretraining (BERT)
+def mlm_mask(ids: torch.Tensor, special_mask: torch.Tensor, mask_id: int, vocab_size: int,
+             gen: torch.Generator | None = None, p: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masked-LM corruption (Devlin et al. 2019, §3.1 and Appendix A.1; as transformers'
+    DataCollatorForLanguageModeling): select each non-special token with probability p; of the selected,
+    80% become [MASK], 10% a uniformly random token, 10% stay unchanged.
+
+    ids (B, T), special_mask (B, T) True where a token may not be selected (separators, padding)
+    -> (inputs (B, T), labels (B, T): the original id at selected positions, -100 elsewhere)."""
+    selected = (torch.rand(ids.shape, generator=gen) < p) & ~special_mask
+    r = torch.rand(ids.shape, generator=gen)  # one draw decides mask / random / keep
+    random_ids = torch.randint(vocab_size, ids.shape, generator=gen)
+    inputs = ids.where(~(selected & (r < 0.8)), mask_id)
+    inputs = inputs.where(~(selected & (r >= 0.8) & (r < 0.9)), random_ids)
+    return inputs, ids.where(selected, -100)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Masked-LM loss: mean cross-entropy over the selected positions only (labels -100 elsewhere), not
+    shifted (the encoder predicts the token at its own position). logits (B, T, V); 0 if none is selected."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), reduction="sum")
+    return nll / (labels != -100).sum().clamp(min=1)

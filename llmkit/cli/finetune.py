@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="LoRA adapter merged into --model before fine-tuning (to continue from it)")
     p.add_argument("--data", help="JSONL/JSON file(s), comma-separated, each optionally FILE:WEIGHT (data.files)")
     p.add_argument("--method", choices=METHODS, help="fine-tuning method (default lora)")
+    p.add_argument("--task", choices=["sft", "classify"], help="sft (default): a decoder on chat/completion data; "
+                   "classify: a BERT encoder + classification head on JSONL {text[, text_pair], label} (method full)")
     p.add_argument("--config", help="YAML file with FinetuneConfig fields")
     p.add_argument("--out", help="output directory (adapter, or a checkpoint for full/selective; train.out_dir)")
     p.add_argument("--device", choices=DEVICES, help="auto: CUDA, then MPS, then CPU (train.device; default auto)")
@@ -38,7 +40,7 @@ def run(args) -> int:
     over = list(args.overrides)
     if args.adapter:
         over.append(f"base_adapter={args.adapter}")
-    for flag, key in (("model", "model"), ("method", "method"), ("out", "train.out_dir"), ("device", "train.device")):
+    for flag, key in (("model", "model"), ("method", "method"), ("out", "train.out_dir"), ("device", "train.device"), ("task", "task")):
         if getattr(args, flag):
             over.append(f"{key}={getattr(args, flag)}")
     cfg = load_config(FinetuneConfig, args.config, over)

@@ -29,7 +29,9 @@ def run(args) -> int:
     finally:
         cleanup()
     if s:
-        val = f", val loss {s['val_loss']:.4f}, {s['val_bpb']:.4f} bits/byte" if "val_loss" in s else ""
+        val = f", val loss {s['val_loss']:.4f}" if "val_loss" in s else ""
+        val += f", {s['val_bpb']:.4f} bits/byte" if "val_bpb" in s else ""
+        val += f", masked-token accuracy {s['val_mlm_accuracy']:.1%}" if "val_mlm_accuracy" in s else ""
         print(f"done: {s['steps']} steps, loss {s['final_loss']:.4f}{val}, {s['tokens_per_s']:,.0f} tokens/s, "
               f"MFU {s['mfu']:.1%}; checkpoint {s['final_checkpoint']}")
     return 0

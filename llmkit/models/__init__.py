@@ -3,11 +3,11 @@ BERT-style bidirectional encoder (encoder.py); and the T5 encoder-decoder (t5.py
 
 from .cache import BatchKVCache, KVCache, RollingKVCache
 from .config import PRESETS, ModelConfig
-from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig
+from .encoder import ENCODER_PRESETS, Encoder, EncoderConfig, save_encoder
 from .flops import flops_per_token, kv_bytes_per_token, num_params
 from .t5 import T5_PRESETS, T5, T5Config
 from .transformer import Transformer
 
 __all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
-           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS", "T5", "T5Config",
-           "T5_PRESETS"]
+           "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS", "save_encoder", "T5",
+           "T5Config", "T5_PRESETS"]

@@ -17,6 +17,9 @@ Output directory OUT: the adapter (adapter_config.json + adapter_model.safetenso
 loss.png and finetune.json (the resolved config and the summary). While the run lasts, OUT.partial/
 holds metrics.jsonl and the step checkpoints (trainable weights, optimiser, RNG, data position) that
 `--resume` continues from exactly; it is removed once OUT is written.
+
+`task=classify` fine-tunes a BERT encoder with a sequence-classification head instead (JSONL
+{"text"[, "text_pair"], "label"}; method=full): recipes/classify.py, on the same sections and loop.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class FinetuneConfig(PeftSections):
     model: str = ""  # --model
     base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
     method: str = "lora"
+    task: str = "sft"  # sft: a decoder on chat/completion data | classify: a BERT encoder + classifier head
     data: SFTDataSection = field(default_factory=lambda: SFTDataSection(seq_len=512))
     # optim.lr None: the method's default (its PEFT record's default_lr)
     optim: OptimSection = field(default_factory=lambda: OptimSection(warmup_steps=10, weight_decay=0.0))
@@ -182,6 +186,12 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     (tests); otherwise cfg.model is loaded. `resume`: True for the latest step checkpoint of the
     interrupted run in OUT.partial, or a checkpoint directory. Returns the summary dict (also written
     to finetune.json; empty on ranks other than 0)."""
+    if cfg.task not in ("sft", "classify"):
+        raise LLMKitError(f"task {cfg.task!r} is not one of sft, classify")
+    if cfg.task == "classify":
+        from .classify import finetune_classifier
+
+        return finetune_classifier(cfg, model, tokenizer, quiet, resume, force)
     t = cfg.train
     info: DistInfo = init_distributed(t.device)
     micro, accum = cfg.validate(info.world)
@@ -301,6 +311,10 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
 
 
 def summary_lines(s: dict) -> list[str]:
+    if s.get("task") == "classify":
+        from .classify import summary_lines as classify_lines
+
+        return classify_lines(s)
     lines = [f"method {s['method']}: {s['trainable_params']:,} trainable of {s['total_params']:,} parameters "
              f"({100 * s['trainable_share']:.3f}%)",
              f"{s['steps']} steps in {s['train_seconds']:.1f}s, {s['completion_tokens']:,} completion tokens"]

@@ -11,6 +11,10 @@ Runs alone or under `torchrun --nproc_per_node=K` (train.strategy = ddp | fsdp).
 micro_batch_size x accumulation steps x world size; each rank reads its own rows of every batch.
 Everything that decides the next step (weights, AdamW moments, step, data position, RNG, the running
 weight mean of train.average_tail) is in the step checkpoints, so `resume` continues the run exactly.
+
+`objective=mlm` with an encoder preset (tiny-bert, minilm-l6, bert-base) trains a BERT encoder with
+the masked-LM objective instead (train/mlm.py): same data, loop and checkpoints; the final model is a
+Hugging Face BERT folder (models/encoder.py `save_encoder`) for `llmkit fill-mask` and `llmkit embed`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.distributed as dist
 from ..config import ranged
 from ..errors import LLMKitError
 from ..io import locks_run_dir
-from ..models import ModelConfig, Transformer
+from ..models import Encoder, ModelConfig, Transformer, save_encoder
 from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
 from ..train.average import TailAverage, in_tail
@@ -70,14 +74,15 @@ class SpanSection:
     mean_span: float = 3.0
 
 
-OBJECTIVES = ("next_token", "span")
+OBJECTIVES = ("clm", "mlm", "span")
 
 
 @dataclass
 class PretrainConfig:
-    preset: str = "tiny-llama"  # a model preset (a T5 one, e.g. tiny-t5, with objective=span); `model` overrides its fields
+    preset: str = "tiny-llama"  # a model preset (an encoder one with objective=mlm, a T5 one with span)
     model: dict = field(default_factory=dict)
-    objective: str = "next_token"  # next_token (decoders) | span (T5 span corruption, encoder-decoders)
+    # clm: next token (decoders) | mlm: masked tokens (BERT encoders) | span: T5 span corruption (encoder-decoders)
+    objective: str = "clm"
     span: SpanSection = field(default_factory=SpanSection)
     data: PretrainData = field(default_factory=PretrainData)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-3, min_lr=3e-4))
@@ -134,6 +139,10 @@ def validate(cfg: PretrainConfig, world: int) -> tuple[int, int, int]:
         raise LLMKitError(f"unknown objective {cfg.objective!r}{closest(cfg.objective, OBJECTIVES)}; "
                           f"known: {', '.join(OBJECTIVES)}")
     micro, accum = check_sections(cfg.data, cfg.optim, t, world)
+    from ..models.encoder import ENCODER_PRESETS
+
+    if cfg.objective == "clm" and cfg.preset in ENCODER_PRESETS:
+        raise LLMKitError(f"preset {cfg.preset!r} is an encoder: train it with objective=mlm")
     if not 0 <= t.average_tail < 1:
         raise LLMKitError(f"train.average_tail must be in [0, 1), got {t.average_tail}")
     steps = t.steps
@@ -158,8 +167,8 @@ def new_model(mcfg) -> torch.nn.Module:
     return T5(mcfg) if isinstance(mcfg, T5Config) else Transformer(mcfg)
 
 
-def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None:
-    """A plain Transformer with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
+def _full_model(model: torch.nn.Module, make) -> torch.nn.Module | None:
+    """A plain model (`make()`) with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from ..train.checkpoint import _options
@@ -167,7 +176,7 @@ def _full_model(model: torch.nn.Module, mcfg: ModelConfig) -> Transformer | None
     sd = get_model_state_dict(model, options=_options())
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    plain = new_model(mcfg)
+    plain = make()
     plain.load_state_dict(sd, strict=False)  # tied weights appear once in sd
     return plain
 
@@ -258,11 +267,21 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
     # ---- model and optimiser (same seed on every rank: identical initial weights)
     torch.manual_seed(t.seed)
-    mcfg = build_model_config(cfg, tokenizer.vocab_size)
-    if getattr(mcfg, "mtp_depth", 0) and info.enabled and t.strategy == "fsdp":
-        # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
-        raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
-    model = new_model(mcfg).to(info.device)
+    mlm = cfg.objective == "mlm"
+    if mlm:  # a BERT encoder (train/mlm.py); mcfg is its modules' view, for the FLOP and parameter counts
+        from ..train.mlm import Masker, build_encoder, mlm_evaluate, mlm_train_loss
+
+        model = build_encoder(cfg.preset, dict(cfg.model), tokenizer, cfg.data.seq_len).to(info.device)
+        ecfg = model.cfg
+        mcfg = ecfg.module_config()
+        masker = Masker(ecfg, tokenizer.special_ids | {i for i in (tokenizer.eos_id, tokenizer.pad_id)
+                                                       if i is not None}, t.seed)
+    else:
+        mcfg = build_model_config(cfg, tokenizer.vocab_size)
+        if getattr(mcfg, "mtp_depth", 0) and info.enabled and t.strategy == "fsdp":
+            # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
+            raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
+        model = new_model(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
@@ -276,6 +295,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
 
         sentinels, start_id = span_ids(cfg, tokenizer.vocab_size)
         loss_fn = seq2seq_loss
+    elif mlm:
+        loss_fn = mlm_train_loss
     else:
         loss_fn = functools.partial(lm_loss, aux_coef=mcfg.router_aux_loss_coef if mcfg.n_expert else 0.0,
                                     mtp_coef=mcfg.mtp_loss_weight if mcfg.mtp_depth else 0.0)
@@ -322,8 +343,12 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         if not windows:
             return {}
         # the eager model: a compiled one would recompile for eval mode, no_grad and a short last batch
-        res = evaluate(model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
-                       info.rank, info.world, autocast)
+        if mlm:
+            res = mlm_evaluate(model, val_reader.read, windows, micro, masker, info.device, info.rank, info.world,
+                               autocast)
+        else:
+            res = evaluate(model, val_reader.read, windows, micro, val_shards.bytes_per_token, info.device,
+                           info.rank, info.world, autocast)
         logger.log({"step": step, **res})
         if on_eval:
             on_eval(step, res)
@@ -356,6 +381,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         lr = lr_for(step, elapsed)
         set_lr(optimizer, lr)
         x, y = loader.next_batch()  # this rank's rows: (micro * accum, T)
+        if mlm:  # corrupted windows and the masked originals (labels -100 elsewhere)
+            x, y = masker(x, step)
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         if span:  # corruption seeded by (seed, step): a resumed run draws the same spans
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
@@ -394,7 +421,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                                                                           if last_val else {}))
         if every(t.eval_every, step) and not final:
             last_val = run_eval(step)
-        if every(t.sample_every, step) and not final and not span:
+        if every(t.sample_every, step) and not final and not span and not mlm:
             text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
             samples.append({"step": step, "text": text})
             if info.is_main:
@@ -411,16 +438,19 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         save(step, {"loss": loss, **last_val})
         averager.copy_to_model()
     last_val = run_eval(step) or last_val
-    if not span:
+    if not span and not mlm:  # an encoder does not generate; span runs have no next-token samples
         text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         samples.append({"step": step, "text": text})
     save(step, {"loss": loss, **last_val})
-    plain = _full_model(model, mcfg)
+    plain = _full_model(model, (lambda: Encoder(ecfg)) if mlm else (lambda: new_model(mcfg)))
     summary = {}
     if info.is_main:
         from ..checkpoint import save_checkpoint
 
-        final_dir = save_checkpoint(plain, out / "final", tokenizer, meta={"config": run_config}, force=True)
+        if mlm:
+            final_dir = save_encoder(plain, out / "final", tokenizer, force=True)
+        else:
+            final_dir = save_checkpoint(plain, out / "final", tokenizer, meta={"config": run_config}, force=True)
         records = read_metrics(out / "metrics.jsonl")
         plot_metrics(records, out / "loss.png", title=f"pretrain {mcfg.n_layer}L d{mcfg.d_model}")
         train_recs = [r for r in records if "tokens_per_s" in r]
@@ -432,7 +462,8 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
                    "peak_flops": peak, "peak_source": peak_src, "flops_per_token": fpt, "final_loss": loss,
                    **last_val, "samples": samples, "final_checkpoint": str(final_dir), "world": info.world,
                    "averaged_steps": averager.n,
-                   "strategy": t.strategy if info.enabled else "none", "model_config": mcfg.to_dict()}
+                   "strategy": t.strategy if info.enabled else "none", "objective": cfg.objective,
+                   "model_config": dataclasses.asdict(ecfg) if mlm else mcfg.to_dict()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()
     return summary
