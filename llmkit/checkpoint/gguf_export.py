@@ -260,14 +260,19 @@ def write_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "f1
         w.add_add_eos_token(False)
         if t["chat_template"]:
             w.add_chat_template(t["chat_template"])
+    from ..progress import progress_bar
+
     written = {}
+    bar = progress_bar(total=len(tensors), enabled=progress, desc=f"gguf[{qtype}]", unit="tensor")
     for tname, tensor in tensors.items():
         data, kind = encode_tensor(tname, tensor, qtype)
+        bar.update(1)
         w.add_tensor(tname, data, raw_dtype=kind)  # quantized data: (rows, bytes) uint8, shape derived
         written[tname] = kind.name
+    bar.close()
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=progress)
+    w.write_tensors_to_file()
     w.close()
     return written
 
@@ -282,3 +287,19 @@ def save_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "f16
     check_overwrite(path, force)
     with atomic_path(path) as tmp:
         return write_gguf(model, tokenizer, tmp, qtype=qtype, name=name, progress=progress)
+
+
+def save_ollama(model: Transformer, tokenizer, out_dir: str | Path, qtype: str = "f16", force: bool = False,
+                name: str = "llmkit model", temperature: float = 0.0, progress: bool = False) -> Path:
+    """Directory `out_dir` holding model.gguf and the Modelfile that imports it into ollama
+    (`ollama create NAME -f out_dir/Modelfile`), written atomically as one directory."""
+    from ..io import atomic_dir
+    from .ollama import modelfile
+
+    check_type(qtype)
+    arch_for(model.cfg)
+    text = modelfile("model.gguf", tokenizer, model.cfg, temperature)  # template errors before any writing
+    with atomic_dir(out_dir, force=force, owns=("*.gguf", "Modelfile")) as tmp:
+        write_gguf(model, tokenizer, tmp / "model.gguf", qtype=qtype, name=name, progress=progress)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    return Path(out_dir)
