@@ -233,7 +233,7 @@ def test_cli_gguf_and_ollama(tmp_path, ckpt, capsys):
     out = tmp_path / "m.gguf"
     assert main(["export", "--model", str(ckpt), "--out", str(out), "--type", "q8_0"]) == 0
     assert "Q8_0" in capsys.readouterr().err
-    back, meta = load_gguf(out)
+    _, meta = load_gguf(out)
     assert meta["general.name"] == str(ckpt)
     od = tmp_path / "ollama"
     assert main(["export", "--format", "ollama", "--model", str(ckpt), "--out", str(od)]) == 0
@@ -276,8 +276,8 @@ def test_refuses_overwrite_and_writes_atomically(tmp_path, ckpt, tok, capsys, mo
 
 
 @pytest.mark.parametrize("preset, kw, msg", [
-    ("tiny-gpt2", {}, "cannot export family 'gpt2' to GGUF (llama.cpp architectures written: llama, mistral, "
-                      "mixtral, qwen2)"),
+    ("tiny-gpt2", {}, ("cannot export family 'gpt2' to GGUF (llama.cpp architectures written: llama, mistral, "
+                       "mixtral, qwen2)")),
     ("tiny-llama", {"causal": False}, "does not run causal=False"),
     ("tiny-llama", {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},

@@ -24,9 +24,9 @@ from bf16 to Q4_1's f16.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -163,8 +163,8 @@ def gguf_tensors(model: Transformer, arch: GGUFArch) -> dict[str, torch.Tensor]:
 def encode_tensor(name: str, w: torch.Tensor, qtype: str):
     """(numpy data, GGML type) of one tensor as written: 1-D tensors and the MoE router F32 (as
     llama.cpp's converter keeps them), others in `qtype`, F16 when rows do not split into blocks."""
-    from gguf import GGMLQuantizationType as Q
     from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     a = w.detach().float().cpu().numpy()

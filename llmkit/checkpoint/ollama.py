@@ -94,7 +94,7 @@ def render_go_template(w: dict[str, tuple[str, str]], messages: list[dict]) -> s
 def modelfile(gguf_name: str, tok, cfg, temperature: float = 0.0) -> str:
     """Modelfile text: FROM the GGUF beside it, TEMPLATE from the chat template, one PARAMETER stop per
     end-of-turn token in the vocabulary, temperature (llmkit's default 0: greedy) and num_ctx."""
-    lines = [f"# written by llmkit export --format ollama; create with: ollama create NAME -f Modelfile",
+    lines = ["# written by llmkit export --format ollama; create with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}"]
     if tok is not None:
         lines.append(f'TEMPLATE """{go_template(tok)}"""')
