@@ -46,22 +46,26 @@ def raw_tensors(path) -> dict:
     return {t.name: t for t in open_gguf(path).tensors}
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-mixtral"])
 def test_f32_round_trip_exact(tmp_path, tok, preset):
     model = tiny(preset)
     out = tmp_path / "m.gguf"
     save_gguf(model, tok, out, "f32")
     back, meta = load_gguf(out)
-    assert meta["general.architecture"] == ("qwen2" if preset == "tiny-qwen2" else "llama")
-    for k in ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "vocab_size", "max_seq_len",
-              "rope_theta", "tie_embeddings", "qkv_bias"):
+    assert meta["general.architecture"] == {"tiny-qwen2": "qwen2", "tiny-gpt2": "gpt2"}.get(preset, "llama")
+    # llama.cpp runs Mistral/Mixtral as "llama": they come back as llama (Mixtral's experts kept), the
+    # context capped at Mistral's sliding window
+    assert back.cfg.family == {"tiny-mistral": "llama", "tiny-mixtral": "mixtral"}.get(preset, model.cfg.family)
+    assert back.cfg.max_seq_len == min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
+    for k in ("norm", "mlp", "activation", "pos_emb", "bias", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+              "head_dim", "vocab_size", "rope_theta", "tie_embeddings", "qkv_bias", "n_expert", "n_expert_per_tok"):
         assert getattr(back.cfg, k) == getattr(model.cfg, k), k
     assert back.cfg.norm_eps == pytest.approx(model.cfg.norm_eps)  # stored as float32
     sd, sd2 = model.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys()
     for k in sd:
         assert torch.equal(sd[k], sd2[k]), k
-    ids = torch.tensor([tok.encode(TEXT)])
+    ids = torch.tensor([tok.encode(TEXT)[: back.cfg.max_seq_len]])
     with torch.no_grad():
         assert torch.equal(model(ids), back(ids))
     tok2 = Tokenizer.from_gguf(out)  # the tokenizer read back: same ids, specials, template
@@ -151,7 +155,7 @@ def _cpp_greedy(llm, prompt, n):
 TOL = {"f32": 1e-3, "f16": 2e-3, "q8_0": 3e-2, "q4_1": 3e-2}
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
 def test_llama_cpp_runs_the_export(tmp_path, tok, preset):
     from llmkit.inference import generate
     from llmkit.inference.sampling import SamplingParams
@@ -276,9 +280,10 @@ def test_refuses_overwrite_and_writes_atomically(tmp_path, ckpt, tok, capsys, mo
 
 
 @pytest.mark.parametrize("preset, kw, msg", [
-    ("tiny-gpt2", {}, ("cannot export family 'gpt2' to GGUF (llama.cpp architectures written: llama, mistral, "
-                       "mixtral, qwen2)")),
+    ("tiny-gpt2", {"activation": "gelu"}, ("llama.cpp's 'gpt2' architecture does not run activation='gelu' "
+                                            "(supported families: llama, mistral, mixtral, qwen2, gpt2)")),
     ("tiny-llama", {"causal": False}, "does not run causal=False"),
+    ("tiny-llama", {"family": "phi3"}, "cannot export family 'phi3' to GGUF (llama.cpp architectures written: "),
     ("tiny-llama", {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
      "rope scaling 'llama3'"),

@@ -14,11 +14,12 @@ What is written, following llama.cpp's own converter (convert_hf_to_gguf.py):
   * LLaMA's attn_q/attn_k rows permuted from HF's rotate-half rope layout to llama.cpp's interleaved
     pairs (`checkpoint.gguf._unpermute` undoes it on reading), so an F32 export reads back exactly.
 
-Families are records in `ARCHS` (one per llama.cpp architecture): llama (and mistral, mixtral, which
-llama.cpp runs as "llama") and qwen2. A quantized llmkit model (QuantLinear) is dequantized to fp32 and
-quantized again into the GGUF type: for int4 -> q4_1 this gives back the same 4-bit codes (llmkit's int4
-is Q4_1's layout; min and max are codes 0 and 15 of every group), only the scale and minimum are rounded
-from bf16 to Q4_1's f16.
+Families are records in `ARCHS` (family -> llama.cpp architecture, its config check, tensor names and
+hyper-parameters): llama, mistral and mixtral (which llama.cpp runs as "llama"), qwen2, gpt2 (q/k/v
+fused into attn_qkv); `checkpoint.gguf` reads all of them back. A quantized llmkit model (QuantLinear)
+is dequantized to fp32 and quantized again into the GGUF type: for int4 -> q4_1 this gives back the same
+4-bit codes (llmkit's int4 is Q4_1's layout; min and max are codes 0 and 15 of every group), only the
+scale and minimum are rounded from bf16 to Q4_1's f16.
 """
 
 from __future__ import annotations
@@ -44,20 +45,136 @@ TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16
 GPT2_PRE = "gpt-2"
 
 
+# ------------------------------------------------------------------ tensors
+def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors in fp32 under llmkit's names, quantized layers (QuantLinear) dequantized."""
+    from ..quant import QuantLinear
+
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    for name, m in quant.items():
+        out[f"{name}.weight"] = m.dequantize(torch.float32)
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias.float()
+    for k, v in model.state_dict().items():
+        if k.rsplit(".", 1)[0] not in quant:
+            out[k] = v.detach().float()
+    if model.cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd when output.weight is absent
+    return out
+
+
+_TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "embed_positions.weight": "position_embd.weight",
+              "norm.weight": "output_norm.weight", "norm.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                "mlp.gate": "ffn_gate_inp"}
+_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py LlamaModel.permute):
+    per head, rows (0..d/2-1, d/2..d-1) become (0, d/2, 1, d/2+1, ...). w: (n_head * d, ...)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _renamed(sd: dict[str, torch.Tensor], cfg: ModelConfig, permute: bool) -> dict[str, torch.Tensor]:
+    """llmkit names -> GGUF names; q/k rows permuted for llama.cpp's rope when `permute`; Mixtral's
+    experts stacked (E, out, in)."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k in _TOP_NAMES:
+            out[_TOP_NAMES[k]] = v
+            continue
+        if not k.startswith("layers."):
+            raise LLMKitError(f"cannot export tensor {k!r} to GGUF")
+        _, i, rest = k.split(".", 2)
+        mod, kind = rest.rsplit(".", 1)
+        if mod.startswith("mlp.experts."):  # mlp.experts.{e}.{gate,up,down}_proj
+            _, _, e, proj = mod.split(".")
+            experts.setdefault((i, proj), {})[int(e)] = v
+            continue
+        if mod not in _LAYER_NAMES:
+            raise LLMKitError(f"cannot export tensor {k!r} to GGUF (fused or adapted layers: export the plain model)")
+        if permute and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+            v = permute_qk(v, cfg.n_head if mod == "self_attn.q_proj" else cfg.n_kv_head)
+        out[f"blk.{i}.{_LAYER_NAMES[mod]}.{kind}"] = v
+    for (i, proj), parts in experts.items():
+        out[f"blk.{i}.{_EXPERT_NAMES[proj]}.weight"] = torch.stack([parts[e] for e in sorted(parts)])
+    return out
+
+
+def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return _renamed(sd, cfg, permute=True)
+
+
+def _qwen2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return _renamed(sd, cfg, permute=False)  # llama.cpp's qwen2 uses NEOX (rotate-half) rope: no permutation
+
+
+def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2 as llama.cpp's "gpt2": q/k/v fused into attn_qkv (rows q, k, v: HF's c_attn transposed)."""
+    out = _renamed(sd, cfg, permute=False)
+    for i in range(cfg.n_layer):
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"blk.{i}.attn_{p}.{kind}") for p in "qkv"]
+            out[f"blk.{i}.attn_qkv.{kind}"] = torch.cat(parts)
+    return out
+
+
+# ------------------------------------------------------------------ hyper-parameters
+def _common_hparams(w, cfg: ModelConfig) -> None:
+    w.add_vocab_size(cfg.vocab_size)
+    # Mistral's sliding window: llama.cpp's "llama" attends to the whole context, so the context is
+    # capped at the window, where the two agree
+    w.add_context_length(min(cfg.max_seq_len, cfg.sliding_window or cfg.max_seq_len))
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_head)
+
+
+def _llama_hparams(w, cfg: ModelConfig) -> None:
+    """The keys `checkpoint.gguf.config_from_gguf` and llama.cpp's llama/qwen2 loaders read."""
+    import gguf
+
+    _common_hparams(w, cfg)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.d_model // cfg.n_head:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.rope_scaling:  # linear only (the record's check refuses others)
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_per_tok)
+
+
+def _gpt2_hparams(w, cfg: ModelConfig) -> None:
+    _common_hparams(w, cfg)
+    w.add_layer_norm_eps(cfg.norm_eps)
+
+
 # ------------------------------------------------------------------ families
 @dataclass(frozen=True)
 class GGUFArch:
-    """How one llama.cpp architecture is written: its name, whether attn_q/attn_k rows are permuted for
-    llama.cpp's interleaved rope, and `check(cfg)` -> why llama.cpp cannot run this config (or None)."""
+    """How one llama.cpp architecture is written: its name, `check(cfg)` -> why llama.cpp cannot run this
+    config (or None), `tensors(state, cfg)` -> {GGUF name: fp32 tensor}, `hparams(writer, cfg)`."""
     name: str
-    permute_qk: bool
     check: Callable[[ModelConfig], str | None]
+    tensors: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
+    hparams: Callable[..., None]
 
 
-def _llama_like(qkv_bias: bool) -> Callable[[ModelConfig], str | None]:
+def _requires(**want) -> Callable[[ModelConfig], str | None]:
+    """check: the config's fields that differ from what the architecture computes, in words."""
     def check(cfg: ModelConfig) -> str | None:
-        want = dict(norm="rmsnorm", mlp="swiglu", activation="silu", pos_emb="rope", causal=True, bias=False,
-                    qkv_bias=qkv_bias)
         bad = [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
         if bad:
             return ", ".join(bad)
@@ -67,11 +184,16 @@ def _llama_like(qkv_bias: bool) -> Callable[[ModelConfig], str | None]:
     return check
 
 
+_LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "activation": "silu", "pos_emb": "rope", "causal": True, "bias": False}
 ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("llama", True, _llama_like(False)),
-    "mistral": GGUFArch("llama", True, _llama_like(False)),  # llama.cpp runs Mistral as "llama"
-    "mixtral": GGUFArch("llama", True, _llama_like(False)),  # ... and Mixtral, with expert_count
-    "qwen2": GGUFArch("qwen2", False, _llama_like(True)),
+    "llama": GGUFArch("llama", _requires(**_LLAMA, qkv_bias=False), _llama_tensors, _llama_hparams),
+    # llama.cpp runs Mistral and Mixtral (with expert_count) as "llama"
+    "mistral": GGUFArch("llama", _requires(**_LLAMA, qkv_bias=False), _llama_tensors, _llama_hparams),
+    "mixtral": GGUFArch("llama", _requires(**_LLAMA, qkv_bias=False), _llama_tensors, _llama_hparams),
+    "qwen2": GGUFArch("qwen2", _requires(**_LLAMA, qkv_bias=True), _qwen2_tensors, _llama_hparams),
+    # llama.cpp's gpt2: LayerNorm, tanh-approximated GELU, learned positions, biases everywhere
+    "gpt2": GGUFArch("gpt2", _requires(norm="layernorm", mlp="gelu", activation="gelu_tanh", pos_emb="learned",
+                                       causal=True, bias=True), _gpt2_tensors, _gpt2_hparams),
 }
 
 
@@ -95,69 +217,9 @@ def check_type(qtype: str) -> str:
     return qtype
 
 
-# ------------------------------------------------------------------ tensors
-def dense_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors in fp32 under llmkit's names, quantized layers (QuantLinear) dequantized."""
-    from ..quant import QuantLinear
-
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    out = {}
-    for name, m in quant.items():
-        out[f"{name}.weight"] = m.dequantize(torch.float32)
-        if m.bias is not None:
-            out[f"{name}.bias"] = m.bias.float()
-    for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[0] not in quant:
-            out[k] = v.detach().float()
-    if model.cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd when output.weight is absent
-    return out
-
-
-_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-                "mlp.gate": "ffn_gate_inp"}
-_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
-
-
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotate-half rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py LlamaModel.permute):
-    per head, rows (0..d/2-1, d/2..d-1) become (0, d/2, 1, d/2+1, ...). w: (n_head * d, ...)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_tensors(model: Transformer, arch: GGUFArch) -> dict[str, torch.Tensor]:
-    """{GGUF tensor name: fp32 tensor in GGUF row order}; Mixtral's experts stacked (E, out, in)."""
-    cfg = model.cfg
-    sd = dense_state_dict(model)
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for k, v in sd.items():
-        if k == "embed_tokens.weight":
-            out["token_embd.weight"] = v
-        elif k == "norm.weight":
-            out["output_norm.weight"] = v
-        elif k == "lm_head.weight":
-            out["output.weight"] = v
-        elif k.startswith("layers."):
-            _, i, rest = k.split(".", 2)
-            mod, kind = rest.rsplit(".", 1)
-            if mod.startswith("mlp.experts."):  # mlp.experts.{e}.{gate,up,down}_proj
-                _, _, e, proj = mod.split(".")
-                experts.setdefault((i, proj), {})[int(e)] = v
-                continue
-            if mod not in _LAYER_NAMES:
-                raise LLMKitError(f"cannot export tensor {k!r} to GGUF (fused or adapted layers: export the "
-                                  "plain model)")
-            if arch.permute_qk and mod in ("self_attn.q_proj", "self_attn.k_proj"):
-                v = permute_qk(v, cfg.n_head if mod == "self_attn.q_proj" else cfg.n_kv_head)
-            out[f"blk.{i}.{_LAYER_NAMES[mod]}.{kind}"] = v
-        else:
-            raise LLMKitError(f"cannot export tensor {k!r} to GGUF")
-    for (i, proj), parts in experts.items():
-        out[f"blk.{i}.{_EXPERT_NAMES[proj]}.weight"] = torch.stack([parts[e] for e in sorted(parts)])
-    return out
+    """{GGUF tensor name: fp32 tensor in GGUF row order} of `model` for `arch`."""
+    return arch.tensors(dense_state_dict(model), model.cfg)
 
 
 def encode_tensor(name: str, w: torch.Tensor, qtype: str):
@@ -226,26 +288,7 @@ def write_gguf(model: Transformer, tokenizer, path: str | Path, qtype: str = "f1
     w.add_name(name)
     w.add_file_type(int(gguf.LlamaFileType[TYPES[qtype][1]]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # hyper-parameters: the keys `checkpoint.gguf.config_from_gguf` (and llama.cpp) read
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.d_model // cfg.n_head:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    if cfg.rope_scaling:  # linear only (arch_for refuses others)
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
-    if cfg.n_expert:
-        w.add_expert_count(cfg.n_expert)
-        w.add_expert_used_count(cfg.n_expert_per_tok)
+    arch.hparams(w, cfg)
     if tokenizer is not None:
         t = _tokenizer_metadata(tokenizer, cfg.vocab_size)
         w.add_tokenizer_model(t["model"])
