@@ -103,7 +103,8 @@ def test_quantized_tensors_equal_gguf_dequantization(tmp_path, tok, qtype):
         if "attn_q" in name or "attn_k" in name:
             w = permute_qk(sd[ours], model.cfg.n_head if "attn_q" in name else model.cfg.n_kv_head).numpy()
         want_bytes = gguf.quants.quantize(w, kind)
-        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want_bytes.view(np.uint8).reshape(-1)), name
+        got_bytes = np.asarray(t.data).view(np.uint8).reshape(-1)
+        assert np.array_equal(got_bytes, want_bytes.view(np.uint8).reshape(-1)), name
         deq = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, kind), dtype=np.float32).reshape(w.shape))
         if "attn_q" in name or "attn_k" in name:  # what llmkit holds: llama.cpp's row order undone
             n = model.cfg.n_head if "attn_q" in name else model.cfg.n_kv_head
@@ -199,7 +200,8 @@ def test_modelfile_chatml(tok):
                     '{{ end }}{{ end }}{{ end }}')
 
 
-LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                   "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
                    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 

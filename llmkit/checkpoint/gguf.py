@@ -43,7 +43,8 @@ def config_from_gguf(meta: dict, where: str) -> ModelConfig:
         return ModelConfig(family="gpt2", norm="layernorm", mlp="gelu", activation="gelu_tanh", pos_emb="learned",
                            bias=True, vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
                            d_model=d_model, d_ff=int(need("feed_forward_length")),
-                           max_seq_len=int(need("context_length")), norm_eps=float(need("attention.layer_norm_epsilon")),
+                           max_seq_len=int(need("context_length")),
+                           norm_eps=float(need("attention.layer_norm_epsilon")),
                            tie_embeddings=False, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     scaling = None

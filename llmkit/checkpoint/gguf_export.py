@@ -248,7 +248,8 @@ def _tokenizer_metadata(tok, vocab_size: int) -> dict:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not tok.is_byte_level:
         raise LLMKitError("GGUF export writes byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2'); this "
-                          f"tokenizer is {model.get('type')!r}" + ("" if tok.is_byte_level else " without a ByteLevel decoder"))
+                          f"tokenizer is {model.get('type')!r}"
+                          + ("" if tok.is_byte_level else " without a ByteLevel decoder"))
     if tok.vocab_size > vocab_size:
         raise LLMKitError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} embeddings")
     added = tok.hf.get_added_tokens_decoder()
