@@ -36,12 +36,14 @@ def serve():
         main()
 
 
-def load_llama(path, threads: int, n_ctx: int):
+def load_llama(path, threads: int, n_ctx: int, **kwargs):
     """llama.cpp with its standard CPU kernels. Its AMX "extra buffer" path (chosen automatically on
     CPUs with AMX when built with GGML_NATIVE) segfaults in ggml_backend_amx_mul_mat on multi-token
     batches of this Q4_1 model (llama-cpp-python 0.3.36), so extra buffer types are turned off; the
-    high-level `Llama` has no argument for it, hence the scoped patch of its default model params."""
+    high-level `Llama` has no argument for it, hence the scoped patch of its default model params.
+    `kwargs` go to `Llama` (e.g. logits_all=True to read every position's logits)."""
     from llama_cpp import Llama
 
     with no_extra_bufts():
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                     **kwargs)

@@ -24,12 +24,13 @@ from ..errors import LLMKitError
 from ..io import MODEL_FILES, atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
+from .gguf_export import save_gguf
 from .hf import (OTHER_LOADERS, config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
                  state_dict_from_hf, weight_files)
 
 META_FILE = "llmkit.json"
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_hf_model", "save_hf_model", "load_gguf",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_hf_model", "save_hf_model", "load_gguf", "save_gguf",
            "config_from_hf", "config_to_hf", "is_checkpoint", "META_FILE"]
 
 

@@ -4,12 +4,14 @@ Files are opened and their metadata read by `llmkit.gguf_io`, the reader the tok
 
 Dequantisation is done by the `gguf` package (the reference Python implementation that ships
 with llama.cpp). llama.cpp's converter permutes the rows of attn_q/attn_k of LLaMA models from
-HF's rotate-half rope layout to its interleaved one; we permute them back.
+HF's rotate-half rope layout to its interleaved one; we permute them back. GPT-2 files ("gpt2") hold
+q/k/v fused as attn_qkv, split here.
 
 Gemma 3 ("gemma3"): llama.cpp hard-codes what the metadata does not say (llama-model.cpp): every 6th
 layer global, the others within attention.sliding_window, whose RoPE base is 10000; the query scale
-is 1/sqrt(key_length), but 1/sqrt(C/H) for the 62-layer 27B (as its query_pre_attn_scalar). Its converter already folded Gemma's (1 + w) into the norm weights, which is
-llmkit's convention, and Gemma's rope is NEOX-style (rotate-half), so nothing is permuted.
+is 1/sqrt(key_length), but 1/sqrt(C/H) for the 62-layer 27B (as its query_pre_attn_scalar). Its converter
+already folded Gemma's (1 + w) into the norm weights, which is llmkit's convention, and Gemma's rope is
+NEOX-style (rotate-half), so nothing is permuted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..gguf_io import metadata, open_gguf
 from ..models import ModelConfig, Transformer
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0  # llama.cpp: hparams.set_swa_pattern(6), rope_freq_base_train_swa
 
 
@@ -44,6 +46,14 @@ def config_from_gguf(meta: dict, where: str) -> ModelConfig:
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or None
     if not vocab:
         raise LLMKitError(f"{where}: GGUF metadata gives no vocabulary size")
+    if arch == "gpt2":  # LayerNorm, tanh GELU, learned positions, biases (llama.cpp's gpt2 graph)
+        return ModelConfig(family="gpt2", norm="layernorm", mlp="gelu", activation="gelu_tanh", pos_emb="learned",
+                           bias=True, vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
+                           d_model=d_model, d_ff=int(need("feed_forward_length")),
+                           max_seq_len=int(need("context_length")),
+                           norm_eps=float(need("attention.layer_norm_epsilon")),
+                           tie_embeddings=False, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                           eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
@@ -121,12 +131,18 @@ def load_gguf(path: str | Path) -> tuple[Transformer, dict]:
         name = t.name
         if name == "token_embd.weight":
             sd["embed_tokens.weight"] = w
-        elif name == "output_norm.weight":
-            sd["norm.weight"] = w
+        elif name in ("output_norm.weight", "output_norm.bias"):
+            sd["norm." + name.rsplit(".", 1)[1]] = w
+        elif name == "position_embd.weight":
+            sd["embed_positions.weight"] = w
         elif name == "output.weight":
             sd["lm_head.weight"] = w
         elif name.startswith("blk."):
             _, i, mod, kind = name.split(".", 3)
+            if mod == "attn_qkv":  # GPT-2's fused rows q, k, v
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), w.split(cfg.n_head * cfg.head_dim)):
+                    sd[f"layers.{i}.self_attn.{proj}.{kind}"] = part.contiguous()
+                continue
             if mod in _EXPERT_MAP:  # stacked experts (E, out, in)
                 for e, we in enumerate(w):
                     sd[f"layers.{i}.mlp.experts.{e}.{_EXPERT_MAP[mod]}.{kind}"] = we.contiguous()
