@@ -176,3 +176,28 @@ def test_cli_distill_bad_input(tmp_path, tok, capsys):
     assert main(args + ["--student-layers", "1", "--force"]) == 0
     assert main(args + ["--student-layers", "1", "--student", "tiny-llama", "--force"]) == 2
     assert "one of" in capsys.readouterr().err
+
+
+def test_bench_decode_with_drafts(tmp_path, tok, capsys):
+    """`llmkit bench decode --draft-model/--draft-layers/--speculative-k` on tiny checkpoints: every
+    speculative run's output equals plain greedy, with its acceptance, draft cost and expected speed-up."""
+    from llmkit.checkpoint import save_checkpoint
+    from llmkit.cli import main
+    from llmkit.cli.bench import expected_speedup
+
+    assert expected_speedup(0.0, 3, 0.5) == pytest.approx(1 / 2.5)  # nothing accepted: pure draft overhead
+    assert expected_speedup(1.0, 3, 0.0) == pytest.approx(4.0)  # a free, perfect draft: k + 1 tokens a step
+    assert expected_speedup(0.5, 2, 0.1) == pytest.approx((1 - 0.5 ** 3) / (0.5 * 1.2))
+    save_checkpoint(tiny_llama(0), tmp_path / "target", tokenizer=tok)
+    save_checkpoint(tiny_llama(1), tmp_path / "draft", tokenizer=tok)
+    args = ["bench", "decode", "--model", str(tmp_path / "target"), "--prompt-tokens", "16", "--new-tokens", "12",
+            "--repeat", "1", "--threads", "1", "--device", "cpu"]
+    assert main(args + ["--draft-model", str(tmp_path / "draft"), "--draft-layers", "1", "--speculative-k", "2,3",
+                        "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)["speculative"]
+    assert len(spec) == 4
+    for r in spec.values():
+        assert r["identical_to_greedy"] and 0 <= r["acceptance_rate"] <= 1
+        assert r["draft_cost_ratio"] > 0 and r["expected_speedup"] > 0
+    assert main(args + ["--draft-layers", "1", "--speculative-k", "0"]) == 2
+    assert ">= 1" in capsys.readouterr().err
