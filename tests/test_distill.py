@@ -201,3 +201,36 @@ def test_bench_decode_with_drafts(tmp_path, tok, capsys):
         assert r["draft_cost_ratio"] > 0 and r["expected_speedup"] > 0
     assert main(args + ["--draft-layers", "1", "--speculative-k", "0"]) == 2
     assert ">= 1" in capsys.readouterr().err
+
+
+def test_distill_resume_reproduces_the_uninterrupted_run(tmp_path, tok, monkeypatch):
+    """Cut during step 5 of 6 (last checkpoint: step 4), resume: the same losses as a run never cut."""
+    import llmkit.recipes.distill as rd
+    from llmkit.recipes.distill import distill
+    from llmkit.train.loop import read_metrics
+
+    over = {"train.steps": 6, "train.ckpt_every": 2, "train.eval_every": 3}
+    teacher = tiny_llama(0)
+    distill(_cfg(tmp_path, **over, **{"train.out_dir": str(tmp_path / "ref")}), teacher=teacher, tokenizer=tok,
+            quiet=True)
+    real, calls = rd.train_step, []
+
+    def dies_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    cut = _cfg(tmp_path, **over, **{"train.out_dir": str(tmp_path / "cut")})
+    monkeypatch.setattr(rd, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cut, teacher=teacher, tokenizer=tok, quiet=True)
+    monkeypatch.undo()
+    with pytest.raises(LLMKitError, match="interrupted run"):
+        distill(cut, teacher=teacher, tokenizer=tok, quiet=True)
+    distill(cut, teacher=teacher, tokenizer=tok, quiet=True, resume=True)
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("ref", "cut"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "val_kl"):
+            assert (k in ra) == (k in rb) and abs(ra.get(k, 0) - rb.get(k, 0)) < 1e-5
