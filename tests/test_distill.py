@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _shared import byte_chat_tokenizer, tiny_llama
+
 from llmkit.errors import LLMKitError
 from llmkit.losses import distill_loss
 
