@@ -47,24 +47,10 @@ from ..models import ModelConfig, Transformer
 from ..models.config import PRESETS
 from ..train import checkpoint as ckpt
 from ..train.dist import init_distributed
-from ..train.loop import (
-    MetricsLogger,
-    autocast_context,
-    plot_metrics,
-    progress_bar,
-    train_step,
-)
+from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
 from ..train.optim import OPTIMIZERS
 from ..train.schedule import lr_at, set_lr
-from .common import (
-    finish_run,
-    load_base,
-    restore,
-    seed_torch,
-    start_point,
-    stop_if_not_finite,
-    write_model,
-)
+from .common import finish_run, load_base, restore, seed_torch, start_point, stop_if_not_finite, write_model
 from .config import OptimSection, TrainSection, check_sections, every
 from .finetune import SFTBatches, SFTDataSection
 
