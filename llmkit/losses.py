@@ -276,3 +276,36 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted (the encoder predicts the token at its own position). logits (B, T, V); 0 if none is selected."""
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), reduction="sum")
     return nll / (labels != -100).sum().clamp(min=1)
+# ------------------------------------------------------------------ knowledge distillation
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float = 1.0, alpha: float = 0.5, teacher_indices: torch.Tensor | None = None,
+                 ignore_index: int = -100, n_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015, sec. 2): soft targets mixed with hard labels.
+
+    student_logits (B, T, V); labels (B, T) the next tokens, `ignore_index` where a position is not
+    scored (padding, prompt tokens); teacher_logits (B, T, V), or (B, T, K) top-k logits whose vocabulary
+    ids are `teacher_indices` (B, T, K) (a top-k cache: the teacher's distribution renormalised over its
+    k most likely tokens, the rest taken as 0). With p = softmax(z_teacher / τ), q = softmax(z_student / τ):
+
+        loss = α · τ² · KL(p ‖ q) + (1 − α) · CE(labels, softmax(z_student))
+
+    per scored token, averaged over them (or summed and divided by `n_tokens`, the optimiser step's share
+    as sft_loss's loss_tokens). τ² keeps the soft term's gradients the same size as τ changes (the paper's
+    footnote: they scale as 1/τ²). At α = 1 this is trl's GKD generalized_jsd_loss at beta = 0 times τ².
+    Returns (loss, {"loss", "kl": mean KL(p ‖ q) at τ, "ce": mean hard-label cross-entropy}).
+    """
+    keep = labels != ignore_index  # (B, T)
+    tau = float(temperature)
+    s_logp = F.log_softmax(student_logits.float() / tau, dim=-1)  # (B, T, V)
+    t_logp = F.log_softmax(teacher_logits.float() / tau, dim=-1)  # (B, T, V) or (B, T, K)
+    if teacher_indices is not None:
+        s_logp = s_logp.gather(-1, teacher_indices.long())  # the student's log q at the teacher's top-k ids
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (B, T): Σ_i p_i (log p_i − log q_i)
+    ce = -gather_logprobs(student_logits, labels, ignore_index)  # (B, T), 0 where not scored
+    per_token = alpha * tau * tau * kl.where(keep, 0.0) + (1 - alpha) * ce
+    denom = n_tokens if n_tokens is not None else keep.sum().clamp(min=1)
+    loss = per_token.sum() / denom
+    with torch.no_grad():
+        n = keep.sum().clamp(min=1)
+        metrics = {"loss": loss.detach(), "kl": kl.where(keep, 0.0).sum() / n, "ce": ce.sum() / n}
+    return loss, metrics

@@ -43,6 +43,10 @@ def add_decode(bsub) -> None:
                    "call). Default: the model's fp32 weights, the same work as the references")
     p.add_argument("--dense-copy", action="store_true", help="with --quant: keep a bf16 copy of each quantized "
                    "weight for prefill (faster prefill, +2 bytes per weight) instead of dequantizing per call")
+    p.add_argument("--draft-model", help="comma list of draft models (same vocabulary): llmkit also decodes "
+                   "speculatively with each, greedy (output checked identical to plain greedy), side by side")
+    p.add_argument("--draft-layers", help="comma list of L: also the target's first L layers as a draft (no copy)")
+    p.add_argument("--speculative-k", default="4", help="comma list of draft tokens per step (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_device_arg(p)
     p.set_defaults(func=run_decode)
@@ -73,6 +77,45 @@ def _ours(model, prompt, n_new):
     t = g.timings
     return {"ttft_s": t["prefill_s"], "prefill_tok_s": len(prompt) / t["prefill_s"],
             "decode_tok_s": (len(g.tokens) - 1) / t["decode_s"], "tokens": g.tokens}
+
+
+def _speculative(draft, k):
+    def run(model, prompt, n_new):
+        from ..inference import SamplingParams, speculative_generate
+
+        g = speculative_generate(model, draft, prompt, SamplingParams(max_new_tokens=n_new), k=k)
+        t = g.timings
+        return {"ttft_s": t["prefill_s"], "prefill_tok_s": len(prompt) / t["prefill_s"],
+                "decode_tok_s": (len(g.tokens) - 1) / t["decode_s"], "tokens": g.tokens,
+                "acceptance_rate": g.stats["acceptance_rate"]}
+    return run
+
+
+def _drafts(args, model, tok) -> dict:
+    """{name: draft model} from --draft-model (loaded as the target is) and --draft-layers."""
+    from ..inference import truncated_draft
+    from ..inference.generate import check_draft
+    from .generate import load
+
+    drafts = {}
+    for spec in [s for s in (args.draft_model or "").split(",") if s]:
+        draft, dtok = load(spec, args, need_tokenizer=False)
+        check_draft(model, draft)
+        if tok is not None and dtok is not None and dtok.vocab_size != tok.vocab_size:
+            raise LLMKitError(f"the draft model {spec} has a different tokenizer from the target's")
+        drafts[spec] = draft
+    for n in [s for s in (args.draft_layers or "").split(",") if s]:
+        if not n.isdigit():
+            raise LLMKitError(f"--draft-layers takes a comma list of layer counts, got {args.draft_layers!r}")
+        drafts[f"first{n}"] = truncated_draft(model, int(n))
+    return drafts
+
+
+def expected_speedup(alpha: float, k: int, c: float) -> float:
+    """Leviathan et al. 2023, eq. 1 and thm. 3.8: with per-token acceptance alpha, k drafts per step and a
+    draft forward costing c target forwards, decode speed-up (1 − α^(k+1)) / ((1 − α)(k·c + 1))."""
+    tokens = (k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + 1)
 
 
 def _hf_load(path):
@@ -146,6 +189,18 @@ def run_decode(args) -> int:
     engines = {"llmkit": (lambda: model, _ours)}
     skipped = {}
     _ours(model, prompt[:16], 4)  # warm-up (allocations, rope tables)
+    try:
+        ks = [int(k) for k in args.speculative_k.split(",") if k.strip()]
+    except ValueError:
+        raise LLMKitError(f"--speculative-k takes a comma list of integers, got {args.speculative_k!r}") from None
+    if not ks or min(ks) < 1:
+        raise LLMKitError(f"--speculative-k values must be >= 1, got {args.speculative_k!r}")
+    drafts = _drafts(args, model, tok)
+    for dname, draft in drafts.items():  # the draft alone (its cost c), then speculative decoding with it
+        _ours(draft, prompt[:16], 4)
+        engines[f"draft {dname}"] = (lambda d=draft: d, _ours)
+        for k in ks:
+            engines[f"spec {dname} k={k}"] = (lambda: model, _speculative(draft, k))
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, before references load
     for c in compare:
         if c == "hf":
@@ -182,14 +237,27 @@ def run_decode(args) -> int:
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             results[name]["same_greedy_prefix"] = same
     results["llmkit"]["peak_rss_mib"] = round(rss_ours, 1)
+    speculative = {}
+    for dname in drafts:
+        c = results["llmkit"]["decode_tok_s"] / results[f"draft {dname}"]["decode_tok_s"]  # draft cost / target's
+        for k in ks:
+            name = f"spec {dname} k={k}"
+            rs, r = runs[name], results.pop(name)
+            alpha = statistics.median(x["acceptance_rate"] for x in rs)
+            speculative[name] = {**r, "draft": dname, "k": k, "acceptance_rate": alpha, "draft_cost_ratio": c,
+                                 "speedup": r["decode_tok_s"] / results["llmkit"]["decode_tok_s"],
+                                 "expected_speedup": expected_speedup(alpha, k, c),
+                                 "identical_to_greedy": all(x["tokens"] == runs["llmkit"][0]["tokens"] for x in rs)}
+        del results[f"draft {dname}"]["same_greedy_prefix"]
     ratios = {name: {"decode": results["llmkit"]["decode_tok_s"] / r["decode_tok_s"],
                      "prefill": results["llmkit"]["prefill_tok_s"] / r["prefill_tok_s"]}
-              for name, r in results.items() if name != "llmkit"}
+              for name, r in results.items() if name != "llmkit" and not name.startswith("draft ")}
     import os
 
     info = {"model": args.model, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "threads": args.threads,
             "repeat": args.repeat, "quant": args.quant, "torch": torch.__version__,
-            "load_avg": list(os.getloadavg()), "results": results, "ratios_llmkit_over": ratios, "skipped": skipped}
+            "load_avg": list(os.getloadavg()), "results": results, "ratios_llmkit_over": ratios, "skipped": skipped,
+            **({"speculative": speculative} if speculative else {})}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -202,6 +270,10 @@ def run_decode(args) -> int:
     for name, r in ratios.items():
         print(f"llmkit / {name}: decode {r['decode']:.2f}x, prefill {r['prefill']:.2f}x "
               f"(same greedy tokens for the first {results[name]['same_greedy_prefix']})")
+    for name, r in speculative.items():
+        print(f"{name}: acceptance {r['acceptance_rate']:.3f}, draft cost c {r['draft_cost_ratio']:.3f}, decode "
+              f"{r['decode_tok_s']:.1f} tok/s = {r['speedup']:.2f}x plain (expected {r['expected_speedup']:.2f}x), "
+              f"{'identical to' if r['identical_to_greedy'] else 'DIFFERS from'} plain greedy")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     return 0

@@ -183,6 +183,20 @@ class Example:
     labels: list[int]
 
 
+def text_examples(path: Path, tok, seq_len: int) -> list[Example]:
+    """A plain-text file as consecutive windows of seq_len + 1 tokens (the next window starts at the
+    last token of this one, so every token is a target once); labels = ids. The last short window is
+    kept when it has at least one target."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMKitError(f"cannot read {path} ({e})") from None
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise LLMKitError(f"{path} holds fewer than 2 tokens of text")
+    return [Example(ids[i:i + seq_len + 1], ids[i:i + seq_len + 1]) for i in range(0, len(ids) - 1, seq_len)]
+
+
 @dataclass
 class SFTData:
     train: list[list[Example]]  # one list per file
@@ -199,17 +213,20 @@ def load_sft_data(files, tok, seq_len: int, val_fraction: float = 0.05, seed: in
         raise LLMKitError(f"val_fraction must be in [0, 1), got {val_fraction}")
     train, weights, val, dropped = [], [], [], 0
     for path, w in parse_file_specs(files):
-        records = read_records(path)
-        if max_records:
-            records = records[:max_records]
         exs = []
-        for line, rec in records:
-            ids, labels = tokenize_chat(tok, to_messages(rec, f"{path}:{line}", system))
-            ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
-            if all(x == IGNORE for x in labels[1:]):
-                dropped += 1
-                continue
-            exs.append(Example(ids, labels))
+        if path.suffix == ".txt":  # plain text: every token is a target
+            exs = text_examples(path, tok, seq_len)[:max_records or None]
+        else:
+            records = read_records(path)
+            if max_records:
+                records = records[:max_records]
+            for line, rec in records:
+                ids, labels = tokenize_chat(tok, to_messages(rec, f"{path}:{line}", system))
+                ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
+                if all(x == IGNORE for x in labels[1:]):
+                    dropped += 1
+                    continue
+                exs.append(Example(ids, labels))
         random.Random(seed).shuffle(exs)
         n_val = int(round(len(exs) * val_fraction))
         if val_fraction > 0 and len(exs) > 1:
