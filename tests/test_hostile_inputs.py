@@ -82,6 +82,7 @@ def _probes(W):
         ("data prepare", ["data", "prepare", "--input", f"{e}/ok.txt", "--tokenizer", f"{e}/notamodel", "--out", f"{e}/dp"]),
         ("data prepare", ["data", "prepare", "--input", f"{e}/missing.txt", "--tokenizer", m, "--out", f"{e}/dp"]),
         ("data prepare", ["data", "prepare", "--input", f"{e}/ok.txt", "--tokenizer", m, "--out", f"{e}/dp2", "--shard-tokens", "0"]),
+        ("data prepare", ["data", "prepare", "--input", f"{e}/ok.txt", "--tokenizer", m, "--out", f"{e}/dp3", "--shard-tokens", "1"]),
         ("tokenizer train", ["tokenizer", "train", "--input", f"{e}/empty.txt", "--vocab-size", "300", "--out", f"{e}/tk"]),
         ("tokenizer train", ["tokenizer", "train", "--input", f"{e}/ok.txt", "--vocab-size", "100000000", "--out", f"{e}/tk"]),
         ("tokenizer train", ["tokenizer", "train", "--input", f"{e}/ok.txt", "--vocab-size", "300", "--out", f"{e}/exists"]),
@@ -107,7 +108,7 @@ def _run(argv):
     return rc, [ln for ln in err.getvalue().splitlines() if ln.strip() and not ln.startswith("llmkit: warning")]
 
 
-N_PROBES = 53
+N_PROBES = 54
 
 
 def test_every_bad_input_is_exit_2_with_one_line(w):

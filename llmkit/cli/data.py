@@ -25,8 +25,8 @@ def run(args) -> int:
     from ..tokenizer import Tokenizer
     from ..train.data import prepare
 
-    if args.shard_tokens <= 0:
-        raise LLMKitError(f"--shard-tokens must be positive, got {args.shard_tokens}")
+    if args.shard_tokens < 1 << 16:  # smaller shards only multiply files (--shard-tokens 1: one file per token)
+        raise LLMKitError(f"--shard-tokens must be at least {1 << 16:,}, got {args.shard_tokens:,}")
     tok = Tokenizer.load(args.tokenizer)
     with output_lock(args.out):  # one writer per output directory
         m = prepare(args.input, tok, args.out, val_fraction=args.val_fraction, val_inputs=args.val_input,

@@ -150,6 +150,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         method.from_peft_config(model, cfg)
     except LLMKitError as e:
         raise LLMKitError(f"adapter {d} does not fit this model (made for another base model?): {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a field of the wrong type or missing
+        raise LLMKitError(f"{d / CONFIG_FILE} is not a valid {cfg['peft_type']} config ({type(e).__name__}: {e})") from None
     try:
         method.load_state(model, weights)
     except LLMKitError as e:
