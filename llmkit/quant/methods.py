@@ -239,12 +239,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
 
 
 def _grouped(w: torch.Tensor, grain: str) -> torch.Tensor:
-    """(N, K) -> (rows, groups, size): the values sharing one scale along the last axis."""
+    """(N, K) -> (rows, groups, size): the values sharing one scale along the last axis. Blocks that do not
+    divide K: the last block of each row is padded with zeros (which never widen a block's range)."""
     N, K = w.shape
     if grain == "tensor":
         return w.reshape(1, 1, N * K)
     size = K if grain == "channel" else int(grain[1:])
-    return w.reshape(N, K // size, size)
+    pad = -K % size
+    return torch.nn.functional.pad(w, (0, pad)).reshape(N, (K + pad) // size, size)
 
 
 def ptq_method(bits: int, symmetric: bool, grain: str) -> QuantMethod:
@@ -255,14 +257,14 @@ def ptq_method(bits: int, symmetric: bool, grain: str) -> QuantMethod:
       asymmetric (zero-point) s = (max w_g - min w_g) / (2^b - 1), z = round(-min / s), q = round(w / s) + z
                            in [0, 2^b - 1], w ~ s (q - z) (the range includes 0, so 0 stays exact)
     Groups: the whole tensor, one output row (per channel), or blocks of 32/64/128 inputs of a row
-    (GGUF Q4_0/Q8_0 use 32). Scales are stored in fp16 and quantization uses the fp16-rounded scale, so
+    (GGUF Q4_0/Q8_0 use 32; a last block short of the size where it does not divide K). Scales are stored in fp16 and quantization uses the fp16-rounded scale, so
     dequantize(quantize(W)) is what the model computes with. No kernel: every forward dequantizes."""
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
     offset = 2 ** (bits - 1) if symmetric else 0
     name = f"int{bits}-{'sym' if symmetric else 'asym'}-{grain}"
 
     def scale_shape(N, K):
-        return (1, 1) if grain == "tensor" else (N, 1 if grain == "channel" else K // int(grain[1:]))
+        return (1, 1) if grain == "tensor" else (N, 1 if grain == "channel" else -(-K // int(grain[1:])))
 
     def shapes(N, K):
         out = {"qweight": ((N, K * bits // 8), torch.uint8), "scales": (scale_shape(N, K), torch.float16)}
@@ -283,21 +285,19 @@ def ptq_method(bits: int, symmetric: bool, grain: str) -> QuantMethod:
             z = torch.round(-lo / s.float()).clamp(0, qmax)
             q = (torch.round(g / s.float()[..., None]) + z[..., None]).clamp(0, qmax)
             t = {"scales": s, "zeros": z.to(torch.uint8)}
-        t["qweight"] = pack_bits(q.reshape(N, K), bits)
+        t["qweight"] = pack_bits(q.reshape(N, -1)[:, :K], bits)
         return t
 
     def dequantize(t, N, K, dtype):
         q = _grouped(unpack_bits(t["qweight"], bits, K).float(), grain)
         zero = t["zeros"].float() if not symmetric else torch.full((), float(offset))
-        return ((q - zero[..., None]) * t["scales"].float()[..., None]).reshape(N, K).to(dtype)
+        return ((q - zero[..., None]) * t["scales"].float()[..., None]).reshape(N, -1)[:, :K].to(dtype)
 
     def concat(ts, Ns, K):  # per-row scales: rows concatenate exactly
         return {k: torch.cat([t[k] for t in ts]) for k in ts[0]}
 
-    block = 0 if grain in ("tensor", "channel") else int(grain[1:])
     return QuantMethod(
-        name=name, shape_rule="in_features divisible by 8" + (f" and by {block}" if block else ""),
-        accepts=lambda N, K: K % 8 == 0 and (not block or K % block == 0),
+        name=name, shape_rule="in_features divisible by 8", accepts=lambda N, K: K % 8 == 0,
         shapes=shapes, quantize=quantize, dequantize=dequantize,
         concat=None if grain == "tensor" else concat,
         # the head's errors land on the logits directly: 8 bits there, as llama.cpp keeps `output` at Q6_K/Q8_0
