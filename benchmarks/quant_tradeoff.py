@@ -161,8 +161,22 @@ def make_checkpoint(model_spec: str, method: str, out: Path, calibration: str | 
     return bits
 
 
+def table(path: str) -> str:
+    """The rows of a results JSONL as the markdown table of BENCHMARKS.md (bpb also relative to fp32)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    ref = {r["model"]: r["bpb"] for r in rows if r["method"] == "fp32"}
+    out = ["| engine | method | bits/weight (linears) | file MiB | peak RSS MiB | held-out bpb | vs fp32 | decode tok/s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["bpb"] - ref.get(r["model"], r["bpb"])
+        out.append(f"| {r['engine']} | {r['method']} | {r['bits_per_weight']:.2f} | {r['file_mb']:.1f} | "
+                   f"{r['peak_rss_mb']:.0f} | {r['bpb']:.4f} | {d:+.4f} | {r['decode_tok_s']:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", help="print a results JSONL as a markdown table and exit")
     ap.add_argument("--model", help="llmkit --model spec")
     ap.add_argument("--name", help="model name in the rows (default: --model)")
     ap.add_argument("--methods", default="fp32,bf16,int8,int4,nf4", help="comma list: fp32, bf16, llmkit methods")
@@ -182,6 +196,9 @@ def main() -> None:
     ap.add_argument("--engine", default="llmkit", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
     if a.child:
         print(json.dumps(child_llama(a) if a.engine == "llama.cpp" else child_llmkit(a)))
         return
