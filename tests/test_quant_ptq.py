@@ -244,5 +244,5 @@ def test_quantize_cli_outlier_and_no_overwrite(capsys, tmp_path, tiny_ckpt):
     rc, _, err = run(capsys, "quantize", "--model", tiny_ckpt, "--method", "int4-sym-b32-o8", "--calibration",
                      tmp_path / "calib.txt", "--out", tmp_path / "q", "--force")
     assert rc == 0, err
-    rc, out, err = run(capsys, "generate", "--model", tmp_path / "q", "--prompt", "Hi", "--max-new-tokens", "4")
+    rc, _, err = run(capsys, "generate", "--model", tmp_path / "q", "--prompt", "Hi", "--max-new-tokens", "4")
     assert rc == 0, err
