@@ -8,7 +8,7 @@ One row per method, appended to --out as JSON lines:
   bits_per_weight  stored bits per weight of the blocks' linear layers (scales, zero points and kept
                    outlier columns included; embedding and head excluded: llama.cpp's rows count the same)
   file_mb          the weights files on disk (everything: embedding, head, norms)
-  peak_rss_mb      the scoring child process's ru_maxrss (os.wait4): load + score + decode
+  peak_rss_mb      the scoring child process's own peak (VmHWM): load + score + decode
   bpb              held-out bits per byte on the first --tokens tokens of tinystories_sample.txt (a text no
                    method calibrated on: outlier-aware methods calibrate on tinyshakespeare), windows of
                    --context tokens every context/2, each token scored by the window giving it the most left
@@ -37,14 +37,22 @@ PROMPT_TOKENS = 16
 
 
 def run_child(args: list[str]) -> dict:
-    """This script as a child (its own memory), -> its JSON line + its peak RSS from os.wait4."""
+    """This script as a child (its own memory) -> its JSON line. Not os.wait4's ru_maxrss: Linux carries
+    a process's maxrss across fork + exec, so a child of this parent (which has held a whole model) would
+    report the parent's peak; the child reports its own address space's high-water mark (VmHWM)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    p = subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, text=True, env=env)
-    out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    p = subprocess.run([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, text=True, env=env)
+    if p.returncode != 0:
         raise SystemExit(f"child {' '.join(args)} failed")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident set of this process since its exec (VmHWM of /proc/self/status), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 # ---------------------------------------------------------------- children
@@ -169,8 +177,9 @@ def table(path: str) -> str:
            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = r["bpb"] - ref.get(r["model"], r["bpb"])
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "—"  # rows of the first runs: see BENCHMARKS
         out.append(f"| {r['engine']} | {r['method']} | {r['bits_per_weight']:.2f} | {r['file_mb']:.1f} | "
-                   f"{r['peak_rss_mb']:.0f} | {r['bpb']:.4f} | {d:+.4f} | {r['decode_tok_s']:.1f} |")
+                   f"{rss} | {r['bpb']:.4f} | {d:+.4f} | {r['decode_tok_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -200,7 +209,8 @@ def main() -> None:
         print(table(a.table))
         return
     if a.child:
-        print(json.dumps(child_llama(a) if a.engine == "llama.cpp" else child_llmkit(a)))
+        r = child_llama(a) if a.engine == "llama.cpp" else child_llmkit(a)
+        print(json.dumps({**r, "peak_rss_mb": vm_hwm_mb()}))
         return
 
     from llmkit.loading import load_model
