@@ -5,6 +5,8 @@ Record formats (JSON lines, or a JSON list), detected per record:
   prompt/response {"prompt", "response"}
   chat            {"messages": [{"role", "content"}, ...]}
   ShareGPT        {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
+  plain text      {"text"}: no chat template, every token is learned (continued pretraining on a
+                  domain's text, quantization-aware training on the text a model was trained on)
 Every record becomes a list of messages rendered with the tokenizer's chat template. Labels are the
 token ids on assistant tokens (every assistant turn of a multi-turn chat, including the end-of-turn
 token so the model learns to stop) and -100 elsewhere, so the loss is on completions only.
@@ -221,7 +223,11 @@ def load_sft_data(files, tok, seq_len: int, val_fraction: float = 0.05, seed: in
             if max_records:
                 records = records[:max_records]
             for line, rec in records:
-                ids, labels = tokenize_chat(tok, to_messages(rec, f"{path}:{line}", system))
+                if "text" in rec:  # a plain-text record: every token is a target, no chat template
+                    ids = tok.encode(_need(rec, "text", f"{path}:{line}", "plain-text"))
+                    labels = list(ids)
+                else:
+                    ids, labels = tokenize_chat(tok, to_messages(rec, f"{path}:{line}", system))
                 ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
                 if all(x == IGNORE for x in labels[1:]):
                     dropped += 1

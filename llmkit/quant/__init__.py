@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LLMKitError, closest
+from ..errors import LLMKitError
 from .methods import GROUP, METHODS, QuantMethod, get_method
 
 __all__ = ["QuantLinear", "QuantMethod", "METHODS", "GROUP", "SMALL_M", "get_method", "quantize", "fuse_projections",
-           "quantized_layers", "swap_empty", "keep_dense_copy"]
+           "quantized_layers", "swap_empty", "keep_dense_copy", "plan"]
 
 SMALL_M = 8  # inputs of at most this many rows use a method's weight-only kernel
 
@@ -73,13 +73,17 @@ class QuantLinear(nn.Module):
         self.dense: torch.Tensor | None = None  # opt-in dequantized copy for prefill (`keep_dense_copy`)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, method, act: torch.Tensor | None = None) -> QuantLinear:
+        """`act` (K,): calibration activation absmax per input feature, for calibrated methods."""
         rec = method if isinstance(method, QuantMethod) else get_method(method)
         N, K = linear.weight.shape
         if not rec.accepts(N, K):
             raise LLMKitError(f"{rec.name} does not take a {N}x{K} weight ({rec.shape_rule})")
-        return cls(rec, K, N, tensors=rec.quantize(linear.weight.detach().float()),
-                   bias_tensor=linear.bias).train(linear.training)
+        w = linear.weight.detach().float()
+        if rec.calibrated and act is None:
+            raise LLMKitError(f"{rec.name} needs calibration activations (llmkit quantize --calibration FILE)")
+        tensors = rec.quantize(w, act.float()) if rec.calibrated else rec.quantize(w)
+        return cls(rec, K, N, tensors=tensors, bias_tensor=linear.bias).train(linear.training)
 
     def _set(self, storage: dict[str, torch.Tensor], shapes) -> None:
         for k, (s, dt) in shapes.items():
@@ -220,27 +224,44 @@ def _match(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def quantize(model: nn.Module, method="int8", targets=None) -> nn.Module:
-    """Swap every plain nn.Linear of `model` (or those matching `targets`) for a QuantLinear, in place;
-    returns the model. Does not fuse (`fuse_projections` is its own step). Quantize the base model
-    before applying adapters (as QLoRA does): adapters' own linears are plain nn.Linear too.
-
-    The head follows the method's `head` rule (int8 for int8/int4: llama.cpp likewise keeps `output` at
-    Q6_K/Q8_0 in its 4-bit files; none for NF4, whose QLoRA keeps it in full precision), shapes a kernel
-    does not take fall back (int4 -> int8), and linears no method takes stay as they are."""
+def plan(model: nn.Module, method, targets=None) -> list[tuple[str, nn.Linear, QuantMethod]]:
+    """[(name, linear, its method)] for every plain nn.Linear `quantize` swaps (shared with QAT's
+    fake-quantization, so both treat the same layers the same way)."""
     rec = method if isinstance(method, QuantMethod) else get_method(method)
-    found = False
+    found, out = False, []
     for name, child in list(model.named_modules()):
-        if not _match(name, targets) or not isinstance(child, (nn.Linear, QuantLinear)):
+        if not _match(name, targets) or not isinstance(child, nn.Linear | QuantLinear):
             continue
         found = True
         if type(child) is not nn.Linear:  # already quantized (e.g. a quantized checkpoint): left as it is
             continue
         m = _layer_method(rec, name, *child.weight.shape)
         if m is not None:
-            _set_module(model, name, QuantLinear.from_linear(child, m))
+            out.append((name, child, m))
     if targets is not None and not found:
         raise LLMKitError(f"no linear layer matches {targets!r}")
+    return out
+
+
+def quantize(model: nn.Module, method="int8", targets=None, calibration=None) -> nn.Module:
+    """Swap every plain nn.Linear of `model` (or those matching `targets`) for a QuantLinear, in place;
+    returns the model. Does not fuse (`fuse_projections` is its own step). Quantize the base model
+    before applying adapters (as QLoRA does): adapters' own linears are plain nn.Linear too.
+
+    The head follows the method's `head` rule (int8 for int8/int4: llama.cpp likewise keeps `output` at
+    Q6_K/Q8_0 in its 4-bit files; none for NF4, whose QLoRA keeps it in full precision), shapes a kernel
+    does not take fall back (int4 -> int8), and linears no method takes stay as they are.
+    `calibration`: {linear name: (K,) activation absmax} (`calibrate.activation_absmax`) or a function
+    returning it, called only if a layer's method is calibrated (outlier-aware)."""
+    layers = plan(model, method, targets)
+    stats = {}
+    if any(m.calibrated for _, _, m in layers):  # measured on the model before any layer is swapped
+        stats = (calibration() if callable(calibration) else calibration) or {}
+    for name, child, m in layers:
+        if m.calibrated and name not in stats:
+            raise LLMKitError(f"{m.name} needs calibration activations for {name} "
+                              "(llmkit quantize --calibration FILE)")
+        _set_module(model, name, QuantLinear.from_linear(child, m, stats.get(name)))
     return model
 
 
@@ -258,9 +279,10 @@ def swap_empty(model: nn.Module, layers: dict[str, str], device="meta") -> nn.Mo
     """Replace the named nn.Linear modules by empty QuantLinears (on `device`) of the recorded methods, so
     that `model.load_state_dict(quantized_sd, assign=True)` fills them: the gpt-fast loading order."""
     for name, method in layers.items():
-        if method not in METHODS:
-            raise LLMKitError(f"checkpoint layer {name} uses unknown quantization {method!r}{closest(method, METHODS)} "
-                              f"(known: {', '.join(METHODS)})")
+        try:
+            get_method(method)
+        except LLMKitError as e:
+            raise LLMKitError(f"checkpoint layer {name}: {e}") from None
         try:
             lin = model.get_submodule(name)
         except AttributeError:

@@ -8,7 +8,10 @@ A record says, for a weight W (N, K) (N outputs, K inputs):
   concat      stack several weights' runtime tensors along N (fusing q/k/v, gate/up)
   to_runtime / from_runtime  storage <-> the layout the kernel wants (identity unless a kernel's
               layout depends on the CPU, as torch's int4 packing does)
-Adding a method (a GGUF K-quant, HQQ, ...) is one more record here.
+Adding a method (a GGUF K-quant, HQQ, ...) is one more record here. Parametrised families are
+records generated from their name (`get_method` parses it): the post-training quantization grid
+`int{2,3,4,8}-{sym,asym}-{tensor,channel,b32,b64,b128}`, its outlier-aware variants `...-o{k}` and
+NF4 `nf4-b{64,128,256}[-dq]`.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth: int8 reads a quarter
 of fp32's bytes, int4 an eighth. Measured on this 2-core Xeon (1 thread, all SmolLM2 matrices once):
@@ -18,6 +21,7 @@ fp32 71 ms, int8 39 ms, int4 20 ms.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +54,15 @@ class QuantMethod:
     fallback: str | None = None  # method for shapes `accepts` refuses (None: left in full precision)
     to_runtime: Callable[[Tensors, int, int], Tensors] = _identity
     from_runtime: Callable[[Tensors, int, int], Tensors] = _identity
+    # calibrated: `quantize` takes (W, act) with act (K,) the calibration inputs' absmax per input feature
+    calibrated: bool = False
+
+    def roundtrip(self, w: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+        """W (N, K) fp32 -> what a QuantLinear of this method computes with: dequantize(quantize(W)),
+        fp32. The forward of quantization-aware training (qat.py) and the error the tests bound."""
+        N, K = w.shape
+        t = self.quantize(w, act) if self.calibrated else self.quantize(w)
+        return self.dequantize(self.to_runtime(t, N, K), N, K, torch.float32)
 
 
 # ---------------------------------------------------------------- int8: per output channel, symmetric
@@ -194,10 +207,191 @@ def nf4_method(blocksize: int = 64, double_quant: bool = True) -> QuantMethod:
                        concat=concat)
 
 
+# ---------------------------------------------------------------- the PTQ grid: int{2,3,4,8}, sym/asym, granularity
+PTQ_BITS = (2, 3, 4, 8)
+PTQ_GRAINS = ("tensor", "channel", "b32", "b64", "b128")  # one scale per tensor / output row / block of inputs
+NF4_BLOCKS = (64, 128, 256)
+_PTQ = re.compile(r"int(\d+)-(sym|asym)-(tensor|channel|b\d+)(?:-o(\d+))?")
+_NF4 = re.compile(r"nf4-b(\d+)(-dq)?")
+SPEC_HELP = ("int{2,3,4,8}-{sym,asym}-{tensor,channel,b32,b64,b128}[-o{k}] (k outlier input features kept in "
+             "fp16, calibrated), nf4-b{64,128,256}[-dq]")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) codes < 2**bits (K divisible by 8) -> (N, K * bits / 8) uint8: each run of 8 codes fills
+    `bits` bytes, code i at bit offset bits * i (little-endian), so 3-bit weights take 3 bits on disk."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    N, K = codes.shape
+    c = codes.to(torch.int64).view(N, K // 8, 8)
+    acc = (c << (bits * torch.arange(8))).sum(-1, keepdim=True)  # (N, K/8, 1), < 2**(8 bits)
+    return ((acc >> (8 * torch.arange(bits))) & 255).to(torch.uint8).reshape(N, K * bits // 8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of pack_bits: (N, K * bits / 8) uint8 -> (N, K) int64 codes."""
+    if bits == 8:
+        return packed.to(torch.int64)
+    N = packed.size(0)
+    b = packed.to(torch.int64).view(N, K // 8, bits)
+    acc = (b << (8 * torch.arange(bits))).sum(-1, keepdim=True)
+    return ((acc >> (bits * torch.arange(8))) & (2**bits - 1)).reshape(N, K)
+
+
+def _grouped(w: torch.Tensor, grain: str) -> torch.Tensor:
+    """(N, K) -> (rows, groups, size): the values sharing one scale along the last axis. Blocks that do not
+    divide K: the last block of each row is padded with zeros (which never widen a block's range)."""
+    N, K = w.shape
+    if grain == "tensor":
+        return w.reshape(1, 1, N * K)
+    size = K if grain == "channel" else int(grain[1:])
+    pad = -K % size
+    return torch.nn.functional.pad(w, (0, pad)).reshape(N, (K + pad) // size, size)
+
+
+def ptq_method(bits: int, symmetric: bool, grain: str) -> QuantMethod:
+    """Round-to-nearest uniform quantization (Jacob et al. 2018; the grid of Nagel et al. 2021, "A White
+    Paper on Neural Network Quantization", sec. 2) for one scale per group g of weights:
+      symmetric (absmax)   s = max|w_g| / (2^(b-1) - 1),  q = round(w / s) in [-(2^(b-1)-1), 2^(b-1)-1],
+                           w ~ s q (the grid is symmetric around an exact 0; q stored offset by 2^(b-1))
+      asymmetric (zero-point) s = (max w_g - min w_g) / (2^b - 1), z = round(-min / s), q = round(w / s) + z
+                           in [0, 2^b - 1], w ~ s (q - z) (the range includes 0, so 0 stays exact)
+    Groups: the whole tensor, one output row (per channel), or blocks of 32/64/128 inputs of a row
+    (GGUF Q4_0/Q8_0 use 32; a last block short of the size where it does not divide K). Scales are stored in fp16 and quantization uses the fp16-rounded scale, so
+    dequantize(quantize(W)) is what the model computes with. No kernel: every forward dequantizes."""
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    offset = 2 ** (bits - 1) if symmetric else 0
+    name = f"int{bits}-{'sym' if symmetric else 'asym'}-{grain}"
+
+    def scale_shape(N, K):
+        return (1, 1) if grain == "tensor" else (N, 1 if grain == "channel" else -(-K // int(grain[1:])))
+
+    def shapes(N, K):
+        out = {"qweight": ((N, K * bits // 8), torch.uint8), "scales": (scale_shape(N, K), torch.float16)}
+        if not symmetric:
+            out["zeros"] = ((scale_shape(N, K)), torch.uint8)
+        return out
+
+    def quantize(w: torch.Tensor) -> Tensors:
+        N, K = w.shape
+        g = _grouped(w.float(), grain)  # (R, G, S)
+        if symmetric:
+            s = (g.abs().amax(-1) / qmax).clamp_min(1e-6).half()  # (R, G)
+            q = torch.round(g / s.float()[..., None]).clamp(-qmax, qmax) + offset
+            t = {"scales": s}
+        else:
+            lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+            s = ((hi - lo) / qmax).clamp_min(1e-6).half()
+            z = torch.round(-lo / s.float()).clamp(0, qmax)
+            q = (torch.round(g / s.float()[..., None]) + z[..., None]).clamp(0, qmax)
+            t = {"scales": s, "zeros": z.to(torch.uint8)}
+        t["qweight"] = pack_bits(q.reshape(N, -1)[:, :K], bits)
+        return t
+
+    def dequantize(t, N, K, dtype):
+        q = _grouped(unpack_bits(t["qweight"], bits, K).float(), grain)
+        zero = t["zeros"].float() if not symmetric else torch.full((), float(offset))
+        return ((q - zero[..., None]) * t["scales"].float()[..., None]).reshape(N, -1)[:, :K].to(dtype)
+
+    def concat(ts, Ns, K):  # per-row scales: rows concatenate exactly
+        return {k: torch.cat([t[k] for t in ts]) for k in ts[0]}
+
+    return QuantMethod(
+        name=name, shape_rule="in_features divisible by 8", accepts=lambda N, K: K % 8 == 0,
+        shapes=shapes, quantize=quantize, dequantize=dequantize,
+        concat=None if grain == "tensor" else concat,
+        # the head's errors land on the logits directly: 8 bits there, as llama.cpp keeps `output` at Q6_K/Q8_0
+        head=name if bits == 8 else "int8-sym-channel",
+        fallback=None if name == "int8-sym-channel" else "int8-sym-channel")
+
+
+def outlier_method(base: QuantMethod, k: int) -> QuantMethod:
+    """Outlier-aware mixed precision: the k input features with the largest calibration activations keep
+    their weight columns in fp16, the rest go to `base`. Weight-only form of LLM.int8()'s decomposition
+    (Dettmers et al. 2022: a few feature dimensions carry activations > 6 and dominate the error of
+    x W^T; they stay 16-bit) and of ATOM's outlier channels (Zhao et al. 2024) / AWQ's salient 1%
+    (Lin et al. 2024): a weight error in column j costs |x_j| times more when x_j is large.
+    Stored: base's tensors for W with those columns zeroed (so they do not stretch the scales),
+    outlier_idx (k,) int32 and outlier_w (N, k) fp16. y = x W_base^T + x[:, idx] W_out^T, computed here
+    by putting the columns back into the dequantized weight (exact where there are no outliers to keep:
+    the columns are the base's dequantized ones then equal to W's columns up to fp16)."""
+
+    def shapes(N, K):
+        return {**base.shapes(N, K), "outlier_idx": ((k,), torch.int32), "outlier_w": ((N, k), torch.float16)}
+
+    def quantize(w: torch.Tensor, act: torch.Tensor) -> Tensors:
+        idx = torch.topk(act.float(), k).indices.sort().values
+        rest = w.clone()
+        rest[:, idx] = 0
+        return {**base.quantize(rest), "outlier_idx": idx.to(torch.int32), "outlier_w": w[:, idx].half()}
+
+    def split(t):
+        return {n: v for n, v in t.items() if not n.startswith("outlier_")}
+
+    def dequantize(t, N, K, dtype):
+        w = base.dequantize(split(t), N, K, torch.float32)
+        w[:, t["outlier_idx"].long()] = t["outlier_w"].float()
+        return w.to(dtype)
+
+    def concat(ts, Ns, K):  # q/k/v (gate/up) share their input, hence their outlier features
+        if base.concat is None or any(not torch.equal(t["outlier_idx"], ts[0]["outlier_idx"]) for t in ts):
+            return None
+        return {**base.concat([split(t) for t in ts], Ns, K), "outlier_idx": ts[0]["outlier_idx"],
+                "outlier_w": torch.cat([t["outlier_w"] for t in ts])}
+
+    return QuantMethod(
+        name=f"{base.name}-o{k}", shape_rule=f"{base.shape_rule}, at least {k} inputs",
+        accepts=lambda N, K: base.accepts(N, K) and K >= k, shapes=shapes, quantize=quantize,
+        dequantize=dequantize, concat=concat if base.concat is not None else None,
+        head=base.head, fallback=base.fallback, calibrated=True)
+
+
 METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT8, INT4, nf4_method())}
 
 
+@functools.cache
+def _from_spec(name: str) -> QuantMethod | None:
+    """A record of the generated families, or None if `name` is not one of their spellings. Bit widths
+    and block sizes outside the supported sets raise, naming the value."""
+    m = _PTQ.fullmatch(name)
+    if m:
+        bits, sym, grain, k = int(m[1]), m[2] == "sym", m[3], m[4]
+        if bits not in PTQ_BITS:
+            raise LLMKitError(f"bit width {bits} is not supported in {name!r} (supported: "
+                              f"{', '.join(map(str, PTQ_BITS))})")
+        if grain not in PTQ_GRAINS:
+            raise LLMKitError(f"block size {grain[1:]} is not supported in {name!r} (supported: 32, 64, 128)")
+        rec = ptq_method(bits, sym, grain)
+        if k is not None:
+            if int(k) <= 0:
+                raise LLMKitError(f"outlier count must be positive in {name!r}")
+            rec = outlier_method(rec, int(k))
+        return rec
+    m = _NF4.fullmatch(name)
+    if m:
+        if int(m[1]) not in NF4_BLOCKS:
+            raise LLMKitError(f"NF4 block size {m[1]} is not supported in {name!r} (supported: "
+                              f"{', '.join(map(str, NF4_BLOCKS))})")
+        return nf4_method(int(m[1]), bool(m[2]))
+    return None
+
+
+def with_block_size(name: str, block_size: int | None) -> str:
+    """`--method int4-sym --block-size 64` -> "int4-sym-b64"; `nf4 --block-size 256` -> "nf4-b256-dq"."""
+    if block_size is None:
+        return name
+    if re.fullmatch(r"int\d+-(sym|asym)", name):
+        return f"{name}-b{block_size}"
+    if name == "nf4":
+        return f"nf4-b{block_size}-dq"
+    raise LLMKitError(f"--block-size applies to int{{bits}}-sym, int{{bits}}-asym and nf4, not {name!r}")
+
+
 def get_method(name: str) -> QuantMethod:
-    if name not in METHODS:
-        raise LLMKitError(f"unknown quantization {name!r}{closest(name, METHODS)} (known: {', '.join(METHODS)})")
-    return METHODS[name]
+    if name in METHODS:
+        return METHODS[name]
+    rec = _from_spec(name)
+    if rec is None:
+        raise LLMKitError(f"unknown quantization {name!r}{closest(name, METHODS)} (known: {', '.join(METHODS)}, "
+                          f"{SPEC_HELP})")
+    return rec

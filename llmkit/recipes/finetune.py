@@ -43,6 +43,7 @@ from ..losses import cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
 from ..peft import PeftSections, get_method, memory_report, trainable_summary
+from ..quant.qat import convert_qat, prepare_qat
 from ..train import checkpoint as ckpt
 from ..train.dist import DistInfo, all_reduce_sum, init_distributed, unwrap, wrap_model
 from ..train.loop import MetricsLogger, autocast_context, plot_metrics, progress_bar, train_step
@@ -68,6 +69,9 @@ class FinetuneConfig(PeftSections):
     base_adapter: str | None = None  # a LoRA adapter merged into the model before fine-tuning (--adapter)
     method: str = "lora"
     task: str = "sft"  # sft: a decoder on chat/completion data | classify: a BERT encoder + classifier head
+    # quantization-aware training: fake-quantize the linears with this llmkit.quant method (e.g. int4-sym-b32)
+    # during training, write the real quantized checkpoint at the end (method full or selective)
+    qat: str = ""
     data: SFTDataSection = field(default_factory=lambda: SFTDataSection(seq_len=512))
     # optim.lr None: the method's default (its PEFT record's default_lr)
     optim: OptimSection = field(default_factory=lambda: OptimSection(warmup_steps=10, weight_decay=0.0))
@@ -83,6 +87,13 @@ class FinetuneConfig(PeftSections):
         micro, accum = check_sections(self.data, self.optim, self.train, world)
         if method.validate is not None:
             method.validate(self)
+        if self.qat:
+            from ..quant import get_method as get_quant_method
+
+            get_quant_method(self.qat)  # an unknown or unsupported spelling fails now, naming the value
+            if method.saves_adapter:
+                raise LLMKitError(f"qat={self.qat} needs method=full or selective (it writes a quantized "
+                                  f"checkpoint), not {self.method}")
         if self.data.packing and not method.supports_packing:
             raise LLMKitError(f"method {self.method} cannot train on packed rows: use data.packing=false")
         return micro, accum
@@ -211,6 +222,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     # ---- model and optimiser (same seed on every rank: identical adapters)
     mem_before = memory_report(model)
     apply_method(model, cfg, tokenizer)
+    prepare_qat(model, cfg.qat)  # fake-quantized linears sharing the trained parameters (none without qat)
     if d.seq_len > model.max_tokens:  # e.g. prompt tuning's virtual tokens take positions of the window
         raise LLMKitError(f"data.seq_len {d.seq_len} does not fit the {model.max_tokens} tokens the model takes "
                           f"(context window {model.cfg.max_seq_len}, less {model.n_prefix} for its prefix): "
@@ -304,6 +316,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, tokenizer=None
     if method.summary is not None:
         summary.update(method.summary(model, tokenizer))
     resolved = dataclasses.asdict(cfg)
+    convert_qat(model)  # qat: the real quantized layers, computing what training computed
     write_model(model, out, cfg.method, cfg.model, tokenizer, {"finetune": resolved})
     finish_run(out, partial, "finetune", resolved, summary,
                lambda records: plot_metrics(records, out / "loss.png", title=f"fine-tuning ({cfg.method})"))
