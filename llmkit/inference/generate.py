@@ -442,6 +442,24 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, g
 
 
 @torch.inference_mode()
+def _verify_drafts(logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor], params: SamplingParams,
+                   history, gen) -> tuple[int, list[int], torch.Tensor]:
+    """The target's verdict on k drafts. logits (k+1, V): the target at [tok, d1..dk]; qs: the k draft
+    distributions (1, V). Each position's distribution is processed as plain decoding would (penalties
+    see the drafts before it), then speculative_accept. -> (accepted a, new tokens drafts[:a] + the
+    target's next one, log-probs (k+1, V))."""
+    kk = len(drafts)
+    th = history.clone()
+    ps = []
+    for i in range(kk + 1):
+        ps.append(probs_from_logits(process_logits(logits[i:i + 1], params, th.seen, th.counts), params))
+        if i < kk:
+            th.add(torch.tensor([drafts[i]]))
+    n_acc, nxt = speculative_accept(torch.stack(ps, 1), torch.stack(qs, 1), torch.tensor([drafts]), gen)
+    a = int(n_acc[0])
+    return a, drafts[:a] + [int(nxt[0])], torch.log_softmax(logits.float(), -1)
+
+
 def speculative_generate(target, draft, prompt: list[int], params: SamplingParams | None = None, *, k: int = 4,
                          tokenizer=None, truncate: bool = False) -> Generation:
     """Speculative decoding of one prompt: `draft` proposes k tokens, `target` scores them in one
@@ -507,18 +525,9 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
         block = torch.tensor([[tok] + drafts], device=dev)
         logits = target(block, input_pos=_positions(n, n + kk + 1, dev), cache=tcache)[0].cpu()  # (k+1, V)
         forwards += 1
-        th = history.clone()
-        ps = []
-        for i in range(kk + 1):
-            ps.append(probs_from_logits(process_logits(logits[i:i + 1], params, th.seen, th.counts), params))
-            if i < kk:
-                th.add(torch.tensor([drafts[i]]))
-        n_acc, nxt = speculative_accept(torch.stack(ps, 1), torch.stack(qs, 1), torch.tensor([drafts]), gen)
-        a = int(n_acc[0])
+        a, new, logp = _verify_drafts(logits, drafts, qs, params, history, gen)
         proposed += kk
         accepted += a
-        logp = torch.log_softmax(logits.float(), -1)
-        new = drafts[:a] + [int(nxt[0])]
         for i, t in enumerate(new):
             if emit(t, float(logp[i, t])):
                 done = True
@@ -609,18 +618,9 @@ def mtp_generate(model, prompt: list[int], params: SamplingParams | None = None,
                    return_hidden=True)  # (1, kk+1, C)
         logits = model.lm_head(hb)[0].cpu()
         forwards += 1
-        th = history.clone()
-        ps = []
-        for i in range(kk + 1):
-            ps.append(probs_from_logits(process_logits(logits[i:i + 1], params, th.seen, th.counts), params))
-            if i < kk:
-                th.add(torch.tensor([drafts[i]]))
-        n_acc, nxt = speculative_accept(torch.stack(ps, 1), torch.stack(qs, 1), torch.tensor([drafts]), gen)
-        a = int(n_acc[0])
+        a, new, logp = _verify_drafts(logits, drafts, qs, params, history, gen)
         proposed += kk
         accepted += a
-        logp = torch.log_softmax(logits.float(), -1)
-        new = drafts[:a] + [int(nxt[0])]
         for i, t in enumerate(new):
             if emit(t, float(logp[i, t])):
                 done = True
