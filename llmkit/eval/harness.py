@@ -104,9 +104,8 @@ def example_key(obj) -> str:
 
 # ---------------------------------------------------------------- log-likelihoods
 def needs_bos(model) -> bool:
-    """lm-eval's HFLM prepends BOS to every request for Gemma models ("Gemma underperforms without it")
-    and to no other model by default; so does llmkit, by the model's family."""
-    return str(getattr(getattr(model, "cfg", None), "family", "")).startswith("gemma")
+    """Whether every request starts with BOS, as the model's config says (ModelConfig.eval_bos)."""
+    return bool(getattr(getattr(model, "cfg", None), "eval_bos", False))
 
 
 def encode_pair(tokenizer, context: str, continuation: str, bos: bool = False) -> tuple[list[int], list[int]]:

@@ -443,11 +443,11 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, g
 
 @torch.inference_mode()
 def _verify_drafts(logits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor], params: SamplingParams,
-                   history, gen) -> tuple[int, list[int], torch.Tensor]:
-    """The target's verdict on k drafts. logits (k+1, V): the target at [tok, d1..dk]; qs: the k draft
-    distributions (1, V). Each position's distribution is processed as plain decoding would (penalties
-    see the drafts before it), then speculative_accept. -> (accepted a, new tokens drafts[:a] + the
-    target's next one, log-probs (k+1, V))."""
+                   history, gen, emit) -> tuple[int, list[int], bool]:
+    """The target's verdict on k drafts, emitted. logits (k+1, V): the target at [tok, d1..dk]; qs: the k
+    draft distributions (1, V). Each position's distribution is processed as plain decoding would
+    (penalties see the drafts before it), then speculative_accept; the new tokens (drafts[:a] + the
+    target's next one) go to `emit(token, logprob)` until it says stop. -> (a, new tokens, stopped)."""
     kk = len(drafts)
     th = history.clone()
     ps = []
@@ -457,7 +457,9 @@ def _verify_drafts(logits: torch.Tensor, drafts: list[int], qs: list[torch.Tenso
             th.add(torch.tensor([drafts[i]]))
     n_acc, nxt = speculative_accept(torch.stack(ps, 1), torch.stack(qs, 1), torch.tensor([drafts]), gen)
     a = int(n_acc[0])
-    return a, drafts[:a] + [int(nxt[0])], torch.log_softmax(logits.float(), -1)
+    new, logp = drafts[:a] + [int(nxt[0])], torch.log_softmax(logits.float(), -1)
+    stopped = any(emit(t, float(logp[i, t])) for i, t in enumerate(new))  # any() stops at the first True
+    return a, new, stopped
 
 
 def speculative_generate(target, draft, prompt: list[int], params: SamplingParams | None = None, *, k: int = 4,
@@ -525,13 +527,9 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
         block = torch.tensor([[tok] + drafts], device=dev)
         logits = target(block, input_pos=_positions(n, n + kk + 1, dev), cache=tcache)[0].cpu()  # (k+1, V)
         forwards += 1
-        a, new, logp = _verify_drafts(logits, drafts, qs, params, history, gen)
+        a, new, done = _verify_drafts(logits, drafts, qs, params, history, gen, emit)
         proposed += kk
         accepted += a
-        for i, t in enumerate(new):
-            if emit(t, float(logp[i, t])):
-                done = True
-                break
         # the draft saw tok, d1..d_{kk-1}; keep what is still on the accepted path
         d_done = n + min(a, kk - 1) + 1
         seq.extend(new[:-1])
@@ -618,13 +616,9 @@ def mtp_generate(model, prompt: list[int], params: SamplingParams | None = None,
                    return_hidden=True)  # (1, kk+1, C)
         logits = model.lm_head(hb)[0].cpu()
         forwards += 1
-        a, new, logp = _verify_drafts(logits, drafts, qs, params, history, gen)
+        a, new, done = _verify_drafts(logits, drafts, qs, params, history, gen, emit)
         proposed += kk
         accepted += a
-        for i, t in enumerate(new):
-            if emit(t, float(logp[i, t])):
-                done = True
-                break
         seq += [tok] + drafts[:a]
         h, h_start, tok = hb[:, :a + 1], n, new[-1]  # hidden states of the accepted positions n..n+a
     timings["decode_s"] = time.perf_counter() - t1

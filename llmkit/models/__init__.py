@@ -10,4 +10,9 @@ from .transformer import Transformer
 
 __all__ = ["BatchKVCache", "KVCache", "RollingKVCache", "ModelConfig", "PRESETS", "Transformer", "flops_per_token",
            "kv_bytes_per_token", "num_params", "Encoder", "EncoderConfig", "ENCODER_PRESETS", "save_encoder", "T5",
-           "T5Config", "T5_PRESETS"]
+           "T5Config", "T5_PRESETS", "build_model"]
+
+
+def build_model(cfg):
+    """The model a config describes: a T5 for a T5Config, else the decoder (Transformer)."""
+    return T5(cfg) if isinstance(cfg, T5Config) else Transformer(cfg)

@@ -132,6 +132,12 @@ class ModelConfig:
         return bool(self.sliding_window) and (n == 0 or i % n != n - 1)
 
     @property
+    def eval_bos(self) -> bool:
+        """Whether benchmark requests start with BOS: lm-eval's HFLM prepends it for Gemma ("Gemma
+        underperforms without it") and for no other family by default."""
+        return self.family.startswith("gemma")
+
+    @property
     def uniform_window(self) -> int | None:
         """The sliding window when every layer has it (what a rolling-buffer cache may rely on), else None."""
         return self.sliding_window if not self.sliding_window_pattern else None

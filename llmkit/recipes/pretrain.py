@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..config import ranged
 from ..errors import LLMKitError
 from ..io import locks_run_dir
-from ..models import Encoder, ModelConfig, Transformer, save_encoder
+from ..models import Encoder, ModelConfig, Transformer, build_model, save_encoder
 from ..models.flops import flops_per_token, num_params
 from ..train import checkpoint as ckpt
 from ..train.average import TailAverage, in_tail
@@ -160,13 +160,6 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def new_model(mcfg) -> torch.nn.Module:
-    """The model a config describes: a Transformer, or a T5 for a T5Config."""
-    from ..models.t5 import T5, T5Config
-
-    return T5(mcfg) if isinstance(mcfg, T5Config) else Transformer(mcfg)
-
-
 def _full_model(model: torch.nn.Module, make) -> torch.nn.Module | None:
     """A plain model (`make()`) with the full weights on rank 0 (gathers FSDP shards); None on other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -281,7 +274,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         if getattr(mcfg, "mtp_depth", 0) and info.enabled and t.strategy == "fsdp":
             # mtp_loss runs the MTP modules after the wrapped forward, where FSDP has resharded their weights
             raise LLMKitError("model.mtp_depth > 0 needs train.strategy=ddp (or one process), not fsdp")
-        model = new_model(mcfg).to(info.device)
+        model = build_model(mcfg).to(info.device)
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model = wrap_model(model, t.strategy, info)
@@ -442,7 +435,7 @@ def pretrain(cfg: PretrainConfig, resume: bool | str = False, force: bool = Fals
         text = sample_text(model, tokenizer, t.sample_prompt, t.sample_tokens, seed=t.seed)
         samples.append({"step": step, "text": text})
     save(step, {"loss": loss, **last_val})
-    plain = _full_model(model, (lambda: Encoder(ecfg)) if mlm else (lambda: new_model(mcfg)))
+    plain = _full_model(model, (lambda: Encoder(ecfg)) if mlm else (lambda: build_model(mcfg)))
     summary = {}
     if info.is_main:
         from ..checkpoint import save_checkpoint
