@@ -25,6 +25,15 @@ from typing import Any
 from ..errors import LLMKitError, closest
 
 
+def strict_from_dict(cls, d: dict[str, Any], what: str):
+    """cls(**d), an unknown key being a one-line error that suggests close ones (every model config)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise LLMKitError(f"unknown {what} config key {unknown[0]!r}{closest(unknown[0], names)}")
+    return cls(**d)
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"  # gpt2 | llama | mistral | mixtral | qwen2 | deepseek | gemma3 (used for HF export)
@@ -147,11 +156,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise LLMKitError(f"unknown model config key {unknown[0]!r}{closest(unknown[0], names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "model")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..errors import LLMKitError, closest
 from .cache import BatchKVCache
-from .config import ModelConfig
+from .config import ModelConfig, strict_from_dict
 from .modules import MLPS, Dropout, RMSNorm
 
 # Hugging Face activation names -> keys of modules.ACTIVATIONS ("gated-gelu" means tanh GELU, HF's gelu_new)
@@ -104,11 +104,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise LLMKitError(f"unknown t5 config key {unknown[0]!r}{closest(unknown[0], names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "t5")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "T5Config":
