@@ -61,3 +61,21 @@ def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
     # refuses to overwrite an existing output directory
     assert main(["speedrun", "--minutes", "0.5", "--out", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_depth_is_sized_to_the_machine():
+    """Without model.n_layer the speedrun takes the deepest of `depths` whose measured step leaves
+    `min_steps` steps in the budget, else the shallowest; model.n_layer pins it."""
+    from llmkit.config import load_config
+    from llmkit.recipes.speedrun import pick_depth, step_seconds
+
+    small = ["vocab_size=300", "seq_len=32", "batch_size=2", "model.d_model=32", "model.n_head=2",
+             "model.n_kv_head=2", "model.d_ff=64", "depths=[3, 1]"]
+    cfg = load_config(SpeedrunConfig, None, small + ["min_steps=0"])
+    assert "n_layer" not in cfg.model and cfg.depths == [3, 1]
+    assert step_seconds(cfg, "float32", 1) > 0
+    assert pick_depth(cfg, "float32", 60.0)[0] == 3  # any step time leaves >= 0 steps
+    d, why = pick_depth(load_config(SpeedrunConfig, None, small + ["min_steps=1000000000"]), "float32", 60.0)
+    assert d == 1 and "3 layers:" in why and "1 layers:" in why  # neither fits: the shallowest
+    assert pick_depth(load_config(SpeedrunConfig, None, small + ["model.n_layer=2"]), "float32", 60.0) == (
+        2, "set by model.n_layer")

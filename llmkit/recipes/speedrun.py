@@ -36,7 +36,8 @@ def _default_model() -> dict:
     # ~2M parameters: wide enough that the matmuls keep the CPU busy, shallow enough that a
     # 10-minute run sees the training text many times (~14 epochs of 1 MB with bf16 on AMX), so it
     # overfits without dropout (bf16 run: 2.145 bits/byte without, 1.987 with 0.1; BENCHMARKS.md).
-    return dict(n_layer=4, n_head=6, n_kv_head=6, d_model=192, d_ff=512, dropout=0.1)
+    # No n_layer: the depth is sized to this machine (`pick_depth`) unless `model.n_layer=N` pins it.
+    return dict(n_head=6, n_kv_head=6, d_model=192, d_ff=512, dropout=0.1)
 
 
 @dataclass
@@ -50,6 +51,12 @@ class SpeedrunConfig:
     heldout_fraction: float = ranged(0.1, "(0,1)")  # the last 10% of the bytes
     vocab_size: int = ranged(512, "[260,1000000]")
     threads: int = ranged(0, ">=0")  # 0 = pick 1 or 2 by timing a training step (a shared CPU can make 2 threads slower)
+    # depth sized to the machine (unless model.n_layer is set): the deepest of `depths` whose measured
+    # optimiser step still fits `min_steps` steps into the training budget. 4 layers need ~3,000+ steps
+    # (bf16: 1.983-1.999 bits/byte at 3,000-3,900 steps; fp32 at 1,558 steps: 2.052); where a step is too
+    # slow for that (fp32 on a CPU without fast bf16), 3 layers did better (fp32: 2.005 at 2,719 steps).
+    depths: list = field(default_factory=lambda: [4, 3])
+    min_steps: int = ranged(3000, ">=0")
     reserve_s: float = ranged(15.0, ">=0")  # wall time kept back for the checkpoint and report (scoring is estimated)
     preset: str = "tiny-llama"
     model: dict = field(default_factory=_default_model)
@@ -102,10 +109,12 @@ def split_bytes(text_bytes: bytes, heldout_fraction: float) -> tuple[str, str]:
         raise LLMKitError(f"the corpus is not UTF-8 text (byte {e.start})") from None
 
 
-def _model_config(cfg: SpeedrunConfig, vocab_size: int):
+def _model_config(cfg: SpeedrunConfig, vocab_size: int, n_layer: int | None = None):
     from ..models import ModelConfig
 
-    return ModelConfig.from_preset(cfg.preset, **{"vocab_size": vocab_size, "max_seq_len": cfg.seq_len, **cfg.model})
+    fixed = {"n_layer": n_layer} if n_layer is not None else {}
+    return ModelConfig.from_preset(cfg.preset, **{"vocab_size": vocab_size, "max_seq_len": cfg.seq_len, **cfg.model,
+                                                  **fixed})
 
 
 def pick_threads(cfg: SpeedrunConfig, candidates=(2, 1)) -> int:
@@ -116,7 +125,7 @@ def pick_threads(cfg: SpeedrunConfig, candidates=(2, 1)) -> int:
 
     from ..models import Transformer
 
-    model = Transformer(_model_config(cfg, cfg.vocab_size))
+    model = Transformer(_model_config(cfg, cfg.vocab_size, n_layer=cfg.model.get("n_layer", max(cfg.depths, default=4))))
     x = torch.randint(0, cfg.vocab_size, (max(1, cfg.batch_size // 4), cfg.seq_len))
     best, best_t = 1, float("inf")
     for n in [c for c in candidates if c <= (os.cpu_count() or 1)]:
@@ -129,6 +138,53 @@ def pick_threads(cfg: SpeedrunConfig, candidates=(2, 1)) -> int:
         if dt < best_t:
             best, best_t = n, dt
     return best
+
+
+def step_seconds(cfg: SpeedrunConfig, dtype: str, n_layer: int, repeats: int = 2) -> float:
+    """Seconds per optimiser step (forward, backward, clipping, the run's optimiser) of the run's model
+    with `n_layer` layers, at the run's batch, under its autocast dtype, on the current threads."""
+    from ..models import Transformer
+    from ..train.loop import clip_grad_norm
+    from ..train.optim import build_adamw, build_muon
+
+    model = Transformer(_model_config(cfg, cfg.vocab_size, n_layer=n_layer)).train()
+    build = build_muon if cfg.optimizer == "muon" else build_adamw
+    opt = build(model, cfg.lr, cfg.weight_decay)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step():
+        with ctx:
+            logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        clip_grad_norm(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocations, kernel choice)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+def pick_depth(cfg: SpeedrunConfig, dtype: str, train_s: float) -> tuple[int, str]:
+    """(n_layer, why): `model.n_layer` if set, else the deepest of `cfg.depths` whose measured step
+    leaves at least `cfg.min_steps` steps in `train_s` seconds (the shallowest when none does)."""
+    if "n_layer" in cfg.model:
+        return int(cfg.model["n_layer"]), "set by model.n_layer"
+    depths = sorted({int(d) for d in cfg.depths}, reverse=True)
+    if not depths or min(depths) < 1:
+        raise LLMKitError(f"depths must be a list of layer counts >= 1, got {cfg.depths!r}")
+    seen = []
+    for d in depths:
+        s = step_seconds(cfg, dtype, d)
+        steps = int(train_s / s)
+        seen.append(f"{d} layers: {s * 1e3:.0f} ms/step -> ~{steps:,} steps")
+        if steps >= cfg.min_steps or d == depths[-1]:
+            return d, f"{'; '.join(seen)} (min_steps {cfg.min_steps:,})"
+    raise AssertionError("unreachable")
 
 
 @torch.no_grad()
@@ -206,7 +262,10 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
                        force=True, progress=False)
     prep_s = time.perf_counter() - t0
 
-    # 4. pretrain for what is left of the budget, minus the time the final scoring will take
+    # 4. size the model to this machine, then pretrain for what is left of the budget, minus the time
+    # the final scoring will take
+    depth, depth_why = pick_depth(cfg, dtype, budget - (time.perf_counter() - t_begin) - cfg.reserve_s)
+    cfg = dataclasses.replace(cfg, model={**cfg.model, "n_layer": depth})
     score_est = estimate_score_seconds(cfg, tok.vocab_size, len(tok.encode(heldout_text)))
     left = budget - (time.perf_counter() - t_begin) - cfg.reserve_s - score_est
     if left < 5:
@@ -249,6 +308,7 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
         "peak_source": summary["peak_source"], "params": summary["params"], "vocab_size": tok.vocab_size,
         "bytes_per_token": manifest["splits"]["train"]["bytes"] / manifest["splits"]["train"]["tokens"],
         "final_checkpoint": str(final), "samples": summary["samples"], "threads": torch.get_num_threads(), "dtype": dtype,
+        "depth": depth_why,
         "load_average": _loadavg(), "config": dataclasses.asdict(cfg),
     }
     (out / "speedrun.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -296,6 +356,7 @@ last 10% (never trained on) with the final checkpoint, as `llmkit score --model 
 | model | {r['params']:,} parameters: {mc['n_layer']} layers, d_model {mc['d_model']}, {mc['n_head']} heads, d_ff {mc['d_ff']}, context {mc['max_seq_len']} |
 | tokenizer | byte-level BPE, vocab {r['vocab_size']} ({r['bytes_per_token']:.2f} bytes/token), trained in {r['tokenizer_s']:.1f} s |
 | threads / matmul dtype / load average | {r['threads']} / {r['dtype']} / {r['load_average']} |
+| depth chosen | {r['depth']} |
 
 For scale: nanoGPT's char-level model on the same split reaches 1.47 nats/char ≈ 2.12 bits per byte
 (about 3 minutes on an A100).
