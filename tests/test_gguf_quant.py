@@ -19,15 +19,30 @@ from llmkit.quant import QuantEmbedding, QuantLinear  # noqa: E402
 EXPECTED = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4", Q.Q8_0: "int8", Q.Q6_K: "bf16"}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def hf_llama(request):
+def _llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=L,
                       num_attention_heads=N_HEAD, num_key_value_heads=N_KV, max_position_embeddings=128,
-                      tie_word_embeddings=request.param)
+                      tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
+
+
+class _NoOutput:
+    """A tied HF model as write_gguf sees it: no lm_head.weight, so the file has no output.weight and
+    its token_embd serves as the head (as in SmolLM2's GGUF)."""
+
+    def __init__(self, m):
+        self.config, self.m = m.config, m
+
+    def state_dict(self):
+        return {k: v for k, v in self.m.state_dict().items() if k != "lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return _llama(False)
 
 
 def _methods(model) -> dict[str, str]:
@@ -43,9 +58,8 @@ def test_quantized_weights_are_the_files(qtype, hf_llama, tmp_path):
     dense, _ = load_gguf(path)
     qm, _ = load_gguf(path, quantized=True)
     methods = _methods(qm)
-    tied = hf_llama.config.tie_word_embeddings
     assert isinstance(qm.embed_tokens, QuantEmbedding) and methods["embed_tokens"] == "int8"
-    assert (qm.embed_tokens.head is qm.lm_head) == tied
+    assert qm.embed_tokens.head is None
     lin = {n: m for n, m in methods.items() if n.startswith("layers.")}
     assert len(lin) == 7 * L and set(lin.values()) == {EXPECTED[qtype]}
     ref = dict(dense.named_modules())
@@ -89,19 +103,24 @@ def test_quantized_logits_and_greedy_tokens(qtype, hf_llama, tmp_path):
     assert generate(qm, prompt, params).completions[0].tokens == generate(dense, prompt, params).completions[0].tokens
 
 
-def test_quantized_checkpoint_roundtrip_keeps_the_tie(hf_llama, tmp_path):
-    """The converted-GGUF cache's format: save_checkpoint of the quantized model and back, the tied
-    table stored once (in the head) and the same logits."""
+def test_tied_table_and_checkpoint_roundtrip(tmp_path):
+    """A Q8_0 file without output.weight (SmolLM2's layout): the head is an int8 QuantLinear and the
+    embedding gathers rows of the same table; save_checkpoint (the converted-GGUF cache's format)
+    and back keeps the tie, the table stored once, and the same logits; close to the fp32 path."""
     path = tmp_path / "m.gguf"
-    write_gguf(path, hf_llama, Q.Q4_1)
+    write_gguf(path, _NoOutput(_llama(True)), Q.Q8_0)
+    dense, _ = load_gguf(path)
     qm, _ = load_gguf(path, quantized=True)
+    assert qm.cfg.tie_embeddings and qm.embed_tokens.head is qm.lm_head
+    assert _methods(qm)["lm_head"] == "int8" and not list(qm.embed_tokens.buffers())
     save_checkpoint(qm, tmp_path / "ck")
     back, _ = load_checkpoint(tmp_path / "ck")
-    assert _methods(back) == _methods(qm)
-    assert (back.embed_tokens.head is back.lm_head) == hf_llama.config.tie_word_embeddings
+    assert _methods(back) == _methods(qm) and back.embed_tokens.head is back.lm_head
     ids = torch.randint(0, V, (1, 16))
     with torch.no_grad():
         assert torch.equal(back(ids), qm(ids))
+        a, b = dense(ids), qm(ids)
+    assert (a - b).abs().max() < 0.03 * a.abs().max()
 
 
 def test_load_model_default_is_quantized(hf_llama, tmp_path):
