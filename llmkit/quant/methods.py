@@ -183,11 +183,11 @@ BF16 = QuantMethod(
     # bits than int4 has and per-channel int8 would re-round them, while bf16 keeps each value to a
     # relative 2^-9, well under a 5/6-bit code's step (2^-4..2^-5 of its block's range)
     name="bf16", shape_rule="any shape", accepts=lambda N, K: True,
-    shapes=lambda N, K: {"weight": ((N, K), torch.bfloat16)},
-    quantize=lambda w: {"weight": w.to(torch.bfloat16)},
-    dequantize=lambda t, N, K, dt: t["weight"].to(dt),
-    concat=lambda ts, Ns, K: {"weight": torch.cat([t["weight"] for t in ts])},
-    matmul=lambda x, t, N: torch.nn.functional.linear(x, t["weight"]),
+    shapes=lambda N, K: {"qweight": ((N, K), torch.bfloat16)},
+    quantize=lambda w: {"qweight": w.to(torch.bfloat16)},
+    dequantize=lambda t, N, K, dt: t["qweight"].to(dt),
+    concat=lambda ts, Ns, K: {"qweight": torch.cat([t["qweight"] for t in ts])},
+    matmul=lambda x, t, N: torch.nn.functional.linear(x, t["qweight"]),
     head="bf16")  # many rows: the GEMM in the input's dtype (bf16 activations would add their own rounding)
 
 # ---------------------------------------------------------------- NF4 (QLoRA), bitsandbytes-exact
