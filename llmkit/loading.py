@@ -103,11 +103,14 @@ def load_tokenizer(kind: str, path: Path, gguf_meta: dict | None = None):
     return None
 
 
-def _converted_gguf(path: Path) -> Path | None:
-    """A GGUF converted once to an llmkit checkpoint (fp32 safetensors + tokenizer.json) in the cache.
+def _converted_gguf(path: Path, quantized: bool = False) -> Path | None:
+    """A GGUF converted once to an llmkit checkpoint (safetensors + tokenizer.json) in the cache: the
+    quantized form (`load_gguf(quantized=True)`: int4/int8 tensors as llmkit.quant stores them) or,
+    for an explicit float32 load, the dequantized fp32 one.
 
-    Parsing GGUF metadata and dequantising take ~10 s for SmolLM2; the converted copy loads in
-    about a second. Keyed by the file's name, size and mtime; LLMKIT_NO_CONVERT_CACHE=1 disables it.
+    Parsing GGUF metadata and reading its blocks take seconds for SmolLM2 (~10 s dequantising to fp32);
+    the converted copy loads in a fraction of that. Keyed by the file's name, size and mtime (the
+    quantized form with a "-q" suffix); LLMKIT_NO_CONVERT_CACHE=1 disables it.
     """
     import os
 
@@ -119,10 +122,10 @@ def _converted_gguf(path: Path) -> Path | None:
     if os.environ.get("LLMKIT_NO_CONVERT_CACHE"):
         return None
     st = path.stat()
-    out = cache_dir() / "converted" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    out = cache_dir() / "converted" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}{'-q' if quantized else ''}"
     if is_checkpoint(out):
         return out
-    model, meta = load_gguf(path)
+    model, meta = load_gguf(path, quantized=quantized)
     tok = Tokenizer.from_gguf_metadata(meta, source=str(path))
     try:
         save_checkpoint(model, out, tok, meta={"converted_from": str(path)}, force=True)
@@ -131,21 +134,28 @@ def _converted_gguf(path: Path) -> Path | None:
     return out
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", adapter: str | None = None,
+def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu", adapter: str | None = None,
                with_tokenizer: bool = True, quant: str | None = None):
     """-> (Transformer in eval mode, Tokenizer or None). A quantized checkpoint loads straight into
     quantized modules; `quant` quantizes on the fly (llmkit.quant.quantize) before the adapter is
-    applied, so the adapter sits on the quantized base as in QLoRA."""
+    applied, so the adapter sits on the quantized base as in QLoRA.
+
+    dtype None (the default) keeps a GGUF's quantized weights quantized (`load_gguf(quantized=True)`:
+    int4/int8 QuantLinears, a QuantEmbedding, the rest fp32) when it runs on the CPU, where the
+    kernels are; any other model loads in fp32. An explicit dtype (float32 for the exact dequantised
+    weights; callers that train, merge, prune or re-quantize ask for it), or `quant`, loads a GGUF
+    dequantised and casts to it."""
     from .checkpoint import load_checkpoint, load_gguf, load_hf_model
 
     kind, path = resolve(spec)
     meta = None
+    quantized = kind == "gguf" and dtype is None and not quant and torch.device(device).type == "cpu"
     if kind == "gguf" and with_tokenizer:
-        converted = _converted_gguf(path)
+        converted = _converted_gguf(path, quantized)
         if converted is not None:
             kind, path = "checkpoint", converted
     if kind == "gguf":
-        model, meta = load_gguf(path)
+        model, meta = load_gguf(path, quantized=quantized)
     elif kind == "checkpoint":
         model, _ = load_checkpoint(path)
     else:
@@ -158,6 +168,6 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         from .peft import load_adapter
 
         model = load_adapter(model, adapter)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
     tokenizer = load_tokenizer(kind, path, meta) if with_tokenizer else None
     return model, tokenizer

@@ -59,9 +59,11 @@ def hf_smollm2(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """llmkit's SmolLM2: (model fp32, tokenizer), loaded once per test session."""
+    import torch
+
     from llmkit.loading import load_model
 
-    return load_model(str(smollm2_gguf))
+    return load_model(str(smollm2_gguf), dtype=torch.float32)  # explicit: the default keeps a GGUF quantized
 
 
 @pytest.fixture

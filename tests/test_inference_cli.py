@@ -16,7 +16,7 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-@pytest.mark.parametrize("quant", [[], ["--quant", "int4"]], ids=["fp32", "int4"])
+@pytest.mark.parametrize("quant", [["--dtype", "float32"], [], ["--quant", "int4"]], ids=["fp32", "gguf-quantized", "int4"])
 def test_generate_chat_answers_paris(capsys, smollm2_gguf, quant):
     rc, out, err = run(capsys, "generate", "--model", str(smollm2_gguf), "--chat", "--temperature", "0",
                        "--prompt", "What is the capital of France?", "--max-new-tokens", "40", *quant)

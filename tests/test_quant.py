@@ -43,7 +43,8 @@ def test_quant_linear_paths_agree_and_hold_no_full_precision_copy(method):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64, bias=True)
     q = QuantLinear.from_linear(lin, method)
-    assert all(b.numel() < 128 * 64 or not b.is_floating_point() for b in q.buffers())  # no fp copy of W
+    if method != "bf16":  # bf16 is the dense 16-bit weight itself (GGUF Q5/Q6 load into it)
+        assert all(b.numel() < 128 * 64 or not b.is_floating_point() for b in q.buffers())  # no fp copy of W
     w = q.dequantize()
     assert float(((w - lin.weight).norm() / lin.weight.norm()).detach()) < 0.12  # quantization error, not garbage
     for rows in (1, 3, 20):  # kernel (few rows) and per-call dequantized GEMM (many rows)

@@ -25,8 +25,8 @@ from ..io import MODEL_FILES, atomic_dir
 from ..models import ModelConfig, Transformer
 from .gguf import load_gguf
 from .gguf_export import save_gguf
-from .hf import (OTHER_LOADERS, config_from_hf, config_to_hf, load_hf_model, read_config_json, save_hf_model,
-                 state_dict_from_hf, weight_files)
+from .hf import (OTHER_LOADERS, config_from_hf, config_to_hf, load_hf_model, load_quantized_state, read_config_json,
+                 save_hf_model, state_dict_from_hf, weight_files)
 
 META_FILE = "llmkit.json"
 
@@ -120,27 +120,5 @@ def read_safetensors_copy(d: Path) -> dict[str, torch.Tensor]:
 
 def load_quantized(d: Path, cfg: ModelConfig, quantization: dict) -> Transformer:
     """Meta-device model -> empty QuantLinears for the recorded layers -> assign the stored tensors."""
-    from ..quant import swap_empty
-
-    layers = quantization.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise LLMKitError(f"{d / META_FILE}: quantization has no layers")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    swap_empty(model, layers)
     sd = state_dict_from_hf(read_safetensors_copy(d), cfg)
-    tied = cfg.tie_embeddings and "lm_head" not in layers
-    if tied:
-        sd.pop("lm_head.weight", None)
-    result = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {result.unexpected_keys[0]!r}"
-        raise LLMKitError(f"{d}: {what} ({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise LLMKitError(f"{d}: tensor {left[0]!r} was not loaded")
-    model._rope = None
-    return model.eval()
+    return load_quantized_state(cfg, quantization.get("layers"), sd, str(d))

@@ -429,6 +429,38 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], where: str) -> T
     return model
 
 
+def load_quantized_state(cfg: ModelConfig, layers: dict[str, str], sd: dict[str, torch.Tensor],
+                         where: str) -> Transformer:
+    """Meta-device model -> empty quantized modules for `layers` ({name: method}) -> assign `sd` (the
+    quantized tensors in state-dict layout, dense ones as they are): no full-precision copy of a
+    quantized weight ever exists. A tied model whose head and embedding are both quantized shares the
+    head's table (`QuantEmbedding.tied`); one whose head only is quantized keeps a dense embedding."""
+    from ..quant import QuantEmbedding, swap_empty
+
+    if not isinstance(layers, dict) or not layers:
+        raise LLMKitError(f"{where}: quantization has no layers")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    swap_empty(model, layers)
+    if cfg.tie_embeddings and "lm_head" in layers and "embed_tokens" in layers:
+        model.embed_tokens = QuantEmbedding.tied(model.lm_head)
+    tied = cfg.tie_embeddings and "lm_head" not in layers
+    if tied:
+        sd.pop("lm_head.weight", None)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {result.unexpected_keys[0]!r}"
+        raise LLMKitError(f"{where}: {what} ({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LLMKitError(f"{where}: tensor {left[0]!r} was not loaded")
+    model._rope = None
+    return model.eval()
+
+
 def load_hf_model(d: str | Path, cfg: ModelConfig | None = None) -> Transformer:
     """Build a Transformer from an HF model directory (any supported family; a T5 folder gives a
     models.t5.T5 through OTHER_LOADERS)."""

@@ -40,7 +40,8 @@ def add_decode(bsub) -> None:
                    "(on the CPU: compare with --device cpu)")
     p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="llmkit with quantised linears (int8/int4: "
                    "weight-only kernels for decode, dequantised per call to bf16 for prefill; nf4: dequantised per "
-                   "call). Default: the model's fp32 weights, the same work as the references")
+                   "call). Default: as `llmkit generate` loads the model (a GGUF's quantized weights stay quantized; "
+                   "--dtype float32 for the dequantised weights, the same work as transformers)")
     p.add_argument("--dense-copy", action="store_true", help="with --quant: keep a bf16 copy of each quantized "
                    "weight for prefill (faster prefill, +2 bytes per weight) instead of dequantizing per call")
     p.add_argument("--draft-model", help="comma list of draft models (same vocabulary): llmkit also decodes "
@@ -48,8 +49,109 @@ def add_decode(bsub) -> None:
     p.add_argument("--draft-layers", help="comma list of L: also the target's first L layers as a draft (no copy)")
     p.add_argument("--speculative-k", default="4", help="comma list of draft tokens per step (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="llmkit's weights dequantised in this dtype "
+                   "(default: a GGUF's quantized weights stay quantized, as `llmkit generate` loads them)")
+    p.add_argument("--cold-start", action="store_true", help="instead of warm throughput: time from process start "
+                   "to the first generated token and peak RSS of `llmkit generate --max-new-tokens 16` in a fresh "
+                   "process, and of llama-cpp-python on the same GGUF, prompt and context length (--repeat runs each)")
     add_device_arg(p)
     p.set_defaults(func=run_decode)
+
+
+COLD_PROMPT = "Write one sentence about the history of the printing press."
+COLD_NEW = 16
+# llama-cpp-python in a fresh process: load, then stream the first COLD_NEW tokens to stdout
+_LLAMA_CHILD = """import sys
+from llama_cpp import Llama
+path, n_ctx, threads, prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=True)
+for i, t in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+    sys.stdout.write(llm.detokenize([t]).decode(errors="replace") or "?")
+    sys.stdout.flush()
+    if i + 1 >= n_new:
+        break
+"""
+
+
+def _spawn(cmd: list[str], env: dict) -> dict:
+    """Run `cmd` fresh: seconds from the spawn to its first byte on stdout (its first generated token,
+    streamed), its whole wall time and its peak RSS (os.wait4's rusage of that child alone)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        first = p.stdout.read(1)
+        t_first = time.perf_counter() - t0
+        rest = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stdout.close()
+        if p.returncode or not first:
+            err.seek(0)
+            msg = err.read().decode(errors="replace").strip().splitlines()
+            raise LLMKitError(f"{' '.join(cmd[:4])} ... failed (exit {p.returncode}): {msg[-1] if msg else 'no output'}")
+    return {"first_token_s": t_first, "wall_s": wall, "peak_rss_mib": ru.ru_maxrss / 1024,
+            "text": (first + rest).decode(errors="replace")}
+
+
+def run_cold_start(args) -> int:
+    """`bench decode --cold-start`: both engines from process start, interleaved --repeat times."""
+    import os
+
+    from ..loading import resolve
+
+    kind, path = resolve(args.model)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    ours = [sys.executable, "-m", "llmkit", "generate", "--model", args.model, "--prompt", COLD_PROMPT,
+            "--max-new-tokens", str(COLD_NEW), "--ignore-eos", "--stream", "--device", "cpu",
+            *(["--dtype", args.dtype] if args.dtype else []), *(["--quant", args.quant] if args.quant else [])]
+    engines = {"llmkit": ours}
+    skipped = {}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        skipped["llama.cpp"] = "llama-cpp-python is not installed"
+    if kind != "gguf":
+        skipped["llama.cpp"] = "llama.cpp needs a GGUF model"
+    if "llama.cpp" not in skipped:
+        # the same context as llmkit's cache: prompt + new tokens (a few spare for BOS / template)
+        engines["llama.cpp"] = [sys.executable, "-c", _LLAMA_CHILD, str(path), str(64 + COLD_NEW), str(args.threads),
+                                COLD_PROMPT, str(COLD_NEW)]
+    runs = {name: [] for name in engines}
+    for _ in range(args.repeat):  # interleaved: both see the same machine load
+        for name, cmd in engines.items():
+            runs[name].append(_spawn(cmd, env))
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in ("first_token_s", "wall_s", "peak_rss_mib")}
+               for name, rs in runs.items()}
+    for name, rs in runs.items():
+        results[name]["text"] = rs[0]["text"]
+    ratios = {name: {"first_token": results["llmkit"]["first_token_s"] / r["first_token_s"],
+                     "peak_rss": results["llmkit"]["peak_rss_mib"] / r["peak_rss_mib"]}
+              for name, r in results.items() if name != "llmkit"}
+    import platform
+
+    info = {"model": args.model, "cold_start": results, "ratios_llmkit_over": ratios, "threads": args.threads,
+            "repeat": args.repeat, "new_tokens": COLD_NEW, "prompt": COLD_PROMPT, "dtype": args.dtype,
+            "quant": args.quant, "load_avg": list(os.getloadavg()), "machine": platform.processor() or platform.machine(),
+            "skipped": skipped}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"cold start: {args.model}, `generate --max-new-tokens {COLD_NEW}` in a fresh process, {args.threads} threads, "
+          f"median of {args.repeat}, load avg {info['load_avg'][0]:.2f}")
+    print(f"{'engine':<12}{'first token s':>14}{'wall s':>9}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        print(f"{name:<12}{r['first_token_s']:>14.2f}{r['wall_s']:>9.2f}{r['peak_rss_mib']:>14.0f}")
+    for name, r in ratios.items():
+        print(f"llmkit / {name}: first token {r['first_token']:.2f}x, peak RSS {r['peak_rss']:.2f}x")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return 0
 
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -164,6 +266,8 @@ def _llama(llm, prompt, n_new):
 
 
 def run_decode(args) -> int:
+    if getattr(args, "cold_start", False):
+        return run_cold_start(args)
     import torch
 
     from ..loading import resolve

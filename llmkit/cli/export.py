@@ -32,6 +32,8 @@ def run(args) -> int:
     from ..checkpoint.gguf_export import arch_for, check_type, save_gguf, save_ollama
     from ..errors import LLMKitError, closest
     from ..io import check_overwrite
+    import torch
+
     from ..loading import load_model
 
     if args.format not in FORMATS:
@@ -41,7 +43,7 @@ def run(args) -> int:
         raise LLMKitError("--type applies to --format gguf and ollama (HF format keeps the checkpoint's dtype)")
     qtype = check_type(args.type or "f16")
     check_overwrite(args.out, args.force)  # before loading: a refusal costs nothing
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # exported from the exact weights
     if args.format == "hf":
         return _export_hf(model, tok, args)
     arch_for(model.cfg)

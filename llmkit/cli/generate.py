@@ -32,6 +32,8 @@ def add_sampling_args(p) -> None:
                    help="drop the oldest prompt tokens when the prompt does not fit the context window")
     g.add_argument("--quant", choices=["int8", "int4", "nf4"], help="quantize the weights on the fly (int8/int4: "
                    "weight-only kernels for faster CPU decoding); `llmkit quantize` writes such a checkpoint once")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="load the weights dequantised in this dtype "
+                   "(default: a GGUF's quantized weights stay quantized on the CPU, other models load in float32)")
 
 
 def sampling_params(args, tok, **over):
@@ -61,7 +63,11 @@ def load(spec: str, args, need_tokenizer: bool = True):
         raise LLMKitError(f"--quant {quant} runs on the CPU only (CPU int8/int4 kernels): drop --device {name}")
     from ..quant import fuse_projections
 
-    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device, quant=quant)
+    import torch
+
+    dtype = getattr(args, "dtype", None)
+    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device, quant=quant,
+                            dtype=getattr(torch, dtype) if dtype else None)
     if tok is None and need_tokenizer:
         raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
     return fuse_projections(model), tok  # q/k/v and gate/up in one matmul each (any kind of projection)

@@ -21,7 +21,7 @@ def run(args) -> int:
     from ..peft import unload
 
     check_overwrite(args.out, args.force)
-    model, tok = load_model(args.model, adapter=args.adapter)  # full-precision base, adapter applied
+    model, tok = load_model(args.model, adapter=args.adapter, dtype=torch.float32)  # full-precision base, adapter applied
     with torch.no_grad():
         unload(model, merge=True)  # raises for adapters that cannot be folded into weights
     save_checkpoint(model, args.out, tokenizer=tok, meta={"merged_from": {"model": args.model,

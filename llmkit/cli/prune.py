@@ -59,6 +59,8 @@ def run(args) -> int:
     from ..compress.prune import calibration_ids, check_options, prune, recover
     from ..errors import LLMKitError
     from ..io import check_output_dir
+    import torch
+
     from ..loading import load_model, resolve
 
     # every argument checked before the model is loaded or anything is computed
@@ -73,7 +75,7 @@ def run(args) -> int:
         text, where = read_calibration(args.calibration)
         if not text.strip():
             raise LLMKitError(f"calibration file {where} is empty")
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # pruned in full precision
     ids = None
     if calibrate:
         if tok is None:

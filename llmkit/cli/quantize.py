@@ -32,6 +32,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..checkpoint import save_checkpoint
     from ..io import check_overwrite
+    import torch
+
     from ..loading import load_model
     from ..quant import quantize, quantized_layers
     from ..quant.calibrate import calibrate, calibration_text
@@ -40,7 +42,7 @@ def run(args) -> int:
     method = get_method(with_block_size(args.method, args.block_size))  # bad names fail before loading
     text = calibration_text(args.calibration)  # an empty or unreadable file fails here, whatever the method
     check_overwrite(args.out, args.force)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=torch.float32)  # re-quantized from the exact weights
     quantize(model, method, calibration=lambda: calibrate(model, tok, text, args.calibration_tokens))
     layers = quantized_layers(model)
     save_checkpoint(model, args.out, tok, meta={"quantized_from": args.model, "quantization": method.name},

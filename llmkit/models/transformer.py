@@ -60,7 +60,11 @@ class Transformer(nn.Module):
         super().__init__()
         check_fits_in_memory(cfg)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # on the meta device (loading straight into quantized modules) skip nn.Embedding's own normal_
+        # init: a meta normal_ runs a Python reference that imports torch._dynamo, ~1.9 s of cold start
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.d_model) if meta else None)
         # GPT-2: h0 = U·We + Wp (learned absolute positions); others rotate q/k instead
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -124,7 +128,7 @@ class Transformer(nn.Module):
         """A KV cache for `max_len` caller positions in the layout of the model's attention
         (`Attention.new_cache`: full slots, or with rolling=True Mistral's rolling buffer), its first
         slots holding the prefix's K/V."""
-        w = self.embed_tokens.weight
+        w = self.norm.weight  # the activations' dtype and device (a quantized embedding has no dense table)
         dtype, device = dtype or w.dtype, device or w.device
         n = self.n_prefix
         cache = attention_class(self.cfg).new_cache(self.cfg, batch_size, max_len + n, dtype=dtype, device=device,

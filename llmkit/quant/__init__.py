@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import LLMKitError
 from .methods import GROUP, METHODS, QuantMethod, get_method
 
-__all__ = ["QuantLinear", "QuantMethod", "METHODS", "GROUP", "SMALL_M", "get_method", "quantize", "fuse_projections",
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantMethod", "METHODS", "GROUP", "SMALL_M", "get_method", "quantize", "fuse_projections",
            "quantized_layers", "swap_empty", "keep_dense_copy", "plan"]
 
 SMALL_M = 8  # inputs of at most this many rows use a method's weight-only kernel
@@ -190,6 +190,70 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+
+class QuantEmbedding(nn.Module):
+    """Token embedding over a row-quantized (V, C) table (int8: per-row scales): ids (...) -> (..., C),
+    gathering and dequantizing only the rows asked for, so the (V, C) table never exists in fp32.
+
+    Tied to a quantized head (`QuantEmbedding.tied(lm_head)`, as a GGUF's token_embd serves both) it
+    reads the head's tensors and holds none of its own (its state dict is empty: the head's is the
+    table); otherwise it owns them. `weight` dequantizes the whole table for the rare callers that read
+    it (prompt-tuning init, pruning); `dtype` is the output dtype, which `.to(dtype)` sets."""
+
+    ROW_METHODS = ("int8",)  # methods whose runtime tensors are per-row: row i is tensors[k][i]
+
+    def __init__(self, method, num_embeddings: int, embedding_dim: int,
+                 tensors: dict[str, torch.Tensor] | None = None, device=None):
+        super().__init__()
+        self.method = method if isinstance(method, QuantMethod) else get_method(method)
+        if self.method.name not in self.ROW_METHODS:
+            raise LLMKitError(f"a quantized embedding takes {', '.join(self.ROW_METHODS)}, not {self.method.name}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.head: QuantLinear | None = None
+        self.out_dtype = torch.float32
+        shapes = self.method.shapes(num_embeddings, embedding_dim)
+        if tensors is None:
+            tensors = {k: torch.empty(s, dtype=dt, device=device) for k, (s, dt) in shapes.items()}
+        for k, v in tensors.items():
+            self.register_buffer(k, v)
+
+    @classmethod
+    def tied(cls, head: QuantLinear) -> QuantEmbedding:
+        """The embedding that shares `head`'s quantized (V, C) table (a module reference, not a child:
+        the model holds the head once, and moves and saves it as the head)."""
+        emb = cls(head.method, head.out_features, head.in_features, tensors={})
+        object.__setattr__(emb, "head", head)  # not registered: no second copy in modules()/state_dict()
+        return emb
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.head is not None:
+            return self.head.tensors()
+        return {k: getattr(self, k) for k in self.method.shapes(self.num_embeddings, self.embedding_dim)}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.method.dequantize(self.tensors(), self.num_embeddings, self.embedding_dim, self.out_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = {k: v[flat] for k, v in self.tensors().items()}  # (n, C) codes and (n,) scales
+        x = self.method.dequantize(rows, flat.numel(), self.embedding_dim, self.out_dtype)
+        return x.view(*ids.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        """Moves move the codes (keeping their dtypes); a cast sets only the output dtype."""
+        super()._apply(fn, recurse)
+        for k, (_, dt) in self.method.shapes(self.num_embeddings, self.embedding_dim).items():
+            t = getattr(self, k, None)
+            if t is not None and t.dtype != dt:
+                self.register_buffer(k, t.to(dt))
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, method={self.method.name}"
+                + (", tied to the head" if self.head is not None else ""))
+
 def keep_dense_copy(model: nn.Module, keep: bool = True) -> nn.Module:
     """Opt-in faster prefill: each QuantLinear keeps its weight dequantized to the method's dense dtype
     (bf16 for int8/int4) for many-row inputs, instead of dequantizing per call. Costs 2 bytes a weight
@@ -272,7 +336,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, str]:
     """{module name: method name} of every QuantLinear (what llmkit.json records)."""
-    return {n: m.method.name for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {n: m.method.name for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)}
 
 
 def swap_empty(model: nn.Module, layers: dict[str, str], device="meta") -> nn.Module:
@@ -288,6 +352,9 @@ def swap_empty(model: nn.Module, layers: dict[str, str], device="meta") -> nn.Mo
         except AttributeError:
             raise LLMKitError(f"checkpoint names quantized layer {name!r}, which this model config does not "
                               "have") from None
+        if isinstance(lin, nn.Embedding):  # a quantized token table (GGUF token_embd)
+            _set_module(model, name, QuantEmbedding(method, lin.num_embeddings, lin.embedding_dim, device=device))
+            continue
         if not isinstance(lin, nn.Linear):
             raise LLMKitError(f"checkpoint quantized layer {name!r} is not a linear layer")
         _set_module(model, name, QuantLinear(method, lin.in_features, lin.out_features, lin.bias is not None,

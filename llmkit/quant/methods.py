@@ -176,6 +176,20 @@ INT4 = QuantMethod(
     to_runtime=_int4_to_runtime, from_runtime=_int4_from_runtime)
 
 
+
+# ---------------------------------------------------------------- bf16: a dense weight in 16 bits
+BF16 = QuantMethod(
+    # GGUF Q5_x/Q6_K weights load into this (llmkit.checkpoint.gguf): their values d * sc * q need more
+    # bits than int4 has and per-channel int8 would re-round them, while bf16 keeps each value to a
+    # relative 2^-9, well under a 5/6-bit code's step (2^-4..2^-5 of its block's range)
+    name="bf16", shape_rule="any shape", accepts=lambda N, K: True,
+    shapes=lambda N, K: {"qweight": ((N, K), torch.bfloat16)},
+    quantize=lambda w: {"qweight": w.to(torch.bfloat16)},
+    dequantize=lambda t, N, K, dt: t["qweight"].to(dt),
+    concat=lambda ts, Ns, K: {"qweight": torch.cat([t["qweight"] for t in ts])},
+    matmul=lambda x, t, N: torch.nn.functional.linear(x, t["qweight"]),
+    head="bf16")  # many rows: the GEMM in the input's dtype (bf16 activations would add their own rounding)
+
 # ---------------------------------------------------------------- NF4 (QLoRA), bitsandbytes-exact
 def nf4_method(blocksize: int = 64, double_quant: bool = True) -> QuantMethod:
     """NF4 with double-quantised scales (Dettmers et al. 2023; the math and its bitsandbytes parity test
@@ -346,7 +360,7 @@ def outlier_method(base: QuantMethod, k: int) -> QuantMethod:
         head=base.head, fallback=base.fallback, calibrated=True)
 
 
-METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT8, INT4, nf4_method())}
+METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT8, INT4, nf4_method(), BF16)}
 
 
 @functools.cache

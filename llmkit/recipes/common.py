@@ -46,7 +46,7 @@ def load_base(name: str, base_adapter: str | None = None):
     """(model, tokenizer) of `name`, with `base_adapter` (a LoRA) merged in: one plain model to train."""
     from ..loading import load_model
 
-    model, tokenizer = load_model(name, adapter=base_adapter)
+    model, tokenizer = load_model(name, adapter=base_adapter, dtype=torch.float32)  # a GGUF base dequantised: trainable
     if base_adapter:
         from ..peft import unload
 

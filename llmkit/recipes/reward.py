@@ -132,7 +132,7 @@ def build_reward_model(spec: str) -> tuple[RewardModel, object]:
         return load_reward_model(spec)
     from ..loading import load_model
 
-    model, tok = load_model(spec)
+    model, tok = load_model(spec, dtype=torch.float32)
     if tok is None:
         raise LLMKitError(f"model {spec!r} comes without a tokenizer; a reward model needs one for the chat template")
     return reward_model_from(model, tok), tok
