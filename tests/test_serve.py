@@ -91,6 +91,39 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model_tok, prefill_chu
         eng.shutdown()
 
 
+def test_engine_batched_prefill_equals_generate(model_tok):
+    """A burst of requests admitted together prefills in shared forwards (adjacent rows, right-padded,
+    each row at its own positions, chunks of prefill_chunk // rows tokens): every greedy output still
+    equals generate() of that prompt alone, and fewer prefill forwards run than prompts x chunks."""
+    model, tok = model_tok
+    eng = Engine(model, max_batch=6, max_len=200, prefill_chunk=48, detok=tok.decode)
+    calls = []
+    forward = model.forward
+
+    def counting(*a, **kw):
+        calls.append(kw.get("input_pos").shape)
+        return forward(*a, **kw)
+
+    lengths = [3, 41, 9, 60, 1, 27]
+    jobs = []
+    for i, n in enumerate(lengths):  # queued before the engine starts: one step admits all six
+        p, q = ids(n, seed=10 + i), queue.Queue()
+        params = SamplingParams(max_new_tokens=6, stop=("zz",) if i == 2 else ())
+        eng.submit(Request(p, params, q.put))
+        jobs.append((p, params, q))
+    model.forward = counting
+    try:
+        eng.start()
+        for p, params, q in jobs:
+            assert collect(q)[0] == generate(model, p, params, tokenizer=tok).tokens
+    finally:
+        model.forward = forward
+        eng.shutdown()
+    batched = [s for s in calls if len(s) == 2 and s[1] > 1]  # (B, T) prefill forwards
+    assert batched and max(s[0] for s in batched) == 6
+    assert len(batched) < sum(-(-n // 8) for n in lengths)
+
+
 def test_engine_prefix_cache_shares_a_system_prompt(model_tok):
     """Prompts that start alike reuse the stored K/V of the shared part; the answers do not change."""
     model, _ = model_tok
@@ -365,10 +398,10 @@ def test_a_failing_request_does_not_take_down_the_others(model_tok):
     engine = Engine(model, max_batch=4, max_len=128, detok=tok.decode)
     sample = engine._sample
 
-    def faulty(s):
+    def faulty(s, *args):
         if s.req.params.seed == 666 and len(s.out) == 2:
             raise RuntimeError("boom")
-        return sample(s)
+        return sample(s, *args)
 
     engine._sample = faulty
     with running_server(engine, tok) as url:
