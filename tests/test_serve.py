@@ -414,3 +414,18 @@ def test_a_failing_request_does_not_take_down_the_others(model_tok):
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         assert out["ok"].choices[0].text == reference(model, tok, tok.encode("fine"), max_new_tokens=30).text
         assert HTTP.get(url + "/health").json()["status"] == "ok" and engine.metrics.get("errors") == 1
+
+
+def test_load_generator_with_a_shared_system_prompt(server):
+    """`llmkit bench serve`'s load generator: every request whole, and --system-prompt-words puts the same
+    system message in front of every request (more prompt tokens, as the server's usage reports)."""
+    from llmkit.serve.load import run_load, system_prompt
+
+    url, engine = server
+    tokens_in = []
+    for system in (None, system_prompt(12)):
+        before = engine.metrics.get("prompt_tokens")
+        r = run_load(url, "tiny", 2, 3, 4, system=system)
+        assert r["errors"] == 0 and r["incomplete"] == 0 and r["output_tokens"] >= 3
+        tokens_in.append(engine.metrics.get("prompt_tokens") - before)
+    assert tokens_in[1] > tokens_in[0] + 3 * 12
