@@ -421,14 +421,13 @@ def run_serve(args) -> int:
     info = {"model": args.model, "requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
             "quant": args.quant, "dense_copy": args.dense_copy, "prefill_chunk": args.prefill_chunk,
             "system_prompt_words": args.system_prompt_words,
-            "prompt_tokens": base[min(levels)]["mean_prompt_tokens"],
             "load_avg": list(os.getloadavg()), "results": results, "ratios": ratios}
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"model {args.model}  {args.requests} requests per level, max_tokens {args.max_tokens}, greedy, "
           f"{args.threads} threads, llmkit --quant {args.quant}{' --dense-copy' if args.dense_copy else ''}, "
-          f"~{info['prompt_tokens']:.0f} prompt tokens, load avg {info['load_avg'][0]:.2f}")
+          f"system prompt {args.system_prompt_words} words, load avg {info['load_avg'][0]:.2f}")
     print(f"{'engine':<24}{'conc':>5}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
           f"{'wall':>7}{'errors':>7}{'incompl':>8}{'same':>6}")
     for name, rs in results.items():
