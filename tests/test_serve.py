@@ -124,6 +124,27 @@ def test_engine_batched_prefill_equals_generate(model_tok):
     assert len(batched) < sum(-(-n // 8) for n in lengths)
 
 
+def test_prefill_with_per_row_start_positions_equals_one_prompt_at_a_time(model_tok):
+    """prefill(start=(B,) tensor): two rows resuming at their own positions, right-padded, give the
+    logits and K/V of prefilling each row alone."""
+    from llmkit.inference.generate import prefill
+
+    model, _ = model_tok
+    a, b = ids(12, seed=1), ids(20, seed=2)
+    cache = model.new_cache(2, 64)
+    ref = model.new_cache(2, 64)
+    prefill(model, torch.tensor([a[:5]]), cache.rows(0, 1), start=0)
+    prefill(model, torch.tensor([b[:9]]), cache.rows(1, 2), start=0)
+    x = torch.zeros(2, 11, dtype=torch.long)
+    x[0, :7], x[1, :11] = torch.tensor(a[5:]), torch.tensor(b[9:])
+    got = prefill(model, x, cache, start=torch.tensor([5, 9]), last_index=torch.tensor([6, 10]))
+    want = torch.cat([prefill(model, torch.tensor([a]), ref.rows(0, 1)), prefill(model, torch.tensor([b]), ref.rows(1, 2))])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(cache.k[:, 0, :, :12], ref.k[:, 0, :, :12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.v[:, 1, :, :20], ref.v[:, 1, :, :20], atol=1e-4, rtol=1e-4)
+
+
 def test_engine_prefix_cache_shares_a_system_prompt(model_tok):
     """Prompts that start alike reuse the stored K/V of the shared part; the answers do not change."""
     model, _ = model_tok
