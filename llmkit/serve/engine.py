@@ -23,7 +23,9 @@ Stop strings are checked on the decoded tail of a row's output only (`_tail_hit`
 the whole output again every token.
 
 Greedy output of a request equals `llmkit generate` on the same prompt whatever else is in the batch:
-the same prefill/decode_step functions, the same sampling processors, the same stop rules.
+the same prefill/decode_step functions, the same sampling processors, the same stop rules. (With
+quantized weights a forward of more than `llmkit.quant.SMALL_M` rows takes the weights' dense copy, whose
+rounding differs from the few-row kernel's, so an answer can then flip at a near-tie.)
 
 Requests talk to the engine through `submit` (any thread) and their `emit` callback, which the
 engine thread calls with each `Event`; the API wraps it into an asyncio queue.
@@ -317,8 +319,8 @@ class Engine:
 
     def _tail_hit(self, s: _Slot) -> bool:
         """Does the output now hold a stop string? Any new hit ends in the newest token, so decoding the
-        last few tokens is enough: a stop string of L characters lies within the last L + 8 tokens
-        (every token gives at least one character except pieces of a multi-byte one)."""
+        last few tokens is enough: a stop string of L characters lies within the last L tokens when every
+        token gives at least one character; 2L + 8 leaves room for pieces of multi-byte characters."""
         stops = s.req.params.stop
         k = 2 * max(len(x) for x in stops) + 8
         return _stop_string_hit(self.detok(s.out[-k:]), stops) >= 0
