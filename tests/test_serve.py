@@ -91,6 +91,60 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model_tok, prefill_chu
         eng.shutdown()
 
 
+def test_engine_batched_prefill_equals_generate(model_tok):
+    """A burst of requests admitted together prefills in shared forwards (adjacent rows, right-padded,
+    each row at its own positions, chunks of prefill_chunk // rows tokens): every greedy output still
+    equals generate() of that prompt alone, and fewer prefill forwards run than prompts x chunks."""
+    model, tok = model_tok
+    eng = Engine(model, max_batch=6, max_len=200, prefill_chunk=48, detok=tok.decode)
+    calls = []
+    forward = model.forward
+
+    def counting(*a, **kw):
+        calls.append(kw.get("input_pos").shape)
+        return forward(*a, **kw)
+
+    lengths = [3, 41, 9, 60, 1, 27]
+    jobs = []
+    for i, n in enumerate(lengths):  # queued before the engine starts: one step admits all six
+        p, q = ids(n, seed=10 + i), queue.Queue()
+        params = SamplingParams(max_new_tokens=6, stop=("zz",) if i == 2 else ())
+        eng.submit(Request(p, params, q.put))
+        jobs.append((p, params, q))
+    model.forward = counting
+    try:
+        eng.start()
+        for p, params, q in jobs:
+            assert collect(q)[0] == generate(model, p, params, tokenizer=tok).tokens
+    finally:
+        model.forward = forward
+        eng.shutdown()
+    batched = [s for s in calls if len(s) == 2 and s[1] > 1]  # (B, T) prefill forwards
+    assert batched and max(s[0] for s in batched) == 6
+    assert len(batched) < sum(-(-n // 8) for n in lengths)
+
+
+def test_prefill_with_per_row_start_positions_equals_one_prompt_at_a_time(model_tok):
+    """prefill(start=(B,) tensor): two rows resuming at their own positions, right-padded, give the
+    logits and K/V of prefilling each row alone."""
+    from llmkit.inference.generate import prefill
+
+    model, _ = model_tok
+    a, b = ids(12, seed=1), ids(20, seed=2)
+    cache = model.new_cache(2, 64)
+    ref = model.new_cache(2, 64)
+    prefill(model, torch.tensor([a[:5]]), cache.rows(0, 1), start=0)
+    prefill(model, torch.tensor([b[:9]]), cache.rows(1, 2), start=0)
+    x = torch.zeros(2, 11, dtype=torch.long)
+    x[0, :7], x[1, :11] = torch.tensor(a[5:]), torch.tensor(b[9:])
+    got = prefill(model, x, cache, start=torch.tensor([5, 9]), last_index=torch.tensor([6, 10]))
+    want = torch.cat([prefill(model, torch.tensor([a]), ref.rows(0, 1)), prefill(model, torch.tensor([b]), ref.rows(1, 2))])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(cache.k[:, 0, :, :12], ref.k[:, 0, :, :12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.v[:, 1, :, :20], ref.v[:, 1, :, :20], atol=1e-4, rtol=1e-4)
+
+
 def test_engine_prefix_cache_shares_a_system_prompt(model_tok):
     """Prompts that start alike reuse the stored K/V of the shared part; the answers do not change."""
     model, _ = model_tok
@@ -365,10 +419,10 @@ def test_a_failing_request_does_not_take_down_the_others(model_tok):
     engine = Engine(model, max_batch=4, max_len=128, detok=tok.decode)
     sample = engine._sample
 
-    def faulty(s):
+    def faulty(s, *args):
         if s.req.params.seed == 666 and len(s.out) == 2:
             raise RuntimeError("boom")
-        return sample(s)
+        return sample(s, *args)
 
     engine._sample = faulty
     with running_server(engine, tok) as url:
@@ -381,3 +435,18 @@ def test_a_failing_request_does_not_take_down_the_others(model_tok):
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         assert out["ok"].choices[0].text == reference(model, tok, tok.encode("fine"), max_new_tokens=30).text
         assert HTTP.get(url + "/health").json()["status"] == "ok" and engine.metrics.get("errors") == 1
+
+
+def test_load_generator_with_a_shared_system_prompt(server):
+    """`llmkit bench serve`'s load generator: every request whole, and --system-prompt-words puts the same
+    system message in front of every request (more prompt tokens, as the server's usage reports)."""
+    from llmkit.serve.load import run_load, system_prompt
+
+    url, engine = server
+    tokens_in = []
+    for system in (None, system_prompt(12)):
+        before = engine.metrics.get("prompt_tokens")
+        r = run_load(url, "tiny", 2, 3, 4, system=system)
+        assert r["errors"] == 0 and r["incomplete"] == 0 and r["output_tokens"] >= 3
+        tokens_in.append(engine.metrics.get("prompt_tokens") - before)
+    assert tokens_in[1] > tokens_in[0] + 3 * 12

@@ -9,6 +9,7 @@ with `set_defaults(func=...)` and append it to BENCHES below.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -394,6 +395,16 @@ def add_serve(bsub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads of the server (default 2)")
     p.add_argument("--compare", default="", help="llama.cpp: the same workload against llama-cpp-python's OpenAI "
                    "server on the same GGUF and threads")
+    p.add_argument("--quant", default="int4", choices=["none", "int8", "int4", "nf4"],
+                   help="llmkit serve --quant (default int4: for a GGUF Q4_1 model, its own group-32 layout, the "
+                   "weights llama.cpp serves; none: fp32)")
+    p.add_argument("--dense-copy", action=argparse.BooleanOptionalAction, default=True,
+                   help="llmkit serve --dense-copy: bf16 weights for many-row forwards (default on)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="llmkit serve --prefill-chunk (default 256)")
+    p.add_argument("--prefix-cache", default="0", help="comma list of llmkit serve --prefix-cache N values: one "
+                   "llmkit server each, side by side (e.g. 0,8: without and with prefix caching)")
+    p.add_argument("--system-prompt-words", type=int, default=0, metavar="N",
+                   help="every request starts with the same system message of N words (~1.2 tokens each)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_serve)
 
@@ -445,7 +456,7 @@ def run_serve(args) -> int:
         raise LLMKitError(f"--concurrency takes a comma list of integers, got {args.concurrency!r}") from None
     if not levels or min(levels) < 1:
         raise LLMKitError(f"--concurrency levels must be >= 1, got {args.concurrency!r}")
-    for name in ("requests", "max_tokens", "threads"):
+    for name in ("requests", "max_tokens", "threads", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise LLMKitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
@@ -460,9 +471,25 @@ def run_serve(args) -> int:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    servers = {"llmkit": lambda p: [sys.executable, "-m", "llmkit", "serve", "--model", args.model, "--name", "bench",
-                                    "--port", str(p), "--max-batch", str(max(levels)), "--max-queue",
-                                    str(args.requests), "--threads", str(args.threads), "--max-len", "1024"]}
+    try:
+        prefix = [int(c) for c in args.prefix_cache.split(",") if c.strip()]
+    except ValueError:
+        raise LLMKitError(f"--prefix-cache takes a comma list of integers, got {args.prefix_cache!r}") from None
+    if not prefix or min(prefix) < 0 or args.system_prompt_words < 0:
+        raise LLMKitError("--prefix-cache values and --system-prompt-words must be >= 0")
+    from ..serve.load import system_prompt
+
+    system = system_prompt(args.system_prompt_words) if args.system_prompt_words else None
+
+    def ours(n_prefix: int):
+        return lambda p: ([sys.executable, "-m", "llmkit", "serve", "--model", args.model, "--name", "bench",
+                           "--port", str(p), "--max-batch", str(max(levels)), "--max-queue", str(args.requests),
+                           "--threads", str(args.threads), "--max-len", "1024", "--prefill-chunk",
+                           str(args.prefill_chunk), "--prefix-cache", str(n_prefix),
+                           "--dense-copy" if args.dense_copy else "--no-dense-copy"]
+                          + ([] if args.quant == "none" else ["--quant", args.quant]))
+
+    servers = {("llmkit" if i == 0 else f"llmkit prefix-cache {n}"): ours(n) for i, n in enumerate(prefix)}
     if "llama.cpp" in compare:
         servers["llama.cpp"] = lambda p: [sys.executable, "-c", "from llmkit.llamacpp import serve; serve()",
                                           "--model", str(path), "--model_alias", "bench", "--host", "127.0.0.1",
@@ -475,8 +502,13 @@ def run_serve(args) -> int:
         url = f"http://127.0.0.1:{p}"
         proc = _start(cmd(p), url)
         try:
-            run_load(url, "bench", 1, 2, 4)  # warm-up
-            results[name] = [run_load(url, "bench", c, args.requests, args.max_tokens) for c in levels]
+            run_load(url, "bench", 1, 2, 4, system=system)  # warm-up (a prefix cache now holds the system prompt)
+            results[name] = []
+            for c in levels:
+                r = run_load(url, "bench", c, args.requests, args.max_tokens, system=system)
+                results[name].append(r)
+                print(f"{name} c={c}: {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, wall "
+                      f"{r['wall_s']:.1f} s", file=sys.stderr, flush=True)  # partial results survive a kill
         finally:
             _stop(proc)
     base = {r["concurrency"]: r for r in results["llmkit"]}
@@ -491,20 +523,23 @@ def run_serve(args) -> int:
             for r in rs:
                 ratios[f"llmkit / {name} at c={r['concurrency']}"] = base[r["concurrency"]]["output_tok_s"] / r["output_tok_s"]
     info = {"model": args.model, "requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
+            "quant": args.quant, "dense_copy": args.dense_copy, "prefill_chunk": args.prefill_chunk,
+            "system_prompt_words": args.system_prompt_words,
             "load_avg": list(os.getloadavg()), "results": results, "ratios": ratios}
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"model {args.model}  {args.requests} requests per level, max_tokens {args.max_tokens}, greedy, "
-          f"{args.threads} threads, load avg {info['load_avg'][0]:.2f}")
-    print(f"{'engine':<10}{'conc':>5}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
-          f"{'errors':>7}{'incompl':>8}{'same':>6}")
+          f"{args.threads} threads, llmkit --quant {args.quant}{' --dense-copy' if args.dense_copy else ''}, "
+          f"system prompt {args.system_prompt_words} words, load avg {info['load_avg'][0]:.2f}")
+    print(f"{'engine':<24}{'conc':>5}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
+          f"{'wall':>7}{'errors':>7}{'incompl':>8}{'same':>6}")
     for name, rs in results.items():
         for r in rs:
             same = r["same_text_as_llmkit_c%d" % min(levels)]
-            print(f"{name:<10}{r['concurrency']:>5}{r['output_tok_s']:>8.1f}{r['req_s']:>7.2f}"
+            print(f"{name:<24}{r['concurrency']:>5}{r['output_tok_s']:>8.1f}{r['req_s']:>7.2f}"
                   f"{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p99_s'] * 1e3:>6.0f}ms{r['itl_p50_s'] * 1e3:>7.0f}ms"
-                  f"{r['itl_p99_s'] * 1e3:>6.0f}ms{r['errors']:>7}{r['incomplete']:>8}{same:>6}")
+                  f"{r['itl_p99_s'] * 1e3:>6.0f}ms{r['wall_s']:>6.1f}s{r['errors']:>7}{r['incomplete']:>8}{same:>6}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     return 0

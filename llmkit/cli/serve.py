@@ -8,6 +8,7 @@ SIGTERM (or Ctrl-C) stops taking requests, lets the running ones finish, then ex
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import sys
@@ -20,7 +21,12 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI/ollama-compatible HTTP server with continuous batching and a web chat")
     p.add_argument("--model", required=True, help="registry name, GGUF file, HF directory or llmkit checkpoint")
     p.add_argument("--adapter", help="adapter directory applied on top of the model")
-    p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="quantize the weights on the fly")
+    p.add_argument("--quant", choices=["int8", "int4", "nf4"], help="quantize the weights on the fly (int4: the "
+                   "group-32 layout of a GGUF Q4_0/Q4_1 file)")
+    p.add_argument("--dense-copy", action=argparse.BooleanOptionalAction, default=True,
+                   help="with quantized weights: keep a bf16 copy of each for forwards of more than a few rows "
+                   "(prefill, batched decode; +2 bytes a weight). Measured on SmolLM2's linears at 16 rows: "
+                   "the bf16 copy ~2.3x faster than the int4 kernel (BENCHMARKS.md, Serving). Default on")
     p.add_argument("--name", help="the model name clients see (default: the --model value)")
     p.add_argument("--embedding-model", metavar="ENCODER",
                    help="serve POST /v1/embeddings with this sentence encoder (e.g. minilm-l6-v2, or its folder)")
@@ -82,6 +88,9 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     model, tok = load(args.model, args)
+    from ..quant import keep_dense_copy
+
+    keep_dense_copy(model, args.dense_copy)  # no-op for unquantized weights
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, detok=tok.decode)
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,

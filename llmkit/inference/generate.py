@@ -76,11 +76,20 @@ def _positions(start: int, end: int, device=None) -> torch.Tensor:
     return torch.arange(start, end, dtype=torch.long, device=device)
 
 
+def _chunk_positions(start: int | torch.Tensor, s: int, e: int, device=None) -> torch.Tensor:
+    """Positions of tokens s..e-1 of a chunk: (e-s,) shared, or (B, e-s) when `start` is per row (B,)."""
+    if isinstance(start, int):
+        return _positions(start + s, start + e, device)
+    return (start[:, None] + torch.arange(s, e)).to(device)
+
+
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor, cache, start: int = 0, chunk_size: int | None = None,
+def prefill(model, ids: torch.Tensor, cache, start: int | torch.Tensor = 0, chunk_size: int | None = None,
             last_index: torch.Tensor | None = None) -> torch.Tensor:
     """Feed ids (B, T) at positions start..start+T-1 into the cache; return logits (B, V) of the
     last token, or of token `last_index[b]` of each row (right-padded prompts of different lengths).
+    `start` is an int, or (B,) per row (a server prefilling several requests' prompts, each from its
+    own position, in one forward: needs a cache with per-row positions, BatchKVCache).
     The logits come back on the CPU (see the module docstring).
 
     chunk_size: feed C tokens per forward (bounded activation memory; same result).
@@ -95,10 +104,10 @@ def prefill(model, ids: torch.Tensor, cache, start: int = 0, chunk_size: int | N
     for s in range(0, T, C):
         e = min(T, s + C)
         if last_index is None and e < T:  # only the final chunk's last logits are needed
-            model(ids[:, s:e], input_pos=_positions(start + s, start + e, dev), cache=cache, return_hidden=True,
+            model(ids[:, s:e], input_pos=_chunk_positions(start, s, e, dev), cache=cache, return_hidden=True,
                   last_only=True)
             continue
-        hidden.append(model(ids[:, s:e], input_pos=_positions(start + s, start + e, dev), cache=cache,
+        hidden.append(model(ids[:, s:e], input_pos=_chunk_positions(start, s, e, dev), cache=cache,
                             return_hidden=True, last_only=last_index is None))
     h = torch.cat(hidden, dim=1)  # (B, T or 1, C)
     if last_index is not None:

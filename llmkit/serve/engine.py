@@ -4,10 +4,14 @@ pool of rows of one pre-allocated `BatchKVCache`. It deals in token ids only; te
 One background thread runs `step()` in a loop. Each step:
   1. admits waiting requests into free rows (the lowest free row first, so live rows stay packed);
   2. drops cancelled requests, freeing their rows at once;
-  3. prefills up to `prefill_chunk` prompt tokens (one chunk of the oldest prompt still prefilling,
-     Sarathi-style chunked prefill, Agrawal et al. 2024), so a long prompt does not stall the others;
+  3. prefills up to `prefill_chunk` prompt tokens in one forward (Sarathi-style chunked prefill,
+     Agrawal et al. 2024, so a long prompt does not stall the others): the oldest prompt still
+     prefilling and the prefilling rows next to it, each from its own position, right-padded to one
+     chunk length, so a burst of new requests (admitted into adjacent rows) prefills together instead
+     of one prompt per step;
   4. samples one token for every row that has fresh logits, each with its own `SamplingParams`,
-     generator (seed), penalty history and stop conditions; finished requests free their rows;
+     generator (seed), penalty history and stop conditions; greedy rows without penalties take one
+     argmax over the stacked (B, V) logits; finished requests free their rows;
   5. runs one batched decode forward for the rows still going, each at its own position.
 
 Rows of different lengths need no padding mask (see BatchKVCache): a query at position i sees slots
@@ -15,8 +19,13 @@ Rows of different lengths need no padding mask (see BatchKVCache): a query at po
 range with a dummy token at their next free position, which their own next write overwrites; to keep
 that waste small, the top live row moves into a free lower row when one opens (`_compact`).
 
+Stop strings are checked on the decoded tail of a row's output only (`_tail_hit`), not by decoding
+the whole output again every token.
+
 Greedy output of a request equals `llmkit generate` on the same prompt whatever else is in the batch:
-the same prefill/decode_step functions, the same sampling processors, the same stop rules.
+the same prefill/decode_step functions, the same sampling processors, the same stop rules. (With
+quantized weights a forward of more than `llmkit.quant.SMALL_M` rows takes the weights' dense copy, whose
+rounding differs from the few-row kernel's, so an answer can then flip at a near-tie.)
 
 Requests talk to the engine through `submit` (any thread) and their `emit` callback, which the
 engine thread calls with each `Event`; the API wraps it into an asyncio queue.
@@ -195,9 +204,11 @@ class Engine:
         self._compact()
         self._prefill_chunk()
         going = []
-        for s in self.slots:
-            if s is not None and s.logits is not None:
-                tok = self._guard(s, self._sample, s)
+        ready = [s for s in self.slots if s is not None and s.logits is not None]
+        if ready:
+            toks, logp = self._pick(ready)
+            for i, s in enumerate(ready):
+                tok = self._guard(s, self._sample, s, toks[i], logp[i])
                 if tok is not None:
                     going.append((s, tok))
         if going:
@@ -249,30 +260,78 @@ class Engine:
             s.row, self.slots[dst], self.slots[src] = dst, s, None
 
     def _prefill_chunk(self):
-        budget = self.prefill_chunk
-        for s in sorted((s for s in self.slots if s is not None and s.todo), key=lambda s: s.req.id):
-            if budget <= 0:
-                return
-            n = min(budget, len(s.todo))
-            self._guard(s, self._prefill, s, n)
-            budget -= n
+        """One prefill forward over a run of adjacent prefilling rows lo..hi (the oldest prompt's row
+        and its prefilling neighbours; at most prefill_chunk rows), T = prefill_chunk // rows tokens
+        each (fewer if no row has that many left): ids (B, T) right-padded with token 0, row b at its
+        own positions pos_b..pos_b+T-1. Padding K/V lands in slots past a row's real tokens, which no
+        query of that row reads before the row's own next write replaces it (as in `_decode`)."""
+        todo = [s for s in self.slots if s is not None and s.todo]
+        if not todo:
+            return
+        by_row = {s.row: s for s in todo}
+        lo = hi = min(todo, key=lambda s: s.req.id).row
+        while hi - lo + 1 < self.prefill_chunk and (lo - 1 in by_row or hi + 1 in by_row):
+            if lo - 1 in by_row:
+                lo -= 1
+            else:
+                hi += 1
+        group = [by_row[r] for r in range(lo, hi + 1)]
+        B = len(group)
+        T = min(max(len(s.todo) for s in group), max(1, self.prefill_chunk // B),
+                self.max_len - max(s.pos for s in group))  # padding stays inside the rows' slots
+        n = [min(len(s.todo), T) for s in group]
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, s in enumerate(group):
+            ids[b, :n[b]] = torch.tensor(s.todo[:n[b]])
+        start = torch.tensor([s.pos for s in group])
+        cache = self.cache.rows(lo, hi + 1)
+        try:
+            if B == 1:  # one prompt: the plain shared-position path, exactly as `generate` runs it
+                logits = prefill(self.model, ids, cache, start=group[0].pos)  # (1, V)
+            else:
+                logits = prefill(self.model, ids, cache, start=start, last_index=torch.tensor(n) - 1)  # (B, V)
+        except Exception as e:  # the forward itself failed: these rows cannot go on
+            for s in group:
+                self.metrics.inc("errors")
+                self._finish(s, Event(None, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+            return
+        for b, s in enumerate(group):
+            s.todo, s.pos = s.todo[n[b]:], s.pos + n[b]
+            if not s.todo:
+                s.logits = logits[b:b + 1]
+                if self.prefix is not None:
+                    self._guard(s, self.prefix.store, self.model, s.req.prompt, self.cache.rows(s.row, s.row + 1))
+            if s.max_new == 0:
+                self._finish(s, Event(None, finish_reason="length"))
 
-    def _prefill(self, s: _Slot, n: int):
-        ids = torch.tensor([s.todo[:n]])
-        logits = prefill(self.model, ids, self.cache.rows(s.row, s.row + 1), start=s.pos)  # (1, V)
-        s.todo, s.pos = s.todo[n:], s.pos + n
-        if not s.todo:
-            s.logits = logits
-            if self.prefix is not None:
-                self.prefix.store(self.model, s.req.prompt, self.cache.rows(s.row, s.row + 1))
-        if s.max_new == 0:
-            self._finish(s, Event(None, finish_reason="length"))
+    @staticmethod
+    def _pick(ready: list[_Slot]) -> tuple[list[int | None], torch.Tensor]:
+        """Greedy tokens of the rows that need no per-row processing (temperature 0, no penalties): one
+        argmax over the stacked logits (B, V); None for the others. Also log p (B, V) of every row."""
+        logits = torch.cat([s.logits for s in ready]).float()  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        plain = [s.req.params.greedy and not s.req.params.uses_history for s in ready]
+        toks: list[int | None] = [None] * len(ready)
+        if any(plain):
+            arg = logits.argmax(-1).tolist()
+            toks = [a if ok else None for a, ok in zip(arg, plain)]
+        return toks, logp
 
-    def _sample(self, s: _Slot) -> int | None:
-        """Sample a row's next token and emit it; the token to feed back, or None when it finished."""
+    def _tail_hit(self, s: _Slot) -> bool:
+        """Does the output now hold a stop string? Any new hit ends in the newest token, so decoding the
+        last few tokens is enough: a stop string of L characters lies within the last L tokens when every
+        token gives at least one character; 2L + 8 leaves room for pieces of multi-byte characters."""
+        stops = s.req.params.stop
+        k = 2 * max(len(x) for x in stops) + 8
+        return _stop_string_hit(self.detok(s.out[-k:]), stops) >= 0
+
+    def _sample(self, s: _Slot, tok: int | None, logp: torch.Tensor) -> int | None:
+        """Sample a row's next token (unless `_pick` chose it) and emit it; logp (V,): the row's raw
+        log-probs. The token to feed back, or None when it finished."""
         p, logits = s.req.params, s.logits
         s.logits = None
-        tok = int(sample(process_logits(logits, p, s.history.seen, s.history.counts), p, s.gen)[0])
+        if tok is None:
+            tok = int(sample(process_logits(logits, p, s.history.seen, s.history.counts), p, s.gen)[0])
         s.history.add(torch.tensor([tok]))
         now = time.perf_counter()
         if not s.out and s.t_last == 0.0:
@@ -283,14 +342,13 @@ class Engine:
         if tok in p.stop_ids:
             self._finish(s, Event(None, finish_reason="stop"))
             return None
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
         ev = Event(tok, float(logp[tok]))
         if p.logprobs:
             v, i = logp.topk(p.logprobs)
             ev.top = list(zip(i.tolist(), v.tolist()))
         s.out.append(tok)
         self.metrics.inc("completion_tokens")
-        if p.stop and _stop_string_hit(self.detok(s.out), p.stop) >= 0:
+        if p.stop and self._tail_hit(s):
             ev.finish_reason = "stop"
         elif len(s.out) >= s.max_new:
             ev.finish_reason = "length"

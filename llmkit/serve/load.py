@@ -33,8 +33,19 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def _one(client, url: str, model: str, prompt: str, max_tokens: int, headers: dict) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+def system_prompt(n_words: int) -> str:
+    """A long shared system prompt (about 1.2 tokens a word for SmolLM2's tokenizer), the case prefix
+    caching is for: every request starts with it."""
+    words = ("You are a careful assistant for a library help desk. Answer briefly, cite the shelf mark when a "
+             "book is named, never invent titles, ask a short question back when a request is ambiguous, and "
+             "keep a friendly tone. ").split()
+    return " ".join(words[i % len(words)] for i in range(n_words))
+
+
+async def _one(client, url: str, model: str, prompt: str, max_tokens: int, headers: dict,
+               system: str | None = None) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     times, text, finish, done, usage, error = [], "", None, False, None, None
@@ -66,11 +77,11 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int, heade
     tokens = (usage or {}).get("completion_tokens", len(times))
     whole = error is None and done and finish is not None and (finish != "length" or tokens == max_tokens)
     return {"t0": t0, "ttft": times[0] - t0 if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
-            "tokens": tokens, "text": text, "finish": finish, "whole": whole, "error": error,
+            "tokens": tokens, "prompt_tokens": (usage or {}).get("prompt_tokens"), "text": text, "finish": finish, "whole": whole, "error": error,
             "end": time.perf_counter()}
 
 
-async def _load(url, model, prompts, concurrency, requests, max_tokens, headers):
+async def _load(url, model, prompts, concurrency, requests, max_tokens, headers, system=None):
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -78,7 +89,7 @@ async def _load(url, model, prompts, concurrency, requests, max_tokens, headers)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def bounded(i):
             async with sem:
-                return await _one(client, url, model, prompts[i % len(prompts)], max_tokens, headers)
+                return await _one(client, url, model, prompts[i % len(prompts)], max_tokens, headers, system)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -86,10 +97,12 @@ async def _load(url, model, prompts, concurrency, requests, max_tokens, headers)
 
 
 def run_load(url: str, model: str, concurrency: int, requests: int, max_tokens: int, prompts=PROMPTS,
-             api_key: str | None = None) -> dict:
-    """Run one load level; return its summary (and the per-request texts under `texts`)."""
+             api_key: str | None = None, system: str | None = None) -> dict:
+    """Run one load level; return its summary (and the per-request texts under `texts`). `system`: a
+    system message every request starts with."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results, wall = asyncio.run(_load(url, model, list(prompts), concurrency, requests, max_tokens, headers))
+    results, wall = asyncio.run(_load(url, model, list(prompts), concurrency, requests, max_tokens, headers,
+                                      system))
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results if r["error"] is None)
@@ -99,5 +112,6 @@ def run_load(url: str, model: str, concurrency: int, requests: int, max_tokens: 
             "errors": sum(r["error"] is not None for r in results),
             "incomplete": sum(not r["whole"] for r in results), "output_tokens": tokens,
             "mean_tokens": statistics.mean(r["tokens"] for r in results),
+            "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] or 0 for r in results),
             "first_error": next((r["error"] for r in results if r["error"]), None),
             "texts": [r["text"] for r in results]}
