@@ -407,6 +407,7 @@ def run_serve(args) -> int:
 
 
 # one entry per `llmkit bench <name>`; add yours here (e.g. add_train from the pretraining code)
+from ._bench_finetune import add_finetune  # noqa: E402  (fine-tuning vs peft: `llmkit bench finetune`)
 from ._bench_train import add_train  # noqa: E402  (pretraining: `llmkit bench train`)
 
-BENCHES = [add_decode, add_train, add_serve]
+BENCHES = [add_decode, add_train, add_serve, add_finetune]
