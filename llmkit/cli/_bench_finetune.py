@@ -82,7 +82,7 @@ def _hf_step(model, opt, batch, autocast):
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _peft_model(args, model, hf_dir, skipped):
@@ -132,6 +132,34 @@ def _peft_model(args, model, hf_dir, skipped):
         raise LLMKitError("could not copy llmkit's LoRA initialisation into the peft model")
     hf.train()
     return hf
+
+
+def _dequant_times(model, hf, repeat: int = 3) -> dict:
+    """Seconds to dequantise every NF4 linear once to fp32 (what a QLoRA step does per linear, forward and
+    backward), median of `repeat`: llmkit's QuantLinear.dequantize and bitsandbytes' dequantize_4bit."""
+    import torch
+
+    from ..quant import QuantLinear
+
+    def timed(fn):
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    ours = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    out = {"llmkit_s": timed(lambda: [m.dequantize(torch.float32) for m in ours]), "linears": len(ours)}
+    if hf is not None:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as BF
+
+        theirs = [m for m in hf.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        out["bitsandbytes_s"] = timed(lambda: [BF.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                                               for m in theirs])
+        out["bitsandbytes_linears"] = len(theirs)
+    return out
 
 
 def _resolve_dtype(dtype: str) -> str:
@@ -201,17 +229,19 @@ def run_finetune(args) -> int:
             step(m, opt, batch, autocast)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     tokens = args.batch * args.seq
+    dequant = _dequant_times(model, hf) if args.method == "qlora" else None
     res = {k: {"median_step_s": statistics.median(v), "tokens_per_s": tokens / statistics.median(v),
                "losses": losses[k], "trainable": trainable_summary(engines[k][0])["trainable"]}
            for k, v in times.items()}
     info = {"model": args.model, "method": args.method, "batch": args.batch, "seq": args.seq, "steps": args.steps,
             "threads": args.threads, "r": args.r, "targets": args.targets, "lr": lr, "dtype": dtype,
-            "torch": torch.__version__, "load_avg": list(os.getloadavg()), "results": res, "skipped": skipped}
+            "torch": torch.__version__, "load_avg": list(os.getloadavg()), "results": res, "skipped": skipped,
+            **({"dequantize_all_nf4_linears": dequant} if dequant else {})}
     if ref in res:
         info["ratio_llmkit_over_" + ref] = res["llmkit"]["tokens_per_s"] / res[ref]["tokens_per_s"]
         info["first_loss_abs_diff"] = abs(res["llmkit"]["losses"][0] - res[ref]["losses"][0])
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(info), flush=True)  # flushed: bitsandbytes' CPU backend can stall the interpreter's exit
         return 0
     print(f"finetune step ({args.method}, fwd+bwd+clip+AdamW lr {lr:g}), batch {args.batch}x{args.seq}, "
           f"{args.threads} threads, {dtype}, median of {args.steps} interleaved steps, "
@@ -222,6 +252,9 @@ def run_finetune(args) -> int:
     if ref in res:
         print(f"llmkit / {ref}: {info['ratio_llmkit_over_' + ref]:.2f}x; first-step losses differ by "
               f"{info['first_loss_abs_diff']:.2e}")
+    if dequant:
+        print(f"dequantise all {dequant['linears']} NF4 linears to fp32 once: llmkit {dequant['llmkit_s'] * 1e3:.0f} ms"
+              + (f", bitsandbytes {dequant['bitsandbytes_s'] * 1e3:.0f} ms" if "bitsandbytes_s" in dequant else ""))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     return 0
