@@ -2,6 +2,7 @@
 
     llmkit bench decode --model M [--prompt-tokens P] [--new-tokens N] [--compare hf,llama.cpp] [--json]
     llmkit bench serve --model M [--concurrency 1,4,16] [--requests N] [--compare llama.cpp] [--json]
+    llmkit bench finetune --model M --method lora|qlora|full [--compare peft] [--batch 4 --seq 256] [--json]
 
 To add a benchmark (e.g. `bench train`), write `add_<name>(bench_subparsers)` that adds its parser
 with `set_defaults(func=...)` and append it to BENCHES below.
