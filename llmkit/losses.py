@@ -309,3 +309,85 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
         n = keep.sum().clamp(min=1)
         metrics = {"loss": loss.detach(), "kl": kl.where(keep, 0.0).sum() / n, "ce": ce.sum() / n}
     return loss, metrics
+
+
+# ------------------------------------------------------------------ fused output projection + cross-entropy
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = h Wᵀ (+ b), one chunk of rows at a time, its gradients taken in
+    the forward pass (as Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024): per chunk the
+    (n, V) logits become softmax − onehot in place, then dL/dh = g W and dL/dW = gᵀ h; the backward only
+    scales them by the incoming scalar. The full (N, V) logits, their log-softmax and their gradient
+    never exist at once, and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk, compute_dtype):
+        N = h.size(0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(compute_dtype)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, N, chunk):
+            hc, tc = h[i:i + chunk].to(compute_dtype), targets[i:i + chunk]  # (n, C), (n,)
+            logits = (hc @ w.t()).float()  # (n, V) fp32
+            if bias is not None:
+                logits += bias.float()
+            keep = tc != ignore_index
+            t = tc.where(keep, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            total += ((lse - picked) * keep).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.size(0), device=g.device), t] -= 1.0
+            g.mul_(keep[:, None])  # ignored rows: no gradient
+            gc = g.to(compute_dtype)
+            if need_h:
+                grad_h[i:i + chunk] = (gc @ w).to(h.dtype)  # (n, C)
+            if need_w:
+                grad_w += (gc.t() @ hc).float()  # (V, C)
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.float()
+        return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * scale).to(ctx.dtypes[0]),
+                None if grad_b is None else (grad_b * scale).to(ctx.dtypes[1]),
+                None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_elements: int = 2 ** 23) -> torch.Tensor:
+    """Cross-entropy of the logits hidden Wᵀ + b against targets, without materialising the logits:
+    = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index, reduction=...)
+    in value and gradient (logits and softmax in fp32).
+
+    hidden (..., C), weight (V, C), bias (V,) or None, targets (...) -> a scalar; reduction "sum" or
+    "mean" (over the positions not equal to ignore_index). Rows are processed in chunks of about
+    `chunk_elements` logits (default 8 M: 32 MB of fp32), so memory is O(chunk · V) instead of
+    O(N · V): for SmolLM2's 49,152-token vocabulary and 4 x 256 positions, 200 MB of logits, as much
+    again for their log-softmax and for their gradient, and the memory traffic that goes with them.
+    Under autocast the two matmuls run in the autocast dtype, as F.linear would."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1)
+    dt = h.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+    chunk = max(1, chunk_elements // weight.size(0))
+    with torch.autocast(h.device.type, enabled=False):
+        total = _LinearCrossEntropy.apply(h, weight, bias, t, ignore_index, chunk, dt)
+    if reduction == "sum":
+        return total
+    return total / (t != ignore_index).sum().clamp(min=1)

@@ -2,6 +2,7 @@
 
     llmkit bench decode --model M [--prompt-tokens P] [--new-tokens N] [--compare hf,llama.cpp] [--json]
     llmkit bench serve --model M [--concurrency 1,4,16] [--requests N] [--compare llama.cpp] [--json]
+    llmkit bench finetune --model M --method lora|qlora|full [--compare peft] [--batch 4 --seq 256] [--json]
 
 To add a benchmark (e.g. `bench train`), write `add_<name>(bench_subparsers)` that adds its parser
 with `set_defaults(func=...)` and append it to BENCHES below.
@@ -546,6 +547,7 @@ def run_serve(args) -> int:
 
 
 # one entry per `llmkit bench <name>`; add yours here (e.g. add_train from the pretraining code)
+from ._bench_finetune import add_finetune  # noqa: E402  (fine-tuning vs peft: `llmkit bench finetune`)
 from ._bench_train import add_train  # noqa: E402  (pretraining: `llmkit bench train`)
 
-BENCHES = [add_decode, add_train, add_serve]
+BENCHES = [add_decode, add_train, add_serve, add_finetune]

@@ -70,8 +70,8 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+        b = (self.lora_B.weight * self.scaling).to(x.dtype)  # scaled on the (out, r) matrix, not on (B, T, out)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b)
 
     @classmethod
     @torch.no_grad()

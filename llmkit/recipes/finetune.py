@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import LLMKitError
 from ..finetune.data import document_mask, example_stream, load_sft_data, packed_batch, pad_batch
 from ..io import locks_run_dir
-from ..losses import cross_entropy
+from ..losses import cross_entropy, linear_cross_entropy
 from ..peft import apply_method as apply_peft_method
 from ..peft import METHODS  # noqa: F401  (the CLI's choices)
 from ..peft import PeftSections, get_method, memory_report, trainable_summary
@@ -106,12 +106,14 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig, tokenizer=None) -> nn.Mo
 
 
 # ------------------------------------------------------------------ loss
-def sft_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+def sft_logits(model: nn.Module, batch: dict, return_hidden: bool = False) -> torch.Tensor:
     """Logits (B, T, V) for a batch: with document masking and per-document positions (packed rows),
-    or plainly. A soft prompt (prompt tuning) is the model's own prefix, put in front by its forward."""
+    or plainly. A soft prompt (prompt tuning) is the model's own prefix, put in front by its forward.
+    return_hidden: the final hidden states (B, T, C) instead, for a loss fused with the output projection."""
+    kw = {"return_hidden": True} if return_hidden else {}
     if "doc" in batch:
-        return model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]))
-    return model(batch["idx"])
+        return model(batch["idx"], input_pos=batch["input_pos"], attn_mask=document_mask(batch["doc"]), **kw)
+    return model(batch["idx"], **kw)
 
 
 def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -121,9 +123,14 @@ def sft_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     (N / (M x world)), so that train_step's 1/M and DDP's mean over ranks make the gradient that of
     the token-weighted mean over the whole global batch, however it is split (the gradient-accumulation
     normalisation of HF transformers 4.46 / torchtune). Without it: the micro-batch's own mean."""
-    logits = sft_logits(model, batch)  # (B, T, V)
     targets = batch["targets"]  # (B, T)
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum")
+    head = unwrap(model).lm_head
+    if type(head) is nn.Linear:  # a plain output projection: fused with the loss, logits never materialised
+        hidden = sft_logits(model, batch, return_hidden=True)  # (B, T, C)
+        nll = linear_cross_entropy(hidden, head.weight, targets, head.bias, reduction="sum")
+    else:  # an adapted, quantized or sharded head (LoRA on lm_head, FSDP): its own forward
+        logits = sft_logits(model, batch)  # (B, T, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum")
     loss = nll / batch.get("loss_tokens", (targets != -100).sum().clamp(min=1))
     return loss, {"loss": loss}
 
