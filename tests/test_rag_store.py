@@ -112,6 +112,14 @@ def test_faiss_equals_brute_force_through_writes_and_reopens(tmp_path):
     (tmp_path / "v.sqlite.faiss").write_bytes(b"junk")  # an unreadable file is rebuilt, not trusted
     fa, nu = SQLiteIndex(path, emb, vectors="faiss"), SQLiteIndex(path, emb, vectors="numpy")
     same(fa, nu)
+    fa.close()
+    nu.close()
+    path.unlink()  # a new database at the same path, written once (= the old file's write count) without faiss
+    nu = SQLiteIndex(path, emb, SMALL, create=True, vectors="numpy")
+    nu.add(docs[:5])
+    fa = SQLiteIndex(path, emb, vectors="faiss")
+    assert fa._vec.index.ntotal == 5  # the old PATH.faiss belongs to another database: not used
+    same(fa, nu)
     with pytest.raises(LLMKitError, match="unknown vector backend"):
         SQLiteIndex(path, emb, vectors="annoy")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ class SQLiteIndex(Index):
                     for stmt in SCHEMA.strip().split(";"):
                         if stmt.strip():
                             self.db.execute(stmt)
-                    rec = self.settings_record() | {"version": VERSION}
+                    rec = self.settings_record() | {"version": VERSION, "instance": uuid.uuid4().hex}
                     self.db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rec.items()])
             meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
@@ -80,9 +81,14 @@ class SQLiteIndex(Index):
         if vectors != "auto":
             self._vector_index()  # an unknown or missing backend is an error at open
 
-    def _generation(self) -> int:
+    def _count(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(json.loads(row[0])) if row else 0
+
+    def _generation(self) -> str | None:
+        """This database's state: "<instance>:<writes>" (None for an index made before instance ids)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        return f"{json.loads(row[0])}:{self._count()}" if row else None
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray]:
         ids, vecs = [], []
@@ -109,8 +115,9 @@ class SQLiteIndex(Index):
         try:
             yield
             before = self._generation()
+            n = self._count() + 1
             self.db.execute("INSERT INTO meta VALUES ('generation', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
-                            (json.dumps(before + 1), json.dumps(before + 1)))
+                            (json.dumps(n), json.dumps(n)))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -121,8 +128,8 @@ class SQLiteIndex(Index):
         if self._vec is not None and self._vec_gen == before:
             for op, ids, vecs in self._pending:
                 self._vec.add(ids, np.stack(vecs)) if op == "add" else self._vec.remove(ids)
-            self._vec.save(before + 1)
-            self._vec_gen = before + 1
+            self._vec_gen = self._generation()
+            self._vec.save(self._vec_gen)
         self._pending = []
 
     def doc_hashes(self) -> dict[str, str]:

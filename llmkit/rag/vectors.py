@@ -3,10 +3,10 @@ by FAISS when `faiss-cpu` is installed (the `rag-faiss` extra), else by numpy.
 
 SQLite stays the one source of truth: every chunk's vector is a float32 blob in its row, written in the
 same transaction as the text. The FAISS index (IndexIDMap2 over IndexFlatIP, ids = chunk rowids) is a
-file beside the database, PATH.faiss, holding an 8-byte generation number and the serialised index. The
-store bumps `meta.generation` inside every write transaction; after the commit it applies the same adds
-and removals to the in-memory FAISS index and replaces the file atomically. A FAISS file whose
-generation is not the database's (a crash between the commit and the save, or a write by a process
+file beside the database, PATH.faiss, holding the database's state tag ("<instance uuid>:<generation>")
+and the serialised index. The store bumps `meta.generation` inside every write transaction; after the
+commit it applies the same adds and removals to the in-memory FAISS index and replaces the file
+atomically. A FAISS file whose tag is not the database's (another database rebuilt at the same path,  a crash between the commit and the save, or a write by a process
 without faiss) is rebuilt from the rows on open, so the file can never answer for a state the database
 is not in. IndexFlatIP is exact, so both paths rank the same chunks (tests/test_rag_store.py); FAISS's
 BLAS kernel scores a query in one pass without the Python-side id list of the numpy path.
@@ -59,14 +59,14 @@ class NumpyVectors:
         keep = ~np.isin(self.ids, np.asarray(ids, np.int64))
         self.ids, self.matrix = self.ids[keep], self.matrix[keep]
 
-    def save(self, generation: int) -> None:  # nothing beside the database
+    def save(self, generation) -> None:  # nothing beside the database
         pass
 
 
 class FaissVectors:
     name = "faiss"
 
-    def __init__(self, dim: int, rows: Rows, path: Path, generation: int):
+    def __init__(self, dim: int, rows: Rows, path: Path, generation: str | None):
         import faiss
 
         self.faiss, self.path = faiss, path
@@ -78,14 +78,15 @@ class FaissVectors:
                 self.index.add_with_ids(np.ascontiguousarray(mat, np.float32), ids.astype(np.int64))
             self.save(generation)
 
-    def _load(self, generation: int):
-        if not self.path.is_file():
+    def _load(self, generation: str | None):
+        if generation is None or not self.path.is_file():  # an untagged (older) database trusts no file
             return None
         data = self.path.read_bytes()
-        if len(data) < 8 or int.from_bytes(data[:8], "little") != generation:
+        n = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+        if n < 0 or data[4:4 + n] != generation.encode():
             return None  # stale: rebuilt from the rows
         try:
-            return self.faiss.deserialize_index(np.frombuffer(data[8:], dtype=np.uint8))
+            return self.faiss.deserialize_index(np.frombuffer(data[4 + n:], dtype=np.uint8))
         except RuntimeError:
             return None  # unreadable: rebuilt from the rows
 
@@ -106,14 +107,17 @@ class FaissVectors:
         if len(ids):
             self.index.remove_ids(np.asarray(ids, np.int64))
 
-    def save(self, generation: int) -> None:
+    def save(self, generation: str | None) -> None:
         from ..io import atomic_write_bytes
 
+        if generation is None:
+            return
+        tag = generation.encode()
         blob = self.faiss.serialize_index(self.index)  # (bytes,) uint8
-        atomic_write_bytes(self.path, generation.to_bytes(8, "little") + blob.tobytes())
+        atomic_write_bytes(self.path, len(tag).to_bytes(4, "little") + tag + blob.tobytes())
 
 
-def vector_backend(db_path: Path, dim: int, rows: Rows, generation: int, prefer: str = "auto"):
+def vector_backend(db_path: Path, dim: int, rows: Rows, generation: str | None, prefer: str = "auto"):
     if prefer not in ("auto", "faiss", "numpy"):
         raise LLMKitError(f"unknown vector backend {prefer!r}; choose auto, faiss or numpy")
     if prefer == "faiss" and not have_faiss():
