@@ -329,3 +329,50 @@ def test_token_logprobs_with_stride_equal_to_context_scores_every_token():
     with torch.no_grad():  # token 16, the first past the first window, from the window ids[15:31]
         want = torch.log_softmax(model(ids[None, 15:31])[0, 0], -1)[ids[16]]
     assert lp[15] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_eval_prompting_goes_through_the_prompting_methods(shared_data, monkeypatch):
+    """`--prompting sc`: the model sees prompting's CoT template (instruction, worked shots from the task's
+    train split, the bare question), k paths are sampled and the vote decides; zero-shot shows no shots."""
+    import llmkit.inference as inf
+    from llmkit.apps.prompting import COT_INSTRUCTION, DIRECT_INSTRUCTION
+
+    seen = []
+
+    def fake_generate_batch(model, prompts, params, tokenizer=None):
+        seen.append(([tokenizer.decode(p) for p in prompts], params))
+        # per prompt: 2 paths say 7, 3 say 18 (gsm8k's first gold), in an order where 7 comes first
+        texts = [" so 7. The answer is 7.", " The answer is 18.", "The answer is 7.", " 18", "The answer is 18."]
+        return [SimpleNamespace(completions=[SimpleNamespace(text=t) for t in texts[:params.n]]) for _ in prompts]
+
+    monkeypatch.setattr(inf, "generate_batch", fake_generate_batch)
+    model = _bigram()
+    model.cfg.max_seq_len = 4096
+    task = get_task("gsm8k", shared_data)
+    rep = evaluate(model, CharTok(), [task], EvalConfig(limit=2, shots=2, chat=True, prompting="sc", samples=5),
+                   cache_path=None, progress=False)
+    (prompts, params), = seen
+    assert params.n == 5 and params.temperature == 0.7
+    p0 = prompts[0]
+    assert p0.startswith("<system>" + COT_INSTRUCTION) and p0.endswith("at the farmers' market?<assistant>")
+    assert p0.count("<user>") == 3 and p0.count("The answer is") == 3 and "<<" not in p0  # instruction + 2 cleaned shots
+    assert task.fewshot_pool[0]["question"].strip() in p0 and "Answer:" not in p0  # not the harness's template
+    recs = rep["samples"]["gsm8k"]
+    assert recs[0]["votes"] == {"7": 2, "18": 3} and recs[0]["pred"] == "18" and recs[0]["exact_match"] == 1.0
+    assert recs[1]["pred"] == "18" and recs[1]["exact_match"] == 0.0  # the second problem's gold is not 18
+    r = rep["results"]["gsm8k"]
+    assert (r["prompting"], r["samples"], r["shots"], r["exact_match"]) == ("sc", 5, 2, 0.5)
+    assert "gsm8k (sc, 5 samples)" in to_markdown(rep)
+
+    seen.clear()
+    rep = evaluate(model, CharTok(), [get_task("svamp", shared_data)], EvalConfig(limit=1, prompting="zero-shot"),
+                   cache_path=None, progress=False)
+    (prompts, params), = seen
+    assert params.n == 1 and params.temperature == 0.0 and rep["results"]["svamp"]["shots"] == 0
+    assert prompts[0].startswith(DIRECT_INSTRUCTION + "\n\nQuestion: ") and prompts[0].endswith("\nAnswer:")
+    assert rep["samples"]["svamp"][0]["pred"] == "7"  # greedy: the first (only) path
+    with pytest.raises(LLMKitError, match="temperature 0"):
+        evaluate(model, CharTok(), [task], EvalConfig(limit=1, prompting="cot", samples=3), cache_path=None,
+                 progress=False)
+    with pytest.raises(LLMKitError, match="unknown method"):
+        evaluate(model, CharTok(), [task], EvalConfig(limit=1, prompting="cott"), cache_path=None, progress=False)

@@ -11,6 +11,7 @@ from llmkit.rag.index import ChunkSettings
 from llmkit.rag.loaders import Document, load_file, load_folder
 from llmkit.rag.retrieval import BM25, terms
 from llmkit.rag.store import SQLiteIndex
+from llmkit.rag.vectors import have_faiss
 
 DOCS = [Document("cats.txt", "Cats are small carnivorous mammals. They purr and sleep a lot.", "cats.txt"),
         Document("paris.md", "Paris is the capital of France. It lies on the Seine.", "paris.md"),
@@ -59,10 +60,15 @@ def check_index(make):
     idx.close()
 
 
-def test_sqlite_index(tmp_path):
+VECTORS = ["numpy", pytest.param("faiss", marks=pytest.mark.skipif(not have_faiss(), reason="faiss-cpu not installed"))]
+
+
+@pytest.mark.parametrize("vectors", VECTORS)
+def test_sqlite_index(tmp_path, vectors):
     path = tmp_path / "idx.sqlite"
     emb = ToyEmbedder()
-    check_index(lambda create: SQLiteIndex(path, emb, SMALL, create=create))
+    check_index(lambda create: SQLiteIndex(path, emb, SMALL, create=create, vectors=vectors))
+    assert (tmp_path / "idx.sqlite.faiss").is_file() == (vectors == "faiss")
     with pytest.raises(LLMKitError, match="built with embedding model toy:64.*other:64"):
         SQLiteIndex(path, ToyEmbedder(name="other"))
     with pytest.raises(LLMKitError, match="does not exist"):
@@ -70,6 +76,52 @@ def test_sqlite_index(tmp_path):
     (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(LLMKitError, match="not an llmkit index"):
         SQLiteIndex(tmp_path / "junk.sqlite", emb)
+
+
+@pytest.mark.skipif(not have_faiss(), reason="faiss-cpu not installed")
+def test_faiss_equals_brute_force_through_writes_and_reopens(tmp_path):
+    """The FAISS index beside the file ranks exactly as numpy brute force, after adds, updates and deletes,
+    across reopening, and after another (numpy-only) writer made the FAISS file stale."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    docs = [Document(f"d{i}", " ".join(rng.choice(words, 12)), f"d{i}") for i in range(60)]
+    queries = [" ".join(rng.choice(words, 3)) for _ in range(10)]
+    path, emb = tmp_path / "v.sqlite", ToyEmbedder()
+
+    def same(fa, nu):
+        for q in queries:
+            a, b = fa.search(q, 7, "dense"), nu.search(q, 7, "dense")
+            assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+            assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-6)
+
+    fa = SQLiteIndex(path, emb, SMALL, create=True, vectors="faiss")
+    fa.add(docs[:40])
+    nu = SQLiteIndex(path, emb, vectors="numpy")
+    same(fa, nu)
+    fa.add([Document("d3", "w1 w2 w3 w4", "d3")] + docs[40:])  # update + add, applied in place
+    fa.delete(["d5", "d7"])
+    same(fa, nu)  # nu sees fa's writes (generation changed) and reloads
+    fa.close()
+    nu.add([Document("d9", "w5 w5 w6", "d9")])  # a writer without faiss: the .faiss file is now stale
+    nu.delete("d11")
+    fa = SQLiteIndex(path, emb, vectors="faiss")
+    same(fa, nu)
+    assert fa._vec.index.ntotal == nu.stats()["chunks"]
+    fa.close()
+    nu.close()
+    (tmp_path / "v.sqlite.faiss").write_bytes(b"junk")  # an unreadable file is rebuilt, not trusted
+    fa, nu = SQLiteIndex(path, emb, vectors="faiss"), SQLiteIndex(path, emb, vectors="numpy")
+    same(fa, nu)
+    fa.close()
+    nu.close()
+    path.unlink()  # a new database at the same path, written once (= the old file's write count) without faiss
+    nu = SQLiteIndex(path, emb, SMALL, create=True, vectors="numpy")
+    nu.add(docs[:5])
+    fa = SQLiteIndex(path, emb, vectors="faiss")
+    assert fa._vec.index.ntotal == 5  # the old PATH.faiss belongs to another database: not used
+    same(fa, nu)
+    with pytest.raises(LLMKitError, match="unknown vector backend"):
+        SQLiteIndex(path, emb, vectors="annoy")
 
 
 @pytest.fixture(scope="module")

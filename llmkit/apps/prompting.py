@@ -10,7 +10,8 @@ self-consistency, as plain functions over text plus one `solve` loop that calls 
                                       line) or chat messages (a system instruction, then each shot as a
                                       user/assistant turn, then the question)
     METHODS                           the registered reasoning methods, one `Method` record each:
-      direct    shots answer with "The answer is N." only
+      zero-shot the question only, answered directly ("The answer is N.")
+      direct    shots answer with "The answer is N." only (alias: few-shot)
       cot       zero-shot chain of thought: the answer starts "Let's think step by step." (Kojima et
                 al. 2022, "Large Language Models are Zero-Shot Reasoners")
       cot-fewshot  worked solutions as shots (Wei et al. 2022, "Chain-of-Thought Prompting"), from
@@ -69,10 +70,15 @@ def gsm8k_shots(path: str | Path, n: int | None = None) -> list[Shot]:
     """Worked examples from a GSM8K-format file ({"question", "answer" ending in "#### N"})."""
     from ..eval.tasks import read_jsonl
 
+    return shots_from_rows(read_jsonl(Path(path))[:n], str(path))
+
+
+def shots_from_rows(rows: list[dict], where: str = "shots") -> list[Shot]:
+    """GSM8K-format rows (as read_jsonl gives them) -> Shots; `llmkit eval` passes its task's train split."""
     shots = []
-    for row in read_jsonl(Path(path))[:n]:
+    for row in rows:
         if "####" not in str(row.get("answer", "")):
-            raise LLMKitError(f"{path}: line {row['_line']} has no '#### N' answer")
+            raise LLMKitError(f"{where}: line {row.get('_line', '?')} has no '#### N' answer")
         sol, final = clean_gsm8k_solution(row["answer"])
         shots.append(Shot(row["question"].strip(), sol, final))
     return shots
@@ -239,6 +245,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
+    "zero-shot": Method("zero-shot", PromptStyle(DIRECT_INSTRUCTION), 0, help="the question only, answer directly"),
     "direct": Method("direct", PromptStyle(DIRECT_INSTRUCTION, shot_answer="final"), 4,
                      help="shots answer with the number only"),
     "cot": Method("cot", PromptStyle(COT_INSTRUCTION, answer_start=ZERO_SHOT_COT), 0,
@@ -249,13 +256,17 @@ METHODS: dict[str, Method] = {
 }
 
 
+ALIASES = {"few-shot": "direct"}  # the names `llmkit eval --prompting` offers beside the records' own
+
+
 def get_method(name: str) -> Method:
+    name = ALIASES.get(name, name)
     if name == "pal" and "pal" not in METHODS:
         from .pal import PAL_METHOD
 
         METHODS["pal"] = PAL_METHOD
     if name not in METHODS:
-        names = sorted(set(METHODS) | {"pal"})
+        names = sorted(set(METHODS) | set(ALIASES) | {"pal"})
         raise LLMKitError(f"unknown method {name!r}{closest(name, names)}; choose from {', '.join(names)}")
     return METHODS[name]
 
@@ -298,19 +309,32 @@ def make_prompts(questions: list[str], pool: list[Shot], cfg: SolveConfig, token
                          cfg.chat) for i, q in enumerate(questions)]
 
 
+def sampling(cfg: SolveConfig) -> tuple[int, float]:
+    """(samples per question, temperature) of cfg: its own values, else the method's; k > 1 greedy paths
+    would all be equal, so that is an error (checked before any model loads)."""
+    m = get_method(cfg.method)
+    n = m.samples if cfg.samples is None else cfg.samples
+    temp = m.temperature if cfg.temperature is None else cfg.temperature
+    if n < 1:
+        raise LLMKitError(f"samples must be >= 1, got {n}")
+    if n > 1 and temp == 0:
+        raise LLMKitError(f"{n} samples at temperature 0 would all be the same; give a temperature > 0")
+    return n, temp
+
+
 def solve(model, tokenizer, questions: list[str], pool: list[Shot], cfg: SolveConfig, embed: Callable | None = None,
-          progress: bool = False) -> list[Solution]:
-    """Answer each question with `cfg.method`: build the prompts, decode (greedy, or k samples per prompt),
-    turn every output into an answer and vote."""
+          progress: bool = False, prompts: list[str] | None = None) -> list[Solution]:
+    """Answer each question with `cfg.method`: build the prompts (unless given, as `make_prompts` made them),
+    decode (greedy, or k samples per prompt), turn every output into an answer and vote."""
     from ..inference import SamplingParams, generate_batch
     from ..progress import progress_bar
 
     m = get_method(cfg.method)
-    n = m.samples if cfg.samples is None else cfg.samples
-    temp = m.temperature if cfg.temperature is None else cfg.temperature
-    if n > 1 and temp == 0:
-        raise LLMKitError(f"{n} samples at temperature 0 would all be the same; give a temperature > 0")
-    prompts = make_prompts(questions, pool, cfg, tokenizer, embed)
+    n, temp = sampling(cfg)
+    if prompts is None:
+        prompts = make_prompts(questions, pool, cfg, tokenizer, embed)
+    elif len(prompts) != len(questions):
+        raise ValueError("one prompt per question")
     stop = () if cfg.chat else m.stop
     params = SamplingParams(temperature=temp, top_p=cfg.top_p if temp > 0 else 1.0, max_new_tokens=cfg.max_new_tokens,
                             stop_ids=tuple(tokenizer.stop_ids), stop=stop, n=n, seed=cfg.seed)

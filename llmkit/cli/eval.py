@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true", help="put prompts through the model's chat template")
     p.add_argument("--batch-size", type=int, default=32, help="continuations per forward pass (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k")
+    p.add_argument("--prompting", default=None, metavar="METHOD",
+                   help="gsm8k/svamp through llmkit.apps.prompting (as `llmkit prompt`): zero-shot, few-shot, cot, "
+                   "cot-fewshot, sc (self-consistency) or pal; --shots then defaults to the method's")
+    p.add_argument("--sc-k", type=int, default=None, help="sampled reasoning paths voted over (sc default 5)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (sc default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--out", default=None, help="write results.json, results.md and samples/*.jsonl here")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -40,12 +46,12 @@ def run(args) -> int:
 
     from ..devices import resolve_device
     from ..errors import LLMKitError
-    from ..eval.harness import EvalConfig, default_cache_path, evaluate, to_markdown
+    from ..eval.harness import EvalConfig, default_cache_path, evaluate, solve_config, to_markdown
     from ..eval.tasks import get_task, packaged_data_dir, task_from_file
     from ..io import atomic_dir, check_overwrite
 
     for name, v, lo in (("--limit", args.limit, 1), ("--shots", args.shots, 0), ("--batch-size", args.batch_size, 1),
-                        ("--max-new-tokens", args.max_new_tokens, 1)):
+                        ("--max-new-tokens", args.max_new_tokens, 1), ("--sc-k", args.sc_k, 1)):
         if v is not None and v < lo:
             raise LLMKitError(f"{name} must be >= {lo}, got {v}")
     device = resolve_device(args.device)
@@ -56,14 +62,21 @@ def run(args) -> int:
         check_overwrite(args.out, args.force)
     # tasks first: a typo fails before the model loads
     tasks = [get_task(n) for n in names] + [task_from_file(f, args.delimiter) for f in args.task_file]
+    cfg = EvalConfig(limit=args.limit, shots=args.shots, chat=args.chat, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, prompting=args.prompting, samples=args.sc_k,
+                     temperature=args.temperature, seed=args.seed)
+    if args.prompting is None and (args.sc_k is not None or args.temperature is not None):
+        raise LLMKitError("--sc-k and --temperature need --prompting (e.g. --prompting sc)")
+    if args.prompting is not None:
+        solve_config(cfg)  # an unknown method or greedy k > 1 fails before the model loads
+        if not any(t.kind == "gen" for t in tasks):
+            raise LLMKitError("--prompting applies to generative tasks (gsm8k, svamp); none was given")
     from ..loading import load_model
 
     torch.set_num_threads(max(1, args.threads))
     model, tok = load_model(args.model, adapter=args.adapter, device=device)
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer")
-    cfg = EvalConfig(limit=args.limit, shots=args.shots, chat=args.chat, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens)
     cache = None if args.no_cache else (args.cache or default_cache_path())
     report = evaluate(model, tok, tasks, cfg, cache_path=cache, progress=True)
     report = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), **report,

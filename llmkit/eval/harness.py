@@ -7,6 +7,11 @@ trailing spaces of the context move to the continuation, the whole string is enc
 continuation is the tokens after the context's. No text is ever cut: a request longer than the
 model's context window is an error.
 
+With `EvalConfig.prompting` a generative task (gsm8k, svamp) goes through llmkit.apps.prompting
+instead: the prompt is the method's (zero-shot, few-shot, cot, cot-fewshot, sc, pal; the task's train
+split as the worked examples), decoding is `prompting.solve` (k sampled paths and a majority vote for
+sc), and the answer is its extracted, voted prediction: the same code path as `llmkit prompt`.
+
 Results are cached per (model fingerprint, task, example prompt) in an SQLite file, so a rerun
 (or a run with a larger --limit) only scores what is new.
 """
@@ -230,6 +235,25 @@ class EvalConfig:
     max_new_tokens: int = 256
     gen_batch_size: int = 8  # prompts decoded together
     chunk: int = 64  # examples scored (and cached) together
+    # generative tasks through llmkit.apps.prompting (zero-shot, few-shot, cot, cot-fewshot, sc, pal);
+    # None: the task's own "Question: ...\nAnswer:" k-shot prompt and greedy decoding
+    prompting: str | None = None
+    samples: int | None = None  # paths voted over (None: the method's; sc: 5)
+    temperature: float | None = None  # None: the method's (sc: 0.7)
+    seed: int = 0
+
+
+def solve_config(cfg: EvalConfig):
+    """The prompting SolveConfig of an eval run (shots: --shots, else the method's default), or None."""
+    if cfg.prompting is None:
+        return None
+    from ..apps.prompting import SolveConfig, sampling
+
+    scfg = SolveConfig(method=cfg.prompting, shots=cfg.shots, chat=cfg.chat, samples=cfg.samples,
+                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                       batch_size=cfg.gen_batch_size)
+    sampling(scfg)  # a bad method or k > 1 greedy samples fails here, before any decoding
+    return scfg
 
 
 def _chat(tokenizer, text: str) -> str:
@@ -256,12 +280,29 @@ def mc_metrics(lls: list[float], ex: MCExample) -> dict:
     return {"acc": float(best == ex.gold), "acc_norm": float(best_n == ex.gold)}
 
 
+def _check_fits(task: Task, i: int, n_prompt: int, max_new: int, C: int) -> None:
+    if n_prompt + max_new > C:
+        raise LLMKitError(f"task {task.name} example {i + 1}: the prompt has {n_prompt} tokens; with {max_new} new "
+                          f"tokens that exceeds the model's context of {C} (use fewer --shots; nothing is cut)")
+
+
 def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, cache: ResultCache,
              progress: bool = True) -> tuple[dict, list[dict]]:
     """Score one task -> (summary metrics with stderr, per-example records)."""
     from ..progress import progress_bar
 
-    k = task.default_shots if cfg.shots is None else cfg.shots
+    scfg = solve_config(cfg) if task.kind == "gen" else None
+    if scfg is not None:
+        from ..apps.prompting import get_method, make_prompts, same_answer, sampling, shots_from_rows, solve
+
+        if task.question is None:
+            raise LLMKitError(f"task {task.name} has no bare question for --prompting (gsm8k and svamp do)")
+        method = get_method(scfg.method)
+        k = method.default_shots if cfg.shots is None else cfg.shots
+        pool = shots_from_rows((task.fewshot_pool or [])[:k], task.name)  # selection "first": the first k
+        n_samples, temp = sampling(scfg)
+    else:
+        k = task.default_shots if cfg.shots is None else cfg.shots
     selected = task.select(cfg.limit)
     n = len(selected)
     C = model.max_tokens  # the context window less the model's prefix, if any
@@ -278,6 +319,10 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
                 conts = [c.lstrip() if cfg.chat else c for c in ex.continuations]
                 ex.contexts, ex.continuations = ctxs, conts
                 keys[i] = example_key({"ctx": ctxs, "cont": conts, **({"bos": True} if bos else {})})
+            elif scfg is not None:  # the prompt as `llmkit prompt` builds it (chat template if --chat)
+                ex.prompt = make_prompts([task.question(task.docs[i])], pool, scfg, tokenizer)[0]
+                keys[i] = example_key({"prompt": ex.prompt, "max_new": cfg.max_new_tokens, "method": method.name,
+                                       "samples": n_samples, "temperature": temp, "seed": cfg.seed})
             else:
                 ex.prompt = _chat(tokenizer, ex.prompt) if cfg.chat else ex.prompt
                 keys[i] = example_key({"prompt": ex.prompt, "max_new": cfg.max_new_tokens,
@@ -298,14 +343,18 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
             lls = continuation_logprobs(model, pairs, cfg.batch_size)
             for i in todo:
                 results[i] = {"ll": [ll for ll, o in zip(lls, owner) if o == i]}
+        elif scfg is not None:
+            for i in todo:
+                _check_fits(task, i, len(tokenizer.encode(exs[i].prompt, add_bos=False)), cfg.max_new_tokens, C)
+            sols = solve(model, tokenizer, [task.question(task.docs[i]) for i in todo], pool, scfg,
+                         prompts=[exs[i].prompt for i in todo])
+            for i, s in zip(todo, sols):
+                results[i] = {"outputs": s.outputs, "answers": s.answers, "prediction": s.prediction, "votes": s.votes}
         else:
             prompts = []
             for i in todo:
                 ids = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(exs[i].prompt, add_bos=False)
-                if len(ids) + cfg.max_new_tokens > C:
-                    raise LLMKitError(f"task {task.name} example {i + 1}: the prompt has {len(ids)} tokens; with "
-                                      f"{cfg.max_new_tokens} new tokens that exceeds the model's context of {C} "
-                                      "(use fewer --shots; nothing is cut)")
+                _check_fits(task, i, len(ids), cfg.max_new_tokens, C)
                 prompts.append(ids)
             outs = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, ["Question:", "\n\n\n"],
                                    cfg.gen_batch_size)
@@ -317,6 +366,10 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
             ex = exs[i]
             if task.kind == "mc":
                 rec = {"index": i, "ll": r["ll"], "gold": ex.gold, **mc_metrics(r["ll"], ex)}
+            elif scfg is not None:
+                rec = {"index": i, "outputs": r["outputs"], "answers": r["answers"], "votes": r["votes"],
+                       "pred": r["prediction"], "gold": ex.target,
+                       "exact_match": float(same_answer(r["prediction"], ex.target))}
             else:
                 pred = extract_number(r["output"])
                 rec = {"index": i, "output": r["output"], "pred": pred, "gold": ex.target,
@@ -328,6 +381,8 @@ def run_task(model, tokenizer, task: Task, cfg: EvalConfig, fingerprint: str, ca
     if task.name == "winogrande":
         names = ["acc"]  # one shared continuation: acc_norm is acc
     summary = {"n": n, "shots": k}
+    if scfg is not None:
+        summary.update(prompting=method.name, samples=n_samples, temperature=temp)
     for m in names:
         v, se = mean_stderr([r[m] for r in records])
         summary[m], summary[f"{m}_stderr"] = v, se
@@ -354,6 +409,8 @@ def to_markdown(report: dict) -> str:
     """| task | n | shots | metric | value (%) | ± stderr (%) |"""
     lines = ["| task | n | shots | metric | value (%) | ± stderr |", "|---|---:|---:|---|---:|---:|"]
     for name, r in report["results"].items():
+        if "prompting" in r:  # e.g. "gsm8k (sc, 5 samples)"
+            name = f"{name} ({r['prompting']}" + (f", {r['samples']} samples)" if r["samples"] > 1 else ")")
         for m in ("acc", "acc_norm", "exact_match"):
             if m in r:
                 se = r.get(f"{m}_stderr")

@@ -89,6 +89,7 @@ class Task:
     description: str = ""  # prepended once before the shots (mmlu)
     subjects: list[str] = field(default_factory=list)
     source: str = ""  # the file or folder the documents were read from
+    question: callable = None  # gen tasks: doc -> the bare question, for `--prompting` (llmkit.apps.prompting)
 
     def select(self, limit: int | None) -> list[int]:
         """Indices of the documents to score: the first `limit` (per subject for mmlu, as lm-eval)."""
@@ -245,7 +246,7 @@ def gsm8k_task(root: Path | None = None) -> Task:
 
     return Task("gsm8k", "gen", test, to_example,
                 lambda d: "Question: " + d["question"].strip() + "\nAnswer: " + d["answer"].strip(),
-                fewshot_pool=train, default_shots=5, source=str(path))
+                fewshot_pool=train, default_shots=5, source=str(path), question=lambda d: d["question"].strip())
 
 
 def svamp_task(root: Path | None = None) -> Task:
@@ -261,7 +262,7 @@ def svamp_task(root: Path | None = None) -> Task:
 
     return Task("svamp", "gen", docs, to_example,
                 lambda d: "Question: " + d["question"].strip() + "\nAnswer: " + d["answer"].strip(),
-                fewshot_pool=train, default_shots=5, source=str(path))
+                fewshot_pool=train, default_shots=5, source=str(path), question=lambda d: str(d["input"]).strip())
 
 
 def extract_number(text: str) -> str | None:

@@ -10,9 +10,12 @@ b = 0.75 and uses a different idf (log((N - n + 0.5) / (n + 0.5)) floored at 1e-
 would not match `rank-bm25` or the PostgreSQL backend. Every chunk holding a query term is a candidate,
 so the BM25 ranking is exact.
 
-Vectors are searched brute force with numpy: the (N, C) float32 matrix is read once per process and
-after each write; at C = 384 a 100k-chunk index is 150 MB and one query a single matrix-vector product
-(BENCHMARKS.md has the latency). Writes run in one `BEGIN IMMEDIATE` transaction per add/delete call.
+Vectors (unit float32 blobs in `chunks`) are searched exactly by llmkit/rag/vectors.py: a FAISS
+IndexFlatIP kept in PATH.faiss beside the database when faiss-cpu is installed, else numpy brute force
+(the (N, C) matrix read once per process); both are updated in place after each write and reloaded when
+another process has written (meta.generation, bumped in every write transaction). At C = 384 a
+100k-chunk index is 150 MB and one query a single matrix-vector product (BENCHMARKS.md has the latency).
+Writes run in one `BEGIN IMMEDIATE` transaction per add/delete call.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,8 @@ import numpy as np
 from ..errors import LLMKitError
 from .index import ChunkSettings, Index
 from .loaders import Document
-from .retrieval import Hit, bm25_idf, bm25_rank, top_k
+from .retrieval import Hit, bm25_idf, bm25_rank
+from .vectors import vector_backend
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,10 +49,13 @@ VERSION = "1"
 
 class SQLiteIndex(Index):
     def __init__(self, path: str | Path, embedder, chunking: ChunkSettings | None = None, create: bool = False,
-                 k1: float = 1.5, b: float = 0.75):
+                 k1: float = 1.5, b: float = 0.75, vectors: str = "auto"):
         super().__init__(embedder, chunking)
         self.path = Path(path)
         self.k1, self.b = k1, b
+        self.vectors = vectors  # "auto" (faiss if installed) | "faiss" | "numpy"
+        self._vec, self._vec_gen = None, None  # the vector backend and the generation it reflects
+        self._pending: list[tuple[str, list[int], list]] = []  # vector adds/removals of the open transaction
         exists = self.path.is_file()
         if not exists and not create:
             raise LLMKitError(f"index {self.path} does not exist (build it with `llmkit rag index`)")
@@ -60,7 +68,7 @@ class SQLiteIndex(Index):
                     for stmt in SCHEMA.strip().split(";"):
                         if stmt.strip():
                             self.db.execute(stmt)
-                    rec = self.settings_record() | {"version": VERSION}
+                    rec = self.settings_record() | {"version": VERSION, "instance": uuid.uuid4().hex}
                     self.db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rec.items()])
             meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
@@ -69,7 +77,33 @@ class SQLiteIndex(Index):
             raise LLMKitError(f"{self.path} is not an llmkit index (no embedding model recorded)")
         self.check_embedder(meta["embedder"], str(self.path))
         self.chunking = ChunkSettings(**meta["chunking"])
-        self._cache = None  # (chunk ids, (N, C) matrix) / idf stats, dropped on every write
+        self._cache = None  # BM25 statistics, dropped on every write
+        if vectors != "auto":
+            self._vector_index()  # an unknown or missing backend is an error at open
+
+    def _count(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
+    def _generation(self) -> str | None:
+        """This database's state: "<instance>:<writes>" (None for an index made before instance ids)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        return f"{json.loads(row[0])}:{self._count()}" if row else None
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        ids, vecs = [], []
+        for rowid, blob in self.db.execute("SELECT id, vec FROM chunks ORDER BY id"):
+            ids.append(rowid)
+            vecs.append(np.frombuffer(blob, dtype=np.float32))
+        return (np.array(ids, dtype=np.int64),
+                np.stack(vecs) if vecs else np.zeros((0, self.embedder.dim), np.float32))
+
+    def _vector_index(self):
+        gen = self._generation()
+        if self._vec is None or self._vec_gen != gen:  # first use, or another process wrote
+            self._vec = vector_backend(self.path, self.embedder.dim, self._rows, gen, self.vectors)
+            self._vec_gen = gen
+        return self._vec
 
     def close(self) -> None:
         self.db.close()
@@ -77,20 +111,33 @@ class SQLiteIndex(Index):
     @contextlib.contextmanager
     def _transaction(self):
         self.db.execute("BEGIN IMMEDIATE")
+        self._pending = []
         try:
             yield
+            before = self._generation()
+            n = self._count() + 1
+            self.db.execute("INSERT INTO meta VALUES ('generation', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+                            (json.dumps(n), json.dumps(n)))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         finally:
             self._cache = None
+        # committed: bring a loaded vector index to the same state (else it loads fresh when first searched)
+        if self._vec is not None and self._vec_gen == before:
+            for op, ids, vecs in self._pending:
+                self._vec.add(ids, np.stack(vecs)) if op == "add" else self._vec.remove(ids)
+            self._vec_gen = self._generation()
+            self._vec.save(self._vec_gen)
+        self._pending = []
 
     def doc_hashes(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT doc_id, sha FROM docs"))
 
     def _write_doc(self, doc: Document, sha: str, rows) -> None:
         self.db.execute("INSERT INTO docs VALUES (?, ?, ?, ?)", (doc.doc_id, doc.source, sha, json.dumps(doc.meta)))
+        ids, vecs = [], []
         for chunk_id, text, start, end, ts, vec in rows:
             cur = self.db.execute("INSERT INTO chunks (chunk_id, doc_id, text, start, end_, n_terms, terms, vec) "
                                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -99,6 +146,10 @@ class SQLiteIndex(Index):
             self.db.execute("INSERT INTO chunks_fts (rowid, text) VALUES (?, ?)", (cur.lastrowid, text))
             self.db.executemany("INSERT INTO df VALUES (?, 1) ON CONFLICT (term) DO UPDATE SET n = n + 1",
                                 [(t,) for t in set(ts)])
+            ids.append(cur.lastrowid)
+            vecs.append(np.asarray(vec, dtype=np.float32))
+        if ids:
+            self._pending.append(("add", ids, vecs))
 
     def _delete_doc(self, doc_id: str) -> bool:
         rows = self.db.execute("SELECT id, terms FROM chunks WHERE doc_id = ?", (doc_id,)).fetchall()
@@ -106,20 +157,17 @@ class SQLiteIndex(Index):
             self.db.execute("DELETE FROM chunks_fts WHERE rowid = ?", (rowid,))
             self.db.executemany("UPDATE df SET n = n - 1 WHERE term = ?", [(t,) for t in set(ts.split())])
         self.db.execute("DELETE FROM df WHERE n <= 0")
+        if rows:
+            self._pending.append(("remove", [r[0] for r in rows], []))
         self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
         return self.db.execute("DELETE FROM docs WHERE doc_id = ?", (doc_id,)).rowcount > 0
 
     def _stats(self) -> dict:
         if self._cache is None:
-            ids, vecs, n_terms = [], [], []
-            for cid, blob, nt in self.db.execute("SELECT chunk_id, vec, n_terms FROM chunks ORDER BY id"):
-                ids.append(cid)
-                vecs.append(np.frombuffer(blob, dtype=np.float32))
-                n_terms.append(nt)
+            n, avgdl = self.db.execute("SELECT count(*), avg(n_terms) FROM chunks").fetchone()
             dfs = dict(self.db.execute("SELECT term, n FROM df"))
-            idf = bm25_idf(np.array(list(dfs.values()), dtype=np.float64), len(ids))
-            self._cache = {"ids": ids, "matrix": np.stack(vecs) if vecs else np.zeros((0, self.embedder.dim), np.float32),
-                           "avgdl": float(np.mean(n_terms)) if n_terms else 1.0, "idf": dict(zip(dfs, idf))}
+            idf = bm25_idf(np.array(list(dfs.values()), dtype=np.float64), n)
+            self._cache = {"avgdl": float(avgdl) if n else 1.0, "idf": dict(zip(dfs, idf))}
         return self._cache
 
     def _lexical(self, q: list[str], n: int) -> list[tuple[str, float]]:
@@ -135,11 +183,12 @@ class SQLiteIndex(Index):
         return bm25_rank(q, rows, st["idf"], st["avgdl"], n, self.k1, self.b)
 
     def _dense(self, v: np.ndarray, n: int) -> list[tuple[str, float]]:
-        st = self._stats()
-        if not st["ids"]:
+        found = self._vector_index().search(v, n)  # [(rowid, cosine)], best first
+        if not found:
             return []
-        scores = st["matrix"] @ v.astype(np.float32)  # (N,) cosine: rows and query are unit vectors
-        return [(st["ids"][i], float(scores[i])) for i in top_k(scores, n)]
+        marks = ",".join("?" * len(found))
+        names = dict(self.db.execute(f"SELECT id, chunk_id FROM chunks WHERE id IN ({marks})", [r for r, _ in found]))
+        return [(names[r], s) for r, s in found]
 
     def _fetch(self, chunk_ids: list[str]) -> dict[str, Hit]:
         if not chunk_ids:
