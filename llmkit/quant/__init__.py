@@ -36,7 +36,7 @@ __all__ = ["QuantLinear", "QuantMethod", "METHODS", "GROUP", "SMALL_M", "get_met
 # of a batch of sequences together (M rows, the server's scheduler). Measured per SmolLM2 block
 # (benchmarks/matmul_bandwidth.py, BENCHMARKS.md): the int4 kernel's time grows ~linearly with M and meets
 # a kept bf16 copy's GEMM at M = 8-12, so with a copy the GEMM takes over above 8 rows; without a copy the
-# alternative is dequantizing every weight per call, ~100x the kernel at 16-32 rows, so the kernel keeps
+# alternative is dequantizing every weight per call, 14x the kernel at 16 rows and 4x at 64, so the kernel keeps
 # going to 64 rows (batched decode up to 64 sequences; a prompt longer than that is dequantized once a call).
 SMALL_M = 8
 SMALL_M_NO_COPY = 64
