@@ -50,6 +50,10 @@ def add_decode(bsub) -> None:
                    "speculatively with each, greedy (output checked identical to plain greedy), side by side")
     p.add_argument("--draft-layers", help="comma list of L: also the target's first L layers as a draft (no copy)")
     p.add_argument("--speculative-k", default="4", help="comma list of draft tokens per step (default 4)")
+    p.add_argument("--compile", action="store_true", help="also run llmkit with the compiled decode step "
+                   "(engine 'llmkit compiled', torch.compile; its one-off compile time is reported as compile_s)")
+    p.add_argument("--batch", default="", help="comma list of N: also decode N prompts together through the "
+                   "batched cache (aggregate and per-sequence decode tok/s, scaling over N=1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="llmkit's weights dequantised in this dtype "
                    "(default: a GGUF's quantized weights stay quantized, as `llmkit generate` loads them)")
@@ -174,13 +178,59 @@ def _workload(tok, vocab: int, n: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def _ours(model, prompt, n_new):
+def _ours(model, prompt, n_new, compiled=False):
     from ..inference import SamplingParams, generate
 
-    g = generate(model, prompt, SamplingParams(max_new_tokens=n_new))  # greedy, no stop ids: exactly n_new
+    g = generate(model, prompt, SamplingParams(max_new_tokens=n_new), compiled=compiled)  # greedy: exactly n_new
     t = g.timings
     return {"ttft_s": t["prefill_s"], "prefill_tok_s": len(prompt) / t["prefill_s"],
             "decode_tok_s": (len(g.tokens) - 1) / t["decode_s"], "tokens": g.tokens}
+
+
+def _ours_compiled(model, prompt, n_new):
+    return _ours(model, prompt, n_new, compiled=True)
+
+
+def _batch_prompts(tok, vocab: int, n_prompt: int, N: int) -> list[list[int]]:
+    """N different prompts of n_prompt tokens each (windows of the same prose at different offsets)."""
+    ids = _workload(tok, vocab, n_prompt * 2 + N * 7)
+    return [ids[7 * i: 7 * i + n_prompt] if len(ids) >= 7 * i + n_prompt else ids[:n_prompt] for i in range(N)]
+
+
+def _ours_batch(model, prompts, n_new, compiled=False):
+    """N prompts decoded together (generate_batch: one forward per step for all rows) -> aggregate tok/s."""
+    from ..inference import SamplingParams, generate_batch
+
+    gs = generate_batch(model, prompts, SamplingParams(max_new_tokens=n_new), compiled=compiled)
+    t = gs[0].timings
+    new = sum(len(g.tokens) - 1 for g in gs)  # tokens after the first (which the prefill gives)
+    return {"decode_tok_s": new / t["decode_s"], "per_seq_tok_s": new / len(gs) / t["decode_s"],
+            "prefill_tok_s": t["prompt_tokens"] / t["prefill_s"]}
+
+
+def _run_batches(args, model, tok, compiled: bool) -> dict:
+    """{N: median aggregate/per-sequence decode tok/s over --repeat} for --batch, N interleaved."""
+    try:
+        Ns = [int(n) for n in args.batch.split(",") if n.strip()]
+    except ValueError:
+        raise LLMKitError(f"--batch takes a comma list of integers, got {args.batch!r}") from None
+    if not Ns or min(Ns) < 1:
+        raise LLMKitError(f"--batch values must be >= 1, got {args.batch!r}")
+    Ns = sorted(set(Ns) | {1})
+    prompts = {N: _batch_prompts(tok, model.cfg.vocab_size, args.prompt_tokens, N) for N in Ns}
+    for N in Ns:  # warm-up: allocations (and, compiled, one graph per batch size)
+        _ours_batch(model, [p[:16] for p in prompts[N]], 4, compiled)
+    runs = {N: [] for N in Ns}
+    for _ in range(args.repeat):
+        for N in Ns:
+            runs[N].append(_ours_batch(model, prompts[N], args.new_tokens, compiled))
+    out = {}
+    for N in Ns:
+        out[N] = {k: statistics.median(r[k] for r in runs[N]) for k in ("decode_tok_s", "per_seq_tok_s",
+                                                                       "prefill_tok_s")}
+    for N in Ns:
+        out[N]["scaling_over_1"] = out[N]["decode_tok_s"] / out[1]["decode_tok_s"]
+    return out
 
 
 def _speculative(draft, k):
@@ -301,6 +351,13 @@ def run_decode(args) -> int:
         raise LLMKitError(f"--speculative-k takes a comma list of integers, got {args.speculative_k!r}") from None
     if not ks or min(ks) < 1:
         raise LLMKitError(f"--speculative-k values must be >= 1, got {args.speculative_k!r}")
+    compile_s = None
+    if args.compile:  # the first compiled runs compile (a static and a dynamic cache length): timed apart
+        t0 = time.perf_counter()
+        _ours_compiled(model, prompt[:16], 4)
+        _ours_compiled(model, prompt, args.new_tokens)
+        compile_s = time.perf_counter() - t0
+        engines["llmkit compiled"] = (lambda: model, _ours_compiled)
     drafts = _drafts(args, model, tok)
     for dname, draft in drafts.items():  # the draft alone (its cost c), then speculative decoding with it
         _ours(draft, prompt[:16], 4)
@@ -357,13 +414,23 @@ def run_decode(args) -> int:
         del results[f"draft {dname}"]["same_greedy_prefix"]
     ratios = {name: {"decode": results["llmkit"]["decode_tok_s"] / r["decode_tok_s"],
                      "prefill": results["llmkit"]["prefill_tok_s"] / r["prefill_tok_s"]}
-              for name, r in results.items() if name != "llmkit" and not name.startswith("draft ")}
+              for name, r in results.items() if not name.startswith(("llmkit", "draft "))}
+    if "llmkit compiled" in results:
+        c = results["llmkit compiled"]
+        results["llmkit compiled"]["compile_s"] = compile_s
+        ratios.update({f"(compiled) {name}": {"decode": c["decode_tok_s"] / r["decode_tok_s"],
+                                             "prefill": c["prefill_tok_s"] / r["prefill_tok_s"]}
+                       for name, r in results.items() if not name.startswith(("llmkit", "draft "))})
+        ratios["(compiled) llmkit"] = {"decode": c["decode_tok_s"] / results["llmkit"]["decode_tok_s"],
+                                       "prefill": c["prefill_tok_s"] / results["llmkit"]["prefill_tok_s"]}
+    batches = _run_batches(args, model, tok, args.compile) if args.batch else None
     import os
 
     info = {"model": args.model, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "threads": args.threads,
             "repeat": args.repeat, "quant": args.quant, "torch": torch.__version__,
             "load_avg": list(os.getloadavg()), "results": results, "ratios_llmkit_over": ratios, "skipped": skipped,
-            **({"speculative": speculative} if speculative else {})}
+            **({"speculative": speculative} if speculative else {}),
+            **({"batch": {str(N): r for N, r in batches.items()}, "batch_compiled": args.compile} if batches else {})}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -374,12 +441,20 @@ def run_decode(args) -> int:
         print(f"{name:<14}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{r['ttft_s'] * 1e3:>10.1f}")
     print(f"llmkit peak RSS {rss_ours:.0f} MiB")
     for name, r in ratios.items():
+        ref = "llmkit compiled" if name == "(compiled) llmkit" else name.removeprefix("(compiled) ")
         print(f"llmkit / {name}: decode {r['decode']:.2f}x, prefill {r['prefill']:.2f}x "
-              f"(same greedy tokens for the first {results[name]['same_greedy_prefix']})")
+              f"(same greedy tokens for the first {results[ref]['same_greedy_prefix']})")
     for name, r in speculative.items():
         print(f"{name}: acceptance {r['acceptance_rate']:.3f}, draft cost c {r['draft_cost_ratio']:.3f}, decode "
               f"{r['decode_tok_s']:.1f} tok/s = {r['speedup']:.2f}x plain (expected {r['expected_speedup']:.2f}x), "
               f"{'identical to' if r['identical_to_greedy'] else 'DIFFERS from'} plain greedy")
+    if compile_s is not None:
+        print(f"llmkit compiled: first runs (compiling) took {compile_s:.1f} s")
+    if batches:
+        print(f"batched decode ({'compiled' if args.compile else 'eager'}), N prompts together:")
+        print(f"{'N':>4}{'aggregate tok/s':>17}{'per sequence':>14}{'x N=1':>8}")
+        for N, r in batches.items():
+            print(f"{N:>4}{r['decode_tok_s']:>17.1f}{r['per_seq_tok_s']:>14.1f}{r['scaling_over_1']:>8.2f}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     return 0

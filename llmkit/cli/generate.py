@@ -96,6 +96,8 @@ def register(sub) -> None:
                    help="speculative decoding with the target's first L layers as the draft")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (no per-op "
+                   "overhead; pays for long outputs: the first run of a process compiles for tens of seconds)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, log-probs, "
                    "finish_reason, timings)")
     p.set_defaults(func=run)
@@ -157,7 +159,7 @@ def run(args) -> int:
     elif args.best_of:
         g = best_of_n(model, ids, params, args.best_of, tokenizer=tok, truncate=args.truncate)
     else:
-        g = generate(model, ids, params, tokenizer=tok, truncate=args.truncate)
+        g = generate(model, ids, params, tokenizer=tok, truncate=args.truncate, compiled=args.compile)
     if args.json:
         out = {"prompt_tokens": len(g.prompt_tokens), **_completion_json(g.completions[0]),
                "timings": {k: round(v, 6) if isinstance(v, float) else v for k, v in g.timings.items()}}

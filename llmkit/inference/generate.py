@@ -20,6 +20,7 @@ sample on any device (the copy is one row of logits per step, small next to a fo
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -117,10 +118,56 @@ def prefill(model, ids: torch.Tensor, cache, start: int | torch.Tensor = 0, chun
     return model.lm_head(h).cpu()  # (B, V)
 
 
+def _step(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+    """The graph `torch.compile` traces: tokens (B,) at per-row positions input_pos (B, 1) over a
+    StaticKVCache -> logits (B, V). The same modules as the eager path, only the cache's view differs."""
+    return model(tokens[:, None], input_pos=input_pos, cache=cache, last_only=True)[:, -1]
+
+
+@functools.cache
+def _compiled_step():
+    """One compiled `_step` per process (dynamo keeps one graph per model and cache layout; a new batch
+    size or cache length recompiles once, as a dynamic size, then never again)."""
+    return torch.compile(_step)
+
+
+def _ready_for_compile(model, cache) -> bool:
+    """Whether the compiled step can run: a full-slot cache (not a rolling buffer) on the CPU or a GPU,
+    and the rope tables built for the whole window (so the graph reads no position; see Transformer.rope)."""
+    from ..models.cache import BatchKVCache
+
+    if not isinstance(cache, BatchKVCache):
+        return False
+    cfg = model.cfg
+    if cfg.pos_emb == "rope":
+        last = torch.tensor([cfg.max_seq_len - 1], device=cache.k.device)
+        model.rope(last)
+        if cfg.sliding_window_pattern and cfg.rope_local_theta:
+            model.rope(last, local=True)
+    return True
+
+
 @torch.inference_mode()
-def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache) -> torch.Tensor:
-    """tokens (B,) at positions pos (int, or (B,) per row) -> next-token logits (B, V) on the CPU."""
+def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, compiled: bool = False) -> torch.Tensor:
+    """tokens (B,) at positions pos (int, or (B,) per row) -> next-token logits (B, V) on the CPU.
+
+    compiled: run the step as one torch.compile graph over the cache's static view (the first call of
+    a process compiles: tens of seconds, then the on-disk inductor cache makes later processes faster).
+    Meant to remove the eager per-op overhead (~30 ops per layer), the largest cost of a small model's
+    decode step; the logits equal the eager ones to float rounding (fused kernels) and one graph serves
+    every position. Opt-in, not the default: the compile takes 30-70 s on 2 cores, and on the AMD EPYC
+    measured (BENCHMARKS.md) the compiled int4 step was still slower than eager (17.9 vs 50.5 tok/s).
+    Falls back to eager for caches it cannot take (a rolling buffer)."""
     dev = model_device(model)
+    if compiled and _ready_for_compile(model, cache):
+        pos = torch.full((tokens.size(0),), pos) if isinstance(pos, int) else pos
+        hi = int(pos.max()) + cache.offset  # the range checks the graph leaves out (reading a position)
+        if hi >= cache.max_len:
+            raise LLMKitError(f"position {hi - cache.offset} is past the cache's {cache.max_len} slots")
+        if hi >= model.cfg.max_seq_len:
+            raise LLMKitError(f"sequence of {hi + 1} tokens is longer than the model's context window of "
+                              f"{model.cfg.max_seq_len}")
+        return _compiled_step()(model, tokens.to(dev), pos[:, None].to(dev), cache.static()).cpu()
     if isinstance(pos, int):
         input_pos = torch.tensor([pos])
     elif bool((pos == pos[0]).all()):  # shared position: the cheaper (T,) path
@@ -159,12 +206,13 @@ def _stop_string_hit(text: str, stops: tuple[str, ...]) -> int:
 def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, prefix_cache: PrefixCache | None = None,
                   chunk_size: int | None = None, truncate: bool = False,
                   detok: Callable[[list[int]], str] | None = None, timings: dict | None = None,
-                  stats: dict | None = None) -> Iterator[list[TokenEvent]]:
+                  stats: dict | None = None, compiled: bool = False) -> Iterator[list[TokenEvent]]:
     """Generate for each prompt `params.n` completions; yield the step's events (one per live row).
 
     Rows are prompt-major: row r is sample r % n of prompt r // n. Prompts of different lengths are
     right-padded and prefilled together; each row then decodes at its own positions. detok (ids -> str)
-    is needed only for stop strings. timings/stats dicts, when given, are filled in.
+    is needed only for stop strings. timings/stats dicts, when given, are filled in. compiled: decode
+    steps as one compiled graph (`decode_step`); the prefill stays eager (one call, large matmuls).
     """
     if params.stop and detok is None:
         raise LLMKitError("stop strings need a tokenizer")
@@ -243,7 +291,7 @@ def iter_generate(model, prompts: list[list[int]], params: SamplingParams, *, pr
         yield events
         if not any(live):
             break
-        logits = decode_step(model, tok, pos, cache)
+        logits = decode_step(model, tok, pos, cache, compiled)
         pos += 1
     timings["total_s"] = time.perf_counter() - t0
 
@@ -277,7 +325,7 @@ def _finish_text(comps: list[Completion], tokenizer, params: SamplingParams):
 
 
 def generate_batch(model, prompts: list[list[int]], params: SamplingParams | None = None, *, tokenizer=None,
-                   chunk_size: int | None = None, truncate: bool = False) -> list[Generation]:
+                   chunk_size: int | None = None, truncate: bool = False, compiled: bool = False) -> list[Generation]:
     """Generate for several prompts at once (right-padded, per-row positions). With greedy decoding
     each result equals generating that prompt alone. A tokenizer adds `.text` and enables stop strings."""
     params = params or SamplingParams()
@@ -287,7 +335,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | Non
     detok = tokenizer.decode if tokenizer is not None else None
     prompts = [check_prompt(list(p), model, params.max_new_tokens, truncate) for p in prompts]
     events = iter_generate(model, prompts, params, chunk_size=chunk_size, truncate=truncate, detok=detok,
-                           timings=timings)
+                           timings=timings, compiled=compiled)
     t0 = time.perf_counter()
     comps = _collect(events, len(prompts) * params.n, timings)
     timings["ttft_s"] = timings.get("prefill_s", 0.0)
@@ -304,7 +352,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams | Non
 
 def generate(model, prompt: list[int], params: SamplingParams | None = None, *, tokenizer=None,
              prefix_cache: PrefixCache | None = None, chunk_size: int | None = None,
-             truncate: bool = False) -> Generation:
+             truncate: bool = False, compiled: bool = False) -> Generation:
     """Generate `params.n` completions of one prompt (token ids). See `iter_generate`."""
     params = params or SamplingParams()
     timings: dict = {}
@@ -312,7 +360,7 @@ def generate(model, prompt: list[int], params: SamplingParams | None = None, *, 
     detok = tokenizer.decode if tokenizer is not None else None
     prompt = check_prompt(list(prompt), model, params.max_new_tokens, truncate)
     events = iter_generate(model, [prompt], params, prefix_cache=prefix_cache, chunk_size=chunk_size,
-                           truncate=truncate, detok=detok, timings=timings, stats=stats)
+                           truncate=truncate, detok=detok, timings=timings, stats=stats, compiled=compiled)
     comps = _collect(events, params.n, timings)
     timings["ttft_s"] = timings.get("prefill_s", 0.0)
     timings["new_tokens"] = sum(len(c.tokens) for c in comps)

@@ -98,6 +98,10 @@ class BatchKVCache(KVCache):
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at input_pos; return this layer's (B, K, length, D) views."""
+        self._write(layer, input_pos, k, v)
+        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    def _write(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if input_pos.dim() == 1:
             self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
             self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
@@ -106,7 +110,12 @@ class BatchKVCache(KVCache):
             self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
             idx = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))  # V may be narrower (MLA)
             self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+
+    def static(self) -> "StaticKVCache":
+        """The same slots (shared storage, no copy) read whole, for the compiled decode step."""
+        out = StaticKVCache.__new__(StaticKVCache)
+        out.__dict__.update(self.__dict__)
+        return out
 
     # ---------------------------------------------------------------- row / prefix management
     def select_rows(self, rows: torch.Tensor) -> "BatchKVCache":
@@ -142,6 +151,32 @@ class BatchKVCache(KVCache):
         rows = slice(None) if row is None else slice(row, row + 1)
         self.k[:, rows, :, o:o + n] = k[:, None].to(self.k.dtype)
         self.v[:, rows, :, o:o + n] = v[:, None].to(self.v.dtype)
+
+
+class StaticKVCache(BatchKVCache):
+    """A `BatchKVCache` whose forwards read all `max_len` slots behind a mask, so nothing depends on a
+    position's value: no tensor is read into a Python int and every step has the same shapes. That is
+    what lets `torch.compile` trace one decode graph for every position (gpt-fast's static cache); a
+    BatchKVCache reads only slots < max position + 1, a length that changes each step and would
+    recompile the graph each step. Positions are not range-checked here (that would read them): the
+    caller (inference.generate.decode_step) checks them before the graph runs."""
+
+    static = True  # Transformer.forward then skips its own position read (the context-length check)
+
+    def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """input_pos (T,) or (B, T) -> bool (1|B, 1, T, max_len): slot j is seen iff j <= i (and i - j < W)."""
+        W = window or self.window
+        j = torch.arange(self.k.size(3), device=input_pos.device)  # the tensor's size, not the int max_len:
+        i = input_pos[..., None]  # a compiled graph then follows a new cache length as a dynamic size
+        m = j <= i
+        if W:
+            m = m & (i - j < W)
+        return m[None, None] if input_pos.dim() == 1 else m[:, None]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, T, D) at input_pos; return this layer's whole (B, K, max_len, D)."""
+        self._write(layer, input_pos, k, v)
+        return self.k[layer], self.v[layer]
 
 
 class RollingKVCache:

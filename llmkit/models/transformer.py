@@ -99,9 +99,11 @@ class Transformer(nn.Module):
     def rope(self, input_pos: torch.Tensor, local: bool = False):
         """cos/sin rows for the given positions, computed lazily up to the largest position seen.
         local: the table of the sliding-window layers (their own base, cfg.rope_local_theta)."""
-        need = int(input_pos.max()) + 1
         tables = self._rope if self._rope is not None else {}  # {local: (cos, sin)}; None = not built yet
         have = tables.get(local)
+        if have is not None and have[0].size(0) >= self.cfg.max_seq_len and have[0].device == input_pos.device:
+            return have[0][input_pos], have[1][input_pos]  # the whole window: no position read (compiled decode)
+        need = int(input_pos.max()) + 1
         if have is None or have[0].size(0) < need or have[0].device != input_pos.device:
             length = min(max(need, 2 * (have[0].size(0) if have else 0), 256), self.cfg.max_seq_len)
             cos, sin = rope_cache(self.cfg, max(length, need), local)
@@ -201,10 +203,12 @@ class Transformer(nn.Module):
                 raise ValueError("input_pos is required when decoding with a cache")
             input_pos = torch.arange(T, device=x.device)
             last = T - 1  # known without reading a tensor (.item() would break a torch.compile graph)
+        elif getattr(cache, "static", False):  # compiled decode: its caller checked the positions, read none here
+            last = None
         else:
             last = int(input_pos.max())
         n = self.n_prefix
-        if last + n >= self.cfg.max_seq_len:
+        if last is not None and last + n >= self.cfg.max_seq_len:
             raise LLMKitError(f"sequence of {last + 1} tokens is longer than the model's context window of "
                               f"{self.cfg.max_seq_len}" + (f" less its {n}-token prefix" if n else ""))
         if cache is not None and getattr(cache, "offset", 0) != n:
@@ -215,7 +219,7 @@ class Transformer(nn.Module):
                 x, input_pos, attn_mask = self._prepend_prefix(x, input_pos, attn_mask)
             elif attn_mask is not None:  # the caller's columns start after the prefix slots, all visible
                 attn_mask = torch.cat([attn_mask.new_ones(*attn_mask.shape[:-1], n), attn_mask], dim=-1)
-        x = self._blocks(x, input_pos, last + n, cache, attn_mask)
+        x = self._blocks(x, input_pos, None if last is None else last + n, cache, attn_mask)
         if n and cache is None:
             x = x[:, n:]  # drop the prefix's outputs
         x = self.norm(x)

@@ -32,7 +32,14 @@ from .methods import GROUP, METHODS, QuantMethod, get_method
 __all__ = ["QuantLinear", "QuantEmbedding", "QuantMethod", "METHODS", "GROUP", "SMALL_M", "get_method", "quantize", "fuse_projections",
            "quantized_layers", "swap_empty", "keep_dense_copy", "plan"]
 
-SMALL_M = 8  # inputs of at most this many rows use a method's weight-only kernel
+# Inputs of at most this many rows use a method's weight-only kernel: decode of one sequence (1 row) or
+# of a batch of sequences together (M rows, the server's scheduler). Measured per SmolLM2 block
+# (benchmarks/matmul_bandwidth.py, BENCHMARKS.md): the int4 kernel's time grows ~linearly with M and meets
+# a kept bf16 copy's GEMM at M = 8-12, so with a copy the GEMM takes over above 8 rows; without a copy the
+# alternative is dequantizing every weight per call, 14x the kernel at 16 rows and 4x at 64, so the kernel keeps
+# going to 64 rows (batched decode up to 64 sequences; a prompt longer than that is dequantized once a call).
+SMALL_M = 8
+SMALL_M_NO_COPY = 64
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -119,7 +126,8 @@ class QuantLinear(nn.Module):
         rows = x.numel() // x.size(-1)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantLinear.apply(x, self)
-        elif rows <= SMALL_M and self.method.matmul is not None and x.device.type == "cpu":
+        elif (rows <= (SMALL_M if self.dense is not None else SMALL_M_NO_COPY) and self.method.matmul is not None
+              and x.device.type == "cpu"):
             y = self.method.matmul(x.reshape(rows, -1).to(torch.bfloat16), self.tensors(), self.out_features)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
