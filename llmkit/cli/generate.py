@@ -70,6 +70,9 @@ def load(spec: str, args, need_tokenizer: bool = True):
                             dtype=getattr(torch, dtype) if dtype else None)
     if tok is None and need_tokenizer:
         raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
+    from . import keep_freed_buffers
+
+    keep_freed_buffers()  # loaded: from here on, reuse freed buffers rather than page-fault them in again
     return fuse_projections(model), tok  # q/k/v and gate/up in one matmul each (any kind of projection)
 
 
