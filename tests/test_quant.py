@@ -12,6 +12,7 @@ from llmkit.errors import LLMKitError
 from llmkit.models import ModelConfig, Transformer
 from llmkit.models.modules import concat_linears
 from llmkit.quant import METHODS, QuantLinear, fuse_projections, keep_dense_copy, quantize
+from llmkit.quant import SMALL_M_NO_COPY
 from llmkit.quant.methods import _int4_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for these tests
@@ -47,11 +48,11 @@ def test_quant_linear_paths_agree_and_hold_no_full_precision_copy(method):
         assert all(b.numel() < 128 * 64 or not b.is_floating_point() for b in q.buffers())  # no fp copy of W
     w = q.dequantize()
     assert float(((w - lin.weight).norm() / lin.weight.norm()).detach()) < 0.12  # quantization error, not garbage
-    for rows in (1, 3, 20, 80):  # kernel (few rows) and per-call dequantized GEMM (many rows)
+    for rows in (1, 3, 20, 80, SMALL_M_NO_COPY + 4):  # kernel (few rows) and per-call dequantized GEMM (many rows)
         x = torch.randn(rows, 128)
         torch.testing.assert_close(q(x), torch.nn.functional.linear(x, w, lin.bias), atol=0.05, rtol=0.02)
     # the opt-in dense copy for prefill gives the per-call dequantized GEMM's result (past SMALL_M_NO_COPY rows)
-    x = torch.randn(80, 128)
+    x = torch.randn(SMALL_M_NO_COPY + 4, 128)
     with torch.no_grad():
         per_call = q(x)
         keep_dense_copy(torch.nn.Sequential(q))

@@ -33,13 +33,15 @@ __all__ = ["QuantLinear", "QuantEmbedding", "QuantMethod", "METHODS", "GROUP", "
            "quantized_layers", "swap_empty", "keep_dense_copy", "plan"]
 
 # Inputs of at most this many rows use a method's weight-only kernel: decode of one sequence (1 row) or
-# of a batch of sequences together (M rows, the server's scheduler). Measured per SmolLM2 block
+# of a batch of sequences together (M rows, the server's scheduler), and prefills. Measured per SmolLM2 block
 # (benchmarks/matmul_bandwidth.py, BENCHMARKS.md): the int4 kernel's time grows ~linearly with M and meets
-# a kept bf16 copy's GEMM at M = 8-12, so with a copy the GEMM takes over above 8 rows; without a copy the
-# alternative is dequantizing every weight per call, 14x the kernel at 16 rows and 4x at 64, so the kernel keeps
-# going to 64 rows (batched decode up to 64 sequences; a prompt longer than that is dequantized once a call).
+# a kept bf16 copy's GEMM at M = 8-12, so with a copy the GEMM takes over above 8 rows. Without a copy the
+# alternative is dequantizing every weight per call (~5 ms a block) and a bf16 GEMM: the four int4 matrices
+# of a block took 1.3 / 2.7 / 5.4 / 11.0 ms at 64 / 128 / 256 / 512 rows against 5.2 / 5.9 / 8.1 / 9.6 ms
+# dequantized (2 threads, quiet), so the kernel keeps going to 256 rows (a 128-token prompt: prefill 1.3x
+# -> 2x faster); a longer forward is dequantized once a call.
 SMALL_M = 8
-SMALL_M_NO_COPY = 64
+SMALL_M_NO_COPY = 256
 
 
 class _DequantLinear(torch.autograd.Function):
