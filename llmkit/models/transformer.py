@@ -28,6 +28,10 @@ from ..losses import cross_entropy, load_balancing_loss
 from .config import ModelConfig
 from .modules import Block, Dropout, attention_class, make_norm, rope_cache
 
+# models with a context window of at most this many positions build their rope table for the whole
+# window on first use (8192 x head size 64 x cos/sin: 4 MiB fp32); longer ones grow it with the positions
+FULL_ROPE_TABLE = 8192
+
 
 def _available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
@@ -103,7 +107,10 @@ class Transformer(nn.Module):
         have = tables.get(local)
         if have is not None and have[0].size(0) >= self.cfg.max_seq_len and have[0].device == input_pos.device:
             return have[0][input_pos], have[1][input_pos]  # the whole window: no position read (compiled decode)
-        need = int(input_pos.max()) + 1
+        if self.cfg.max_seq_len <= FULL_ROPE_TABLE and have is None:
+            need = self.cfg.max_seq_len  # the whole window at once: no position read (a torch.compile graph break)
+        else:
+            need = int(input_pos.max()) + 1
         if have is None or have[0].size(0) < need or have[0].device != input_pos.device:
             length = min(max(need, 2 * (have[0].size(0) if have else 0), 256), self.cfg.max_seq_len)
             cos, sin = rope_cache(self.cfg, max(length, need), local)
