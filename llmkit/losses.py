@@ -336,12 +336,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits += bias.float()
             keep = tc != ignore_index
             t = tc.where(keep, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             picked = logits.gather(1, t[:, None]).squeeze(1)
+            # softmax in place of the logits, and lse = m + log(sum exp(logits - m)) from the same pass:
+            # torch.logsumexp allocates its own (n, V) temporaries, 3.6x slower here ((170, 49152) chunk:
+            # 30 -> 8 ms, 2 threads)
+            m = logits.amax(-1, keepdim=True)  # (n, 1)
+            g = logits.sub_(m).exp_()
+            s = g.sum(-1, keepdim=True)
+            lse = (m + s.log()).squeeze(1)  # (n,)
             total += ((lse - picked) * keep).sum()
             if not (need_h or need_w or need_b):
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g.div_(s)
             g[torch.arange(g.size(0), device=g.device), t] -= 1.0
             g.mul_(keep[:, None])  # ignored rows: no gradient
             gc = g.to(compute_dtype)
