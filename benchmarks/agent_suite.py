@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--free-actions", action="store_true", help="baseline: no constrained action choice")
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=60)
+    ap.add_argument("--no-chat", action="store_true", help="plain text prompt instead of the chat template")
     ap.add_argument("--limit", type=int, default=None, help="first N tasks of each set")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "agent_suite.jsonl"))
@@ -91,7 +92,7 @@ def main() -> None:
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         for i, (q, gold) in enumerate(TASKS[name][:args.limit]):
             t0 = time.perf_counter()
-            r = run_agent(complete, q, tools, tokenizer=tok, max_steps=args.max_steps)
+            r = run_agent(complete, q, tools, tokenizer=tok, max_steps=args.max_steps, chat=not args.no_chat)
             got = first_number(r.answer)
             row = {"set": name, "task": i, "mode": mode, "question": q, "gold": gold, "answer": r.answer,
                    "correct": got is not None and abs(got - gold) < 1e-6, "stopped": r.stopped,
