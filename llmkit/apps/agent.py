@@ -75,7 +75,7 @@ EXAMPLES = (
              ("4 crates hold 4 * 25 cups.", "calculator", "4 * 25", "100")), "100"),
     Example("How much do 2 hats cost with a 3 dollar discount?",
             (("I need the price of one hat, then 2 times it minus 3.", "lookup", "hat price", "15"),
-             ("2 hats cost 2 * 15, minus 3.", "calculator", "2 * 15 - 3", "27")), "27"),
+             ("2 hats cost 2 * 15 - 3.", "calculator", "2 * 15 - 3", "27")), "27"),
     Example("What is 15% of 80?", (("15% of 80 is 80 * 15 / 100.", "calculator", "80 * 15 / 100", "12"),), "12"),
     Example("Who designed the Eiffel Tower?",
             (("I should search the documents.", "search", "Eiffel Tower designer",
