@@ -1,8 +1,9 @@
 """Two-step agent tasks for SmolLM2-135M-Instruct (issue 22, item 3): each needs a lookup in a fixed
 table (benchmarks/results/agent_table.json) and then a calculator call.
 
-Two sets of 10: `dev` was used while designing the system prompt and the constrained action choice;
-`heldout` was written before any model output was seen and was never tuned on. An answer is correct
+Sets of 10: `dev` was used while designing the system prompt and the constrained action choice;
+`heldout` was written before any model output was seen and was never tuned on; `heldout2` was written
+after the held-out results had been read, as a fresh unseen set for any later change. An answer is correct
 when the first number in the Final Answer equals the gold number.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/agent_suite.py                     # both sets
@@ -55,6 +56,20 @@ TASKS = {
         ("I buy 2 lamps and pay with a 100 dollar bill. How much change do I get?", 40),
         ("How many bottles are left after I take 10 bottles from 2 full crates?", 38),
     ],
+    # written after the held-out results were read (so that set is no longer unseen), before any further
+    # change to the agent; run once per change, never tuned on
+    "heldout2": [
+        ("How much do 3 desks cost?", 360),
+        ("How many pencils are in 4 packs?", 40),
+        ("How much do 11 tickets cost?", 77),
+        ("How many seats are on 6 buses?", 300),
+        ("How many cookies are in 5 jars?", 175),
+        ("How much do 2 mugs cost?", 16),
+        ("How many eggs are in 9 cartons?", 108),
+        ("How many pages are in 3 notebooks?", 240),
+        ("I buy 3 books and pay with a 50 dollar bill. How much change do I get?", 5),
+        ("I have 4 floors of rooms to clean and have cleaned 6 rooms. How many rooms are left?", 30),
+    ],
 }
 
 
@@ -66,7 +81,7 @@ def first_number(text: str | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--sets", default="dev,heldout")
+    ap.add_argument("--sets", default="dev,heldout,heldout2")
     ap.add_argument("--free-actions", action="store_true", help="baseline: no constrained action choice")
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=60)
