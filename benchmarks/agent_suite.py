@@ -3,7 +3,7 @@ table (benchmarks/results/agent_table.json) and then a calculator call.
 
 Sets of 10: `dev` was used while designing the system prompt and the constrained action choice;
 `heldout` was written before any model output was seen and was never tuned on; `heldout2` was written
-after the held-out results had been read, as a fresh unseen set for any later change. An answer is correct
+after the held-out results had been read, and run on the same, unchanged agent. An answer is correct
 when the first number in the Final Answer equals the gold number.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/agent_suite.py                     # both sets
@@ -56,8 +56,8 @@ TASKS = {
         ("I buy 2 lamps and pay with a 100 dollar bill. How much change do I get?", 40),
         ("How many bottles are left after I take 10 bottles from 2 full crates?", 38),
     ],
-    # written after the held-out results were read (so that set is no longer unseen), before any further
-    # change to the agent; run once per change, never tuned on
+    # written after the held-out results were read (so that set is no longer unseen), to measure the
+    # same agent again on tasks nobody had looked at; the agent was not changed after it
     "heldout2": [
         ("How much do 3 desks cost?", 360),
         ("How many pencils are in 4 packs?", 40),
