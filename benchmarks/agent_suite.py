@@ -6,11 +6,13 @@ Sets of 10: `dev` was used while designing the system prompt and the constrained
 after the held-out results had been read, and run on the same, unchanged agent. An answer is correct
 when the first number in the Final Answer equals the gold number.
 
-    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/agent_suite.py                     # both sets
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/agent_suite.py                     # all three sets
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/agent_suite.py --sets heldout --free-actions
 
 --free-actions drops `choose` from the completer, so the model free-writes the Action line (the
-baseline). Writes one JSON line per task (answer, gold, correct, steps, transcript) to --out.
+baseline); --examples 0 leaves the worked trajectories out of the prompt (the ablation). Writes one
+JSON line per task (answer, gold, correct, steps, transcript) to --out (suffixed with the mode when it
+is not the default).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--free-actions", action="store_true", help="baseline: no constrained action choice")
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=60)
+    ap.add_argument("--examples", type=int, default=3, help="worked trajectories in the prompt (0: none)")
     ap.add_argument("--no-chat", action="store_true", help="plain text prompt instead of the chat template")
     ap.add_argument("--limit", type=int, default=None, help="first N tasks of each set")
     ap.add_argument("--threads", type=int, default=1)
@@ -101,13 +104,14 @@ def main() -> None:
     # the baseline: a plain callable has no `choose`, so run_agent parses free text
     complete = (lambda prompt: completer(prompt)) if args.free_actions else completer
     tools = [Tool.from_function(calculator), lookup_tool(load_table(TABLE))]
-    mode = "free" if args.free_actions else "constrained"
+    mode = ("free" if args.free_actions else "constrained") + ("" if args.examples == 3 else f"_{args.examples}shot")
 
     rows, lines = [], []
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
         for i, (q, gold) in enumerate(TASKS[name][:args.limit]):
             t0 = time.perf_counter()
-            r = run_agent(complete, q, tools, tokenizer=tok, max_steps=args.max_steps, chat=not args.no_chat)
+            r = run_agent(complete, q, tools, tokenizer=tok, max_steps=args.max_steps, chat=not args.no_chat,
+                          examples=args.examples)
             got = first_number(r.answer)
             row = {"set": name, "task": i, "mode": mode, "question": q, "gold": gold, "answer": r.answer,
                    "correct": got is not None and abs(got - gold) < 1e-6, "stopped": r.stopped,
@@ -118,8 +122,8 @@ def main() -> None:
             print(f"{name:8s} {i:2d} {'ok ' if row['correct'] else 'BAD'} gold={gold:<4} answer={r.answer!r:.40} "
                   f"steps={row['steps']} {row['seconds']}s", flush=True)
     out = Path(args.out)
-    if args.free_actions:
-        out = out.with_name(out.stem + "_free" + out.suffix)
+    if mode != "constrained":
+        out = out.with_name(f"{out.stem}_{mode}{out.suffix}")
     atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"\n| set | mode | solved |\n|---|---|---|")
     for name in dict.fromkeys(r["set"] for r in rows):

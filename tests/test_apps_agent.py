@@ -215,6 +215,7 @@ def test_worked_examples_use_the_given_tools_names_and_arguments():
     assert 'Action: lookup\nAction Input: {"key": "pen price"}' in p
     assert 'Action: calculator\nAction Input: {"expression": "3 * 2"}' in p
     assert p.endswith("Question: How much do 5 lamps cost?\n")
+    assert "pen price" not in react_prompt(both, "q", chat=False, examples=0)
     calc = Tool.from_function(calculator)
     p = react_prompt({"calculator": calc}, "q", chat=False)
     assert "lookup" not in p and 'Action Input: {"expression": "80 * 15 / 100"}' in p
