@@ -125,7 +125,7 @@ def main() -> None:
     if mode != "constrained":
         out = out.with_name(f"{out.stem}_{mode}{out.suffix}")
     atomic_write_text(out, "\n".join(lines) + "\n")
-    print(f"\n| set | mode | solved |\n|---|---|---|")
+    print("\n| set | mode | solved |\n|---|---|---|")
     for name in dict.fromkeys(r["set"] for r in rows):
         rs = [r for r in rows if r["set"] == name]
         print(f"| {name} | {mode} | {sum(r['correct'] for r in rs)}/{len(rs)} |")
