@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmkit.apps.agent import (ParseError, parse_arguments, parse_react, parse_tool_calls, run_agent,
+from llmkit.apps.agent import (ParseError, parse_arguments, parse_react, parse_tool_calls, react_prompt, run_agent,
                                template_supports_tools)
 from llmkit.apps.tools import KeywordIndex, Tool, calculator, lookup_tool, search_tool
 from llmkit.errors import LLMKitError
@@ -96,6 +96,24 @@ def test_search_and_lookup_tools():
     assert "known keys: paris" in lk.call("london")
 
 
+@pytest.mark.parametrize("asked,used", [("lamps", "lamp price"), ("price of one lamp", "lamp price"),
+                                        ("Lamp prices", "lamp price"), ("box of apples", "apples per box"),
+                                        ("apple per box", "apples per box")])
+def test_lookup_near_miss_uses_the_one_matching_key_and_says_so(asked, used):
+    lk = lookup_tool({"lamp price": "30", "chair price": "45", "apples per box": "12"})
+    value = {"lamp price": "30", "apples per box": "12"}[used]
+    assert lk.call(asked) == f"{value} (there is no key {asked!r}; this is the value of {used!r})"
+
+
+def test_lookup_ambiguous_miss_lists_the_closest_keys():
+    lk = lookup_tool({"lamp price": "30", "chair price": "45", "apples per box": "12"})
+    assert lk.call("price") == "Error: no key 'price'; the closest keys are: lamp price, chair price"
+    assert lk.call("chair cost") == "Error: no key 'chair cost'; the closest keys are: chair price"
+    assert lk.call("zebra").startswith("Error: no key 'zebra'; known keys: apples per box")
+    assert lk.parameters["properties"]["key"]["enum"] == ["apples per box", "chair price", "lamp price"]
+    assert "enum" not in lookup_tool({"a": 1, "b": 2}, enum_max=1).parameters["properties"]["key"]
+
+
 # ---------------------------------------------------------------- the loop, with a scripted model
 class Scripted:
     """A fake model: returns the next scripted output and records the prompts it saw."""
@@ -152,6 +170,60 @@ def test_agent_stops_at_the_step_limit():
         run_agent(model, "q", tools(), max_steps=0)
 
 
+class Choosing:
+    """A fake model that can score options: free text comes from `texts`, each choice from `picks`
+    (an index), and every call is recorded."""
+
+    def __init__(self, texts, picks):
+        self.texts, self.picks, self.calls, self.options = list(texts), list(picks), [], []
+
+    def __call__(self, prompt, stop=None):
+        self.calls.append((prompt, stop))
+        return self.texts.pop(0)
+
+    def choose(self, prompt, options):
+        self.options.append(options)
+        return self.picks.pop(0)
+
+
+def test_agent_takes_the_action_from_choose_when_the_completer_has_it():
+    # the free text says "Action: lookup" inside the thought, but choose picks index 0 = calculator;
+    # then the lookup with its key chosen from the enum (index 1 = "boxes"); then index 2 = Final Answer
+    model = Choosing(texts=[" Add them. Action: lookup", ' {"expression": "2 + 3"}', " Now the boxes.", " done",
+                            " 5 boxes"],
+                     picks=[0, 1, 1, 2])
+    r = run_agent(model, "2 + 3?", tools(), chat=False)
+    assert r.answer == "5 boxes" and r.stopped == "answer"
+    assert (r.steps[0].action, r.steps[0].observation) == ("calculator", "5")
+    assert (r.steps[1].action, r.steps[1].action_input, r.steps[1].observation) == ("lookup", {"key": "boxes"}, "7")
+    assert model.options[0] == ["Action: calculator", "Action: lookup", "Final Answer:"]
+    assert model.options[2] == ['{"key": "apples per box"}', '{"key": "boxes"}']  # the table's keys, sorted
+    # the thought is one line, cut before a field the model starts on its own
+    assert model.calls[0][0].endswith("Question: 2 + 3?\nThought:") and "\n" in model.calls[0][1]
+    assert model.calls[1][0].endswith("Thought: Add them.\nAction: calculator\nAction Input:")
+    assert "Observation: 7\nThought: done\nFinal Answer:" in model.calls[4][0]
+    assert r.transcript.endswith("Thought: done\nFinal Answer: 5 boxes\n")
+
+
+def test_worked_examples_use_the_given_tools_names_and_arguments():
+    def fetch(url: str) -> str:
+        """Fetch a page"""
+        return ""
+
+    both = {t.name: t for t in tools()}
+    p = react_prompt(both, "How much do 5 lamps cost?", chat=False)
+    assert 'Action: lookup\nAction Input: {"key": "pen price"}' in p
+    assert 'Action: calculator\nAction Input: {"expression": "3 * 2"}' in p
+    assert p.endswith("Question: How much do 5 lamps cost?\n")
+    assert "pen price" not in react_prompt(both, "q", chat=False, examples=0)
+    calc = Tool.from_function(calculator)
+    p = react_prompt({"calculator": calc}, "q", chat=False)
+    assert "lookup" not in p and 'Action Input: {"expression": "80 * 15 / 100"}' in p
+    other = Tool.from_function(fetch)
+    p = react_prompt({"fetch": other}, "q", chat=False)  # no example fits: a skeleton with the real names
+    assert 'Action: fetch\nAction Input: {"url": "..."}' in p and "calculator" not in p
+
+
 def test_agent_with_chat_template_without_tools_uses_text_react():
     from _shared import byte_chat_tokenizer
 
@@ -161,6 +233,8 @@ def test_agent_with_chat_template_without_tools_uses_text_react():
     r = run_agent(model, "ok?", tools(), tokenizer=tok)
     assert r.answer == "yes" and model.prompts[0].startswith("<|im_start|>system\nAnswer the question.")
     assert model.prompts[0].endswith("<|im_start|>assistant\nThought:")
+    # the worked examples are earlier turns: user question, assistant trajectory
+    assert "<|im_start|>user\nHow much do 3 pens cost?<|im_end|>\n<|im_start|>assistant\nThought:" in model.prompts[0]
 
 
 HERMES = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'system' and tools %}"
@@ -218,3 +292,17 @@ def test_python_tool_reports_errors_as_text():
     t = python_tool(SandboxLimits(timeout_s=30))
     assert t.call("print(2 ** 10)") == "1024"
     assert "blocked" in t.call("import subprocess")
+
+
+def test_cli_agent_solves_a_two_step_task_with_smollm2(capsys, smollm2_gguf):
+    """Dev task 2 of benchmarks/agent_suite.py through the CLI: a lookup, then a calculator call."""
+    from pathlib import Path
+
+    from llmkit.cli import main
+
+    table = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "agent_table.json"
+    rc = main(["agent", "--model", str(smollm2_gguf), "--tools", "calculator,lookup", "--table", str(table),
+               "--max-new-tokens", "40", "--threads", "1", "How many apples are in 7 boxes?"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.strip() == "84", err
+    assert 'Action: lookup\nAction Input: {"key": "apples per box"}\nObservation: 12' in err

@@ -22,8 +22,15 @@ Two ways to talk to the model, chosen by what its chat template can do (callers 
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes / Qwen convention); results
     go back as `{"role": "tool"}` messages.
 
-The model is any `complete(prompt: str) -> str` callable (`model_completer` wraps llmkit's engine), so
-tests drive the loop with scripted outputs. `AgentResult.transcript` is the whole exchange as text.
+The model is any `complete(prompt: str) -> str` callable, so tests drive the loop with scripted outputs.
+`model_completer` (llmkit's engine) can also `choose(prompt, options) -> index` by log-probability;
+with it the text loop constrains each step (`constrained_step`): free thought, then the action picked
+among the given tools and "Final Answer" (and an enum argument among its values), then free Action
+Input. The system prompt carries worked trajectories (`EXAMPLES`) rendered with the given tools' names.
+`AgentResult.transcript` is the whole exchange as text.
+
+Measured (BENCHMARKS.md, benchmarks/agent_suite.py): SmolLM2-135M-Instruct solves 9 of 20 held-out
+two-step lookup + calculator tasks with the constrained steps and examples, 6 with free-text actions.
 """
 
 from __future__ import annotations
@@ -43,21 +50,48 @@ REACT_SYSTEM = """Answer the question. You can use these tools:
 Use exactly this format:
 
 Thought: what to do next
-Action: one of [{names}]
-Action Input: the tool's arguments as JSON, e.g. {example}
+Action: the tool to use ({names})
+Action Input: the tool's arguments as JSON
 Observation: the tool's result (written for you)
 ... (Thought / Action / Action Input / Observation can repeat)
 Thought: I know the answer
-Final Answer: the answer
+Final Answer: the answer"""
 
-Example:
-Question: What is 3 times the number of legs of a spider?
-Thought: A spider has 8 legs. I multiply 3 by 8.
-Action: {first}
-Action Input: {example_call}
-Observation: 24
-Thought: I know the answer
-Final Answer: 24"""
+
+@dataclass(frozen=True)
+class Example:
+    """A worked trajectory for the system prompt, shown only when every tool it uses is given.
+    steps: (thought, tool name, the value of the tool's first argument, observation)."""
+    question: str
+    steps: tuple[tuple[str, str, str, str], ...]
+    answer: str
+
+    def uses(self) -> set[str]:
+        return {s[1] for s in self.steps}
+
+
+# Few-shot trajectories as in the ReAct paper's prompts: a 135M model follows a format it has seen
+# filled in far better than one described (with the description alone SmolLM2-135M wrote arithmetic in
+# the Action line and copied placeholders). Keys and numbers differ from benchmarks/agent_suite.py.
+EXAMPLES = (
+    Example("How much do 3 pens cost?",
+            (("I need the price of one pen, then 3 times it.", "lookup", "pen price", "2"),
+             ("3 pens cost 3 * 2.", "calculator", "3 * 2", "6")), "6"),
+    Example("How many cups are in 4 crates?",
+            (("I need the number of cups per crate, then 4 times it.", "lookup", "cups per crate", "25"),
+             ("4 crates hold 4 * 25 cups.", "calculator", "4 * 25", "100")), "100"),
+    Example("How much do 2 hats cost with a 3 dollar discount?",
+            (("I need the price of one hat, then 2 times it minus 3.", "lookup", "hat price", "15"),
+             ("2 hats cost 2 * 15 - 3.", "calculator", "2 * 15 - 3", "27")), "27"),
+    Example("What is 15% of 80?", (("15% of 80 is 80 * 15 / 100.", "calculator", "80 * 15 / 100", "12"),), "12"),
+    Example("Who designed the Eiffel Tower?",
+            (("I should search the documents.", "search", "Eiffel Tower designer",
+              "[paris.md#2] The tower was designed by the engineers of Gustave Eiffel's company."),),
+            "the engineers of Gustave Eiffel's company"),
+    Example("What is the sum of the squares of 1 to 10?",
+            (("A short program can add them up.", "python", "print(sum(i * i for i in range(1, 11)))", "385"),),
+            "385"),
+)
 
 TOOL_SYSTEM = "Answer the question. Call the tools when they help, then give the final answer."
 
@@ -185,18 +219,101 @@ def _tool_list(tools: dict[str, Tool]) -> str:
     return "\n".join(f"- {t.signature()}: {t.description}" for t in tools.values())
 
 
+def _first_arg(tool: Tool) -> str:
+    return (tool.parameters["required"] or list(tool.parameters["properties"]) or ["input"])[0]
+
+
+def render_example(ex: Example, tools: dict[str, Tool]) -> str:
+    """The trajectory with the given tools' real names and argument names, as the loop writes steps."""
+    lines = []
+    for thought, name, value, obs in ex.steps:
+        lines += [f"Thought: {thought}", f"Action: {name}",
+                  f"Action Input: {json.dumps({_first_arg(tools[name]): value})}", f"Observation: {obs}"]
+    return "\n".join(lines + ["Thought: I know the answer", f"Final Answer: {ex.answer}"])
+
+
+def worked_examples(tools: dict[str, Tool], max_examples: int = 3) -> list[tuple[str, str]]:
+    """[(question, trajectory)]: the examples that use only the given tools, those using the most of them
+    first (a lookup then a calculator call before a calculator call alone). Tools none of the examples
+    fits get one skeleton step with the first tool, so the format is still shown filled in."""
+    fits = sorted((ex for ex in EXAMPLES if ex.uses() <= set(tools)), key=lambda ex: -len(ex.uses()))
+    if not fits:
+        first = next(iter(tools.values()))
+        fits = [Example("...", (("I should use a tool.", first.name, "...", "..."),), "...")]
+    return [(ex.question, render_example(ex, tools)) for ex in fits[:max_examples]]
+
+
 def react_system_prompt(tools: dict[str, Tool]) -> str:
-    first = next(iter(tools.values()))
-    arg = next(iter(first.parameters["properties"]), "x")
-    # one worked trajectory, as the ReAct paper's few-shot prompts: small models copy the format
-    call = json.dumps({arg: "3 * 8"}) if first.name == "calculator" else json.dumps({arg: "..."})
-    return REACT_SYSTEM.format(tools=_tool_list(tools), names=", ".join(tools), example=json.dumps({arg: "..."}),
-                               first=first.name, example_call=call)
+    return REACT_SYSTEM.format(tools=_tool_list(tools), names=", ".join(tools))
+
+
+def react_prompt(tools: dict[str, Tool], question: str, tokenizer=None, chat: bool = True,
+                 examples: int = 3) -> str:
+    """The prompt the first step continues. With a chat template the worked examples are earlier turns
+    (user: question, assistant: trajectory), so the model's own turn starts exactly as theirs did;
+    without one they are "Question: ..." blocks before the question."""
+    shots = worked_examples(tools, examples)
+    system = react_system_prompt(tools)
+    if tokenizer is not None and chat:
+        msgs = [{"role": "system", "content": system}]
+        for q, trajectory in shots:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": trajectory}]
+        msgs.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    blocks = "".join(f"Question: {q}\n{trajectory}\n\n" for q, trajectory in shots)
+    return f"{system}\n\n{blocks}Question: {question}\n"
+
+
+# stops for the free-text parts of a constrained step: each is one line
+_LINE_STOPS = ("\n", "Action:", "Final Answer:", "Observation:")
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    """Text before the first stop string, stripped: the engine already stops there, a completer that
+    ignores `stop` (a remote model, a test stub) still yields one field."""
+    return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))].strip()
+
+
+def constrained_step(complete, choose: Callable[[str, list[str]], int], prompt: str, tools: dict[str, Tool]) -> Step:
+    """One ReAct step where the model picks the action from the allowed ones instead of free-writing it.
+
+    Grammar-constrained decoding in the way of llama.cpp grammars or guidance, at the granularity
+    that matters here: the thought is free text (one line); then the next line must be one of
+    `Action: <tool>` for a given tool or `Final Answer:`, and `choose` picks the one the model gives the
+    highest log-probability (the whole continuation's, so "Action: lookup" competes as one string).
+    A small model can no longer write arithmetic or a placeholder where the tool name goes. An argument
+    whose schema lists its values (`enum`: the lookup table's keys) is chosen the same way; other Action
+    Inputs and the final answer are free text again, one line each."""
+    thought = _cut(complete(prompt + "Thought:", stop=_LINE_STOPS), _LINE_STOPS)
+    base = f"{prompt}Thought: {thought}\n"
+    names = list(tools)
+    pick = choose(base, [f"Action: {n}" for n in names] + ["Final Answer:"])
+    if not 0 <= pick <= len(names):
+        raise LLMKitError(f"choose returned {pick}, not an index into {len(names) + 1} options")
+    if pick == len(names):
+        answer = _cut(complete(base + "Final Answer:", stop=("\n",)), ("\n",))
+        raw = f"Thought: {thought}\nFinal Answer: {answer}"
+        if not answer:
+            msg = "'Final Answer:' is empty; write the answer after it."
+            return Step(thought=thought, raw=raw, error=msg, observation=f"Error: {msg}")
+        return Step(thought=thought, final_answer=answer, raw=raw)
+    name = names[pick]
+    arg = _first_arg(tools[name])
+    enum = tools[name].parameters["properties"].get(arg, {}).get("enum")
+    if enum:  # a closed set of values (the lookup table's keys): chosen the same way as the tool
+        value = enum[choose(f"{base}Action: {name}\nAction Input: ", [json.dumps({arg: v}) for v in enum])]
+        raw_input = json.dumps({arg: value})
+    else:
+        raw_input = _cut(complete(f"{base}Action: {name}\nAction Input:", stop=("\n", "Observation:")),
+                         ("\n", "Observation:"))
+    return Step(thought=thought, action=name, action_input=parse_arguments(raw_input),
+                raw=f"Thought: {thought}\nAction: {name}\nAction Input: {raw_input}")
 
 
 def run_agent(complete: Callable[[str], str], question: str, tools: list[Tool], tokenizer=None,
-              max_steps: int = 6, chat: bool = True, on_step: Callable | None = None) -> AgentResult:
-    """Answer `question` with the ReAct loop (or native tool calls, see the module docstring)."""
+              max_steps: int = 6, chat: bool = True, on_step: Callable | None = None, examples: int = 3) -> AgentResult:
+    """Answer `question` with the ReAct loop (or native tool calls, see the module docstring).
+    examples: how many worked trajectories the prompt shows (0: the format description alone)."""
     if not tools:
         raise LLMKitError("the agent needs at least one tool")
     if max_steps < 1:
@@ -204,21 +321,17 @@ def run_agent(complete: Callable[[str], str], question: str, tools: list[Tool], 
     tmap = {t.name: t for t in tools}
     if tokenizer is not None and chat and template_supports_tools(tokenizer):
         return _run_native(complete, question, tmap, tokenizer, max_steps, on_step)
-    system = react_system_prompt(tmap)
-    if tokenizer is not None and chat:
-        head = tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                              {"role": "user", "content": question}], add_generation_prompt=True)
-    else:
-        head = f"{system}\n\nQuestion: {question}\n"
+    head = react_prompt(tmap, question, tokenizer, chat, examples)
     scratch = ""
     steps: list[Step] = []
+    # a completer that can score options (model_completer's) gets the action chosen among the allowed
+    # ones; a plain complete(prompt) callable (scripted tests, remote models) is parsed as free text
+    choose = getattr(complete, "choose", None)
     for _ in range(max_steps):
-        out = complete(head + scratch + "Thought:")
-        text = "Thought:" + out if not _FIELD.match(out) else out
-        try:
-            step = parse_react(text)
-        except ParseError as e:
-            step = Step(raw=text, error=str(e), observation=f"Error: {e}")
+        if choose is not None:
+            step = constrained_step(complete, choose, head + scratch, tmap)
+        else:
+            step = _free_step(complete, head + scratch)
         if step.final_answer is not None:
             steps.append(step)
             scratch += step.raw.strip() + "\n"
@@ -236,6 +349,15 @@ def run_agent(complete: Callable[[str], str], question: str, tools: list[Tool], 
         if on_step:
             on_step(step)
     return AgentResult(None, steps, head + scratch, "step_limit")
+
+
+def _free_step(complete, prompt: str) -> Step:
+    out = complete(prompt + "Thought:")
+    text = "Thought:" + out if not _FIELD.match(out) else out
+    try:
+        return parse_react(text)
+    except ParseError as e:
+        return Step(raw=text, error=str(e), observation=f"Error: {e}")
 
 
 def _run_native(complete, question, tmap, tokenizer, max_steps, on_step) -> AgentResult:
@@ -269,17 +391,44 @@ def _run_native(complete, question, tmap, tokenizer, max_steps, on_step) -> Agen
     return AgentResult(None, steps, tokenizer.apply_chat_template(msgs, tools=schemas), "step_limit")
 
 
+class ModelCompleter:
+    """llmkit's engine as the agent's model: `completer(prompt, stop=None) -> text` (greedy unless a
+    temperature is given; by default stops at "Observation:" so the model never writes a tool's result
+    itself) and `choose(prompt, options) -> index` (the option with the highest log p(option | prompt),
+    for constrained_step)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
+                 stop: tuple[str, ...] = ("Observation:", "\nQuestion:")):
+        from ..inference import SamplingParams
+        from ..inference.prefix import PrefixCache
+
+        self.model, self.tokenizer = model, tokenizer
+        # every call of a run starts with the same system prompt and the steps so far: their K/V are
+        # reused instead of prefilled again (~1k tokens a call with the worked examples)
+        self.prefix_cache = PrefixCache(max_entries=4)
+        self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                     stop_ids=tuple(tokenizer.stop_ids), stop=stop, seed=seed)
+
+    def __call__(self, prompt: str, stop: tuple[str, ...] | None = None) -> str:
+        from dataclasses import replace
+
+        from ..inference import generate
+
+        params = self.params if stop is None else replace(self.params, stop=tuple(stop))
+        ids = self.tokenizer.encode(prompt, add_bos=False)
+        return generate(self.model, ids, params, tokenizer=self.tokenizer, prefix_cache=self.prefix_cache,
+                        truncate=False).text
+
+    def choose(self, prompt: str, options: list[str]) -> int:
+        # the eval harness's multiple-choice scorer: the prompt is run once, the options packed after it
+        from ..eval.harness import continuation_logprobs
+
+        ctx = self.tokenizer.encode(prompt, add_bos=False)
+        lp = continuation_logprobs(self.model, [(ctx, self.tokenizer.encode(o, add_bos=False)) for o in options])
+        return max(range(len(options)), key=lp.__getitem__)
+
+
 def model_completer(model, tokenizer, max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
-                    stop: tuple[str, ...] = ("Observation:", "\nQuestion:")) -> Callable[[str], str]:
-    """complete(prompt) -> text with llmkit's engine: greedy unless a temperature is given; stops at
-    "Observation:" so the model never writes the tool's result itself."""
-    from ..inference import SamplingParams, generate
-
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop_ids=tuple(tokenizer.stop_ids),
-                            stop=stop, seed=seed)
-
-    def complete(prompt: str) -> str:
-        ids = tokenizer.encode(prompt, add_bos=False)
-        return generate(model, ids, params, tokenizer=tokenizer, truncate=False).text
-
-    return complete
+                    stop: tuple[str, ...] = ("Observation:", "\nQuestion:")) -> ModelCompleter:
+    """The agent's model over llmkit's engine (see ModelCompleter)."""
+    return ModelCompleter(model, tokenizer, max_new_tokens, temperature, seed, stop)

@@ -8,7 +8,8 @@
     python_tool(limits)        a tool running code in the sandbox (llmkit/apps/sandbox.py), its stdout back
     search_tool(index)         search over any object with `search(query, k) -> [(text, source, score)]`;
                                `KeywordIndex` is a tiny stand-in (term overlap) when no RAG index is given
-    lookup_tool(table)         exact key -> value lookup, with the known keys listed on a miss
+    lookup_tool(table)         key -> value lookup; a near miss uses the one matching key (and says so) or
+                               lists the closest keys
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import LLMKitError, closest
+from ..errors import LLMKitError
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
@@ -197,17 +198,50 @@ def search_tool(index) -> Tool:
 
 
 # ---------------------------------------------------------------- key-value lookup
-def lookup_tool(table: dict[str, str]) -> Tool:
+def _stem(word: str) -> str:
+    """Crude plural folding ("boxes" -> "box", "lamps" -> "lamp"): enough to match a key the model
+    wrote in the plural or with its words reordered; not a linguistic stemmer."""
+    if len(word) > 4 and word.endswith(("xes", "ches", "shes", "sses")):
+        return word[:-2]
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _stems(text: str) -> frozenset[str]:
+    return frozenset(_stem(w) for w in _terms(text))
+
+
+def lookup_tool(table: dict[str, str], enum_max: int = 64) -> Tool:
+    """Exact lookup, with a fallback for the near misses small models make ("lamps", "price of one lamp",
+    "lamp prices" for the key "lamp price"): if exactly one key holds every word of the request or has
+    all its words in the request (plurals folded), or exactly one key is close in spelling (difflib ratio >= 0.8), its value comes back with a
+    note saying which key was used; otherwise the closest keys come back so the model can retry."""
+    import difflib
+
     norm = {k.strip().lower(): str(v) for k, v in table.items()}
+    stems = {k: _stems(k) for k in norm}
 
     def lookup(key: str) -> str:
         """Look up the value stored under a key (exact name)"""
-        k = key.strip().strip("'\"").lower()
+        k = " ".join(str(key).strip().strip("'\"").lower().split())
         if k in norm:
             return norm[k]
-        return f"Error: no key {key!r}{closest(k, list(norm))}; known keys: {', '.join(sorted(norm)[:20])}"
+        want = _stems(k)
+        holding = [c for c in norm if want and (want <= stems[c] or stems[c] <= want)]
+        close = difflib.get_close_matches(k, list(norm), n=3, cutoff=0.8)
+        unique = holding if len(holding) == 1 else close if len(close) == 1 and not holding else []
+        if unique:
+            return f"{norm[unique[0]]} (there is no key {key!r}; this is the value of {unique[0]!r})"
+        near = holding[:3] or difflib.get_close_matches(k, list(norm), n=3, cutoff=0.4)
+        if near:
+            return f"Error: no key {key!r}; the closest keys are: {', '.join(near)}"
+        return f"Error: no key {key!r}; known keys: {', '.join(sorted(norm)[:20])}"
 
-    return Tool.from_function(lookup)
+    tool = Tool.from_function(lookup)
+    if len(norm) <= enum_max:
+        # the keys as a JSON-schema enum: an agent that constrains arguments picks one of them instead of
+        # writing a key (each value is one scored continuation, so only for small tables)
+        tool.parameters["properties"]["key"]["enum"] = sorted(norm)
+    return tool
 
 
 def load_table(path: str | Path) -> dict[str, str]:

@@ -15,7 +15,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("agent", help="answer a question with a ReAct agent and tools",
                        description=f"Tools: {', '.join(TOOL_NAMES)}. Thought / Action / Observation steps are "
-                       "printed as they happen; models whose chat template supports tools get native tool calls.")
+                       "printed as they happen; each Action is chosen among the tools (and Final Answer) by the model's "
+                       "log-probability, a lookup key among the table's keys; models whose chat template supports "
+                       "tools get native tool calls.")
     p.add_argument("question")
     p.add_argument("--model", required=True, help="registry name, GGUF file, HF dir or llmkit checkpoint")
     p.add_argument("--tools", default="calculator", help="comma-separated: " + ", ".join(TOOL_NAMES))
