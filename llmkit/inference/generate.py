@@ -155,8 +155,9 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
     a process compiles: tens of seconds, then the on-disk inductor cache makes later processes faster).
     Meant to remove the eager per-op overhead (~30 ops per layer), the largest cost of a small model's
     decode step; the logits equal the eager ones to float rounding (fused kernels) and one graph serves
-    every position. Opt-in, not the default: the compile takes 30-70 s on 2 cores, and on the AMD EPYC
-    measured (BENCHMARKS.md) the compiled int4 step was still slower than eager (17.9 vs 50.5 tok/s).
+    every position. Opt-in, not the default: the compile takes 30-70 s on 2 cores (45 s with a warm
+    inductor cache), which a short answer never earns back; steady state on the AMD EPYC measured
+    (BENCHMARKS.md) the compiled int4 step decodes 1.33x eager (101.7 vs 76.5 tok/s).
     Falls back to eager for caches it cannot take (a rolling buffer)."""
     dev = model_device(model)
     if compiled and _ready_for_compile(model, cache):

@@ -115,6 +115,10 @@ class BatchKVCache(KVCache):
         """The same slots (shared storage, no copy) read whole, for the compiled decode step."""
         out = StaticKVCache.__new__(StaticKVCache)
         out.__dict__.update(self.__dict__)
+        # one (B, K, S, D) view per layer: the compiled graph then mutates each layer's slots as its own
+        # input, where a write into a view of the whole (L, B, K, S, D) tensor made the functionalised
+        # graph rebuild that whole tensor once per layer per step (AOTAutograd's view-of-input mutation)
+        out.layers_k, out.layers_v = list(self.k.unbind(0)), list(self.v.unbind(0))
         return out
 
     # ---------------------------------------------------------------- row / prefix management
@@ -166,7 +170,7 @@ class StaticKVCache(BatchKVCache):
     def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """input_pos (T,) or (B, T) -> bool (1|B, 1, T, max_len): slot j is seen iff j <= i (and i - j < W)."""
         W = window or self.window
-        j = torch.arange(self.k.size(3), device=input_pos.device)  # the tensor's size, not the int max_len:
+        j = torch.arange(self.layers_k[0].size(2), device=input_pos.device)  # the tensor's size, not the int max_len:
         i = input_pos[..., None]  # a compiled graph then follows a new cache length as a dynamic size
         m = j <= i
         if W:
@@ -175,8 +179,14 @@ class StaticKVCache(BatchKVCache):
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at input_pos; return this layer's whole (B, K, max_len, D)."""
-        self._write(layer, input_pos, k, v)
-        return self.k[layer], self.v[layer]
+        ck, cv = self.layers_k[layer], self.layers_v[layer]
+        if input_pos.dim() == 1:
+            ck.index_copy_(2, input_pos, k.to(ck.dtype))
+            cv.index_copy_(2, input_pos, v.to(cv.dtype))
+        else:  # per-row slots
+            ck.scatter_(2, input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)), k.to(ck.dtype))
+            cv.scatter_(2, input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)), v.to(cv.dtype))
+        return ck, cv
 
 
 class RollingKVCache:
