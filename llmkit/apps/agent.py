@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import LLMKitError
@@ -410,8 +410,6 @@ class ModelCompleter:
                                      stop_ids=tuple(tokenizer.stop_ids), stop=stop, seed=seed)
 
     def __call__(self, prompt: str, stop: tuple[str, ...] | None = None) -> str:
-        from dataclasses import replace
-
         from ..inference import generate
 
         params = self.params if stop is None else replace(self.params, stop=tuple(stop))

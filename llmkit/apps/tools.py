@@ -227,11 +227,13 @@ def lookup_tool(table: dict[str, str], enum_max: int = 64) -> Tool:
             return norm[k]
         want = _stems(k)
         holding = [c for c in norm if want and (want <= stems[c] or stems[c] <= want)]
-        close = difflib.get_close_matches(k, list(norm), n=3, cutoff=0.8)
+        # spelling similarity of every key, scored once (difflib.get_close_matches' ratio and order)
+        scored = sorted(((difflib.SequenceMatcher(None, c, k).ratio(), c) for c in norm), reverse=True)[:3]
+        close = [c for r, c in scored if r >= 0.8]
         unique = holding if len(holding) == 1 else close if len(close) == 1 and not holding else []
         if unique:
             return f"{norm[unique[0]]} (there is no key {key!r}; this is the value of {unique[0]!r})"
-        near = holding[:3] or difflib.get_close_matches(k, list(norm), n=3, cutoff=0.4)
+        near = holding[:3] or [c for r, c in scored if r >= 0.4]
         if near:
             return f"Error: no key {key!r}; the closest keys are: {', '.join(near)}"
         return f"Error: no key {key!r}; known keys: {', '.join(sorted(norm)[:20])}"

@@ -46,7 +46,7 @@ def add_finetune(bsub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                    help="autocast dtype of both engines; auto: bfloat16 where this CPU's bf16 matmuls are >= "
                    "1.5x its fp32 ones (the speedrun's probe), else float32")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's table of one llmkit step")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step of each engine")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_finetune)
 
@@ -224,10 +224,10 @@ def run_finetune(args) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        m, opt, step = engines["llmkit"]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(m, opt, batch, autocast)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        for name, (m, opt, step) in engines.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(m, opt, batch, autocast)
+            print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     tokens = args.batch * args.seq
     dequant = _dequant_times(model, hf) if args.method == "qlora" else None
     res = {k: {"median_step_s": statistics.median(v), "tokens_per_s": tokens / statistics.median(v),

@@ -101,15 +101,19 @@ class BatchKVCache(KVCache):
         self._write(layer, input_pos, k, v)
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
 
+    def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K and V slots (B, K, S, D), the tensors a write goes into."""
+        return self.k[layer], self.v[layer]
+
     def _write(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        ck, cv = self._layer(layer)
         if input_pos.dim() == 1:
-            self.k[layer].index_copy_(2, input_pos, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, input_pos, v.to(self.v.dtype))
+            ck.index_copy_(2, input_pos, k.to(ck.dtype))
+            cv.index_copy_(2, input_pos, v.to(cv.dtype))
         else:  # per-row slots: scatter along the slot axis
-            idx = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
-            self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+            ck.scatter_(2, input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)), k.to(ck.dtype))
             idx = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))  # V may be narrower (MLA)
-            self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
+            cv.scatter_(2, idx, v.to(cv.dtype))
 
     def static(self) -> "StaticKVCache":
         """The same slots (shared storage, no copy) read whole, for the compiled decode step."""
@@ -179,14 +183,11 @@ class StaticKVCache(BatchKVCache):
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at input_pos; return this layer's whole (B, K, max_len, D)."""
-        ck, cv = self.layers_k[layer], self.layers_v[layer]
-        if input_pos.dim() == 1:
-            ck.index_copy_(2, input_pos, k.to(ck.dtype))
-            cv.index_copy_(2, input_pos, v.to(cv.dtype))
-        else:  # per-row slots
-            ck.scatter_(2, input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)), k.to(ck.dtype))
-            cv.scatter_(2, input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3)), v.to(cv.dtype))
-        return ck, cv
+        self._write(layer, input_pos, k, v)
+        return self._layer(layer)
+
+    def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers_k[layer], self.layers_v[layer]  # the per-layer views (static(): why)
 
 
 class RollingKVCache:

@@ -36,10 +36,11 @@ __all__ = ["QuantLinear", "QuantEmbedding", "QuantMethod", "METHODS", "GROUP", "
 # of a batch of sequences together (M rows, the server's scheduler), and prefills. Measured per SmolLM2 block
 # (benchmarks/matmul_bandwidth.py, BENCHMARKS.md): the int4 kernel's time grows ~linearly with M and meets
 # a kept bf16 copy's GEMM at M = 8-12, so with a copy the GEMM takes over above 8 rows. Without a copy the
-# alternative is dequantizing every weight per call (~5 ms a block) and a bf16 GEMM: the four int4 matrices
-# of a block took 1.3 / 2.7 / 5.4 / 11.0 ms at 64 / 128 / 256 / 512 rows against 5.2 / 5.9 / 8.1 / 9.6 ms
-# dequantized (2 threads, quiet), so the kernel keeps going to 256 rows (a 128-token prompt: prefill 1.3x
-# -> 2x faster); a longer forward is dequantized once a call.
+# alternative is dequantizing every weight per call and a bf16 GEMM: a block's four int4 matrices took
+# 1.5 / 2.9 / 6.0 / 11.7 ms at 64 / 128 / 256 / 512 rows against 10.7 / 11.1 / 11.8 / 14.6 ms dequantized
+# (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10 --rows 1,4,8,16,64,128,256,512`, AMD EPYC,
+# no AMX), so the kernel keeps going to 256 rows (a 128-token prompt's prefill: 575 -> 995 tok/s in `llmkit
+# bench decode`); a longer forward is dequantized once a call.
 SMALL_M = 8
 SMALL_M_NO_COPY = 256
 
