@@ -125,10 +125,12 @@ def _step(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.
 
 
 @functools.cache
-def _compiled_step():
-    """One compiled `_step` per process (dynamo keeps one graph per model and cache layout; a new batch
-    size or cache length recompiles once, as a dynamic size, then never again)."""
-    return torch.compile(_step)
+def _compiled_step(device_type: str = "cpu"):
+    """One compiled `_step` per process and device kind (dynamo keeps one graph per model and cache
+    layout; a new batch size or cache length recompiles once, as a dynamic size, then never again).
+    On the CPU the graph's wrapper is C++ (inductor's cpp_wrapper): the Python wrapper's per-kernel
+    call overhead was ~0.7 ms of a ~9 ms SmolLM2 step (BENCHMARKS.md)."""
+    return torch.compile(_step, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
 def _ready_for_compile(model, cache) -> bool:
@@ -168,7 +170,7 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
         if hi >= model.cfg.max_seq_len:
             raise LLMKitError(f"sequence of {hi + 1} tokens is longer than the model's context window of "
                               f"{model.cfg.max_seq_len}")
-        return _compiled_step()(model, tokens.to(dev), pos[:, None].to(dev), cache.static()).cpu()
+        return _compiled_step(dev.type)(model, tokens.to(dev), pos[:, None].to(dev), cache.static()).cpu()
     if isinstance(pos, int):
         input_pos = torch.tensor([pos])
     elif bool((pos == pos[0]).all()):  # shared position: the cheaper (T,) path

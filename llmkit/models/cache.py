@@ -110,19 +110,28 @@ class BatchKVCache(KVCache):
         if input_pos.dim() == 1:
             ck.index_copy_(2, input_pos, k.to(ck.dtype))
             cv.index_copy_(2, input_pos, v.to(cv.dtype))
-        else:  # per-row slots: scatter along the slot axis
-            ck.scatter_(2, input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3)), k.to(ck.dtype))
-            idx = input_pos[:, None, :, None].expand(-1, v.size(1), -1, v.size(3))  # V may be narrower (MLA)
-            cv.scatter_(2, idx, v.to(cv.dtype))
+        else:  # per-row slots: row b's T tokens go to slots input_pos[b]
+            # an index_put_ (not a scatter_): inductor writes it in place into the compiled step's cache
+            # input, where a scatter_ made the graph copy the layer's whole cache in and out every step
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1) against input_pos (B, T)
+            ck[rows, :, input_pos] = k.transpose(1, 2).to(ck.dtype)  # indexed (B, T, K, D)
+            cv[rows, :, input_pos] = v.transpose(1, 2).to(cv.dtype)
 
     def static(self) -> "StaticKVCache":
-        """The same slots (shared storage, no copy) read whole, for the compiled decode step."""
+        """The same slots (shared storage, no copy) read whole, for the compiled decode step. Made once
+        per storage and then reused: the compiled graph's guards check the objects it reads on every
+        call, and the same objects step after step are cheaper to check than fresh ones."""
+        view = self.__dict__.get("_static")
+        if view is not None and view.k is self.k and view.v is self.v:
+            return view
         out = StaticKVCache.__new__(StaticKVCache)
         out.__dict__.update(self.__dict__)
         # one (B, K, S, D) view per layer: the compiled graph then mutates each layer's slots as its own
         # input, where a write into a view of the whole (L, B, K, S, D) tensor made the functionalised
         # graph rebuild that whole tensor once per layer per step (AOTAutograd's view-of-input mutation)
         out.layers_k, out.layers_v = list(self.k.unbind(0)), list(self.v.unbind(0))
+        out.__dict__.pop("_static", None)
+        self._static = out
         return out
 
     # ---------------------------------------------------------------- row / prefix management
