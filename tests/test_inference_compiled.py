@@ -93,7 +93,61 @@ def test_compiled_step_logits_and_quantized(traced):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
         tok = a.argmax(-1)
     assert len(traced) == 1
-    assert isinstance(cb.static(), StaticKVCache) and cb.static().k is cb.k  # a view: same storage
+    assert isinstance(cb.static(), StaticKVCache) and cb.static().k.data_ptr() == cb.k.data_ptr()  # a view: same storage
+
+
+def test_compiled_steps_after_a_caches_first_skip_the_guards(traced, monkeypatch):
+    """A cache's first compiled step goes through dynamo (guards checked); its later steps run the matched
+    cache entry's bytecode directly (`_unguarded`) and still equal eager. Another model on the same cache
+    changes the key: guarded again, and its own weights are used."""
+    import copy
+
+    m = tiny()
+    compiled, guarded = gen_mod._compiled_step(), []
+
+    def counting(*args):
+        guarded.append(1)
+        return compiled(*args)
+
+    monkeypatch.setattr(gen_mod, "_compiled_step", lambda device_type="cpu": counting)
+    ids = torch.tensor([[5, 9, 11, 200, 3, 7]])
+    ca, cb = m.new_cache(1, 16), m.new_cache(1, 16)
+    prefill(m, ids, ca)
+    prefill(m, ids, cb)
+    tok = torch.tensor([42])
+    for pos in range(6, 11):
+        a = decode_step(m, tok, torch.tensor([pos]), ca)
+        b = decode_step(m, tok, torch.tensor([pos]), cb, compiled=True)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        tok = a.argmax(-1)
+    assert len(guarded) == 1 and cb.static(64)._unguarded[1] is not None
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.mul_(1.5)
+    a = decode_step(m2, tok, torch.tensor([11]), ca)
+    b = decode_step(m2, tok, torch.tensor([11]), cb, compiled=True)
+    assert len(guarded) == 2
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_step_reads_the_cache_in_buckets(traced):
+    """The compiled step attends over the slots up to the next multiple of STATIC_BUCKET, through one view
+    per bucket; crossing buckets neither recompiles (the slot count is dynamic from the first compile)
+    nor changes the logits."""
+    m = tiny()
+    ids = torch.tensor([list(range(3, 63))])  # 60 tokens: the steps below cross slots 64 and 128
+    ca, cb = m.new_cache(1, 160), m.new_cache(1, 160)
+    prefill(m, ids, ca)
+    prefill(m, ids, cb)
+    tok = torch.tensor([42])
+    for pos in range(60, 140):
+        a = decode_step(m, tok, torch.tensor([pos]), ca)
+        b = decode_step(m, tok, torch.tensor([pos]), cb, compiled=True)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        tok = a.argmax(-1)
+    assert len(traced) == 1
+    assert sorted(k for k in cb._static if isinstance(k, int)) == [64, 128, 160]
 
 
 def test_compiled_step_checks_positions(traced):

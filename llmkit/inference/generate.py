@@ -133,6 +133,32 @@ def _compiled_step(device_type: str = "cpu"):
     return torch.compile(_step, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
+STATIC_BUCKET = 64  # compiled decode reads the cache in slot counts rounded up to this (see decode_step)
+
+
+def _unguarded(model, tokens: torch.Tensor, input_pos: torch.Tensor, view) -> Callable | None:
+    """The compiled `_step` these arguments just ran, as a plain function that skips dynamo's guards.
+
+    dynamo checks guards on every call of a compiled function: every tensor the graph reads (SmolLM2:
+    ~370 of them, weights and cache slots) and the module attributes it depends on, ~1 ms of a ~7 ms
+    compiled int4 step on the AMD EPYC (BENCHMARKS.md). Within one cache's decode loop none of that
+    changes, so `decode_step` checks the guards on a cache's first compiled step (the normal call), then
+    finds the cache entry whose guards these arguments pass and runs that entry's bytecode directly
+    for the cache's later steps (the bytecode reads the weights afresh each call and runs the same
+    compiled graph). None when torch's cache entries cannot be read (then every step is guarded)."""
+    import types
+
+    try:
+        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(_step.__code__)
+        f_locals = {"model": model, "tokens": tokens, "input_pos": input_pos, "cache": view}
+        for e in entries:
+            if not e.code.co_freevars and e.guard_manager.check(f_locals):
+                return types.FunctionType(e.code, _step.__globals__)
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    return None
+
+
 def _ready_for_compile(model, cache) -> bool:
     """Whether the compiled step can run: a full-slot cache (not a rolling buffer) on the CPU or a GPU,
     and the rope tables built for the whole window (so the graph reads no position; see Transformer.rope)."""
@@ -170,7 +196,20 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
         if hi >= model.cfg.max_seq_len:
             raise LLMKitError(f"sequence of {hi + 1} tokens is longer than the model's context window of "
                               f"{model.cfg.max_seq_len}")
-        return _compiled_step(dev.type)(model, tokens.to(dev), pos[:, None].to(dev), cache.static()).cpu()
+        # attend over the slots up to the next multiple of STATIC_BUCKET past the last position, not the
+        # whole cache: a view per bucket, one graph for all (the slot count is a dynamic size)
+        view = cache.static(-(-(hi + 1) // STATIC_BUCKET) * STATIC_BUCKET)
+        tokens, input_pos = tokens.to(dev), pos[:, None].to(dev)
+        # what the guards checked that could differ between two steps on one cache (`_unguarded`)
+        key = (id(model), model.training, torch.is_inference_mode_enabled(), tuple(tokens.shape), tokens.dtype,
+               tuple(input_pos.shape), input_pos.dtype, dev)
+        known = view.__dict__.get("_unguarded")  # (key, function or None) from this cache's first step
+        if known is not None and known[0] == key and known[1] is not None:
+            return known[1](model, tokens, input_pos, view).cpu()
+        logits = _compiled_step(dev.type)(model, tokens, input_pos, view)
+        if known is None or known[0] != key:
+            view._unguarded = (key, _unguarded(model, tokens, input_pos, view))
+        return logits.cpu()
     if isinstance(pos, int):
         input_pos = torch.tensor([pos])
     elif bool((pos == pos[0]).all()):  # shared position: the cheaper (T,) path

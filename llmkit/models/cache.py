@@ -117,22 +117,24 @@ class BatchKVCache(KVCache):
             ck[rows, :, input_pos] = k.transpose(1, 2).to(ck.dtype)  # indexed (B, T, K, D)
             cv[rows, :, input_pos] = v.transpose(1, 2).to(cv.dtype)
 
-    def static(self) -> "StaticKVCache":
-        """The same slots (shared storage, no copy) read whole, for the compiled decode step. Made once
-        per storage and then reused: the compiled graph's guards check the objects it reads on every
-        call, and the same objects step after step are cheaper to check than fresh ones."""
-        view = self.__dict__.get("_static")
-        if view is not None and view.k is self.k and view.v is self.v:
-            return view
-        out = StaticKVCache.__new__(StaticKVCache)
-        out.__dict__.update(self.__dict__)
-        # one (B, K, S, D) view per layer: the compiled graph then mutates each layer's slots as its own
-        # input, where a write into a view of the whole (L, B, K, S, D) tensor made the functionalised
-        # graph rebuild that whole tensor once per layer per step (AOTAutograd's view-of-input mutation)
-        out.layers_k, out.layers_v = list(self.k.unbind(0)), list(self.v.unbind(0))
-        out.__dict__.pop("_static", None)
-        self._static = out
-        return out
+    def static(self, length: int | None = None) -> "StaticKVCache":
+        """The first `length` slots (default: all; shared storage, no copy) read whole, for the compiled
+        decode step. One view per length, made once and reused (a decode loop asks every step); the
+        slot count is marked dynamic, so one compiled graph serves every length."""
+        length = self.max_len if length is None else min(length, self.max_len)
+        views = self.__dict__.get("_static")
+        if views is None or views["k"] is not self.k or views["v"] is not self.v:
+            views = self._static = {"k": self.k, "v": self.v}
+        if length not in views:
+            out = StaticKVCache.__new__(StaticKVCache)
+            out.__dict__.update(self.__dict__)
+            del out.__dict__["_static"]
+            out.k, out.v = self.k[:, :, :, :length], self.v[:, :, :, :length]
+            out.max_len = length
+            for t in (out.k, out.v):
+                torch._dynamo.maybe_mark_dynamic(t, 3)
+            views[length] = out
+        return views[length]
 
     # ---------------------------------------------------------------- row / prefix management
     def select_rows(self, rows: torch.Tensor) -> "BatchKVCache":
@@ -183,7 +185,7 @@ class StaticKVCache(BatchKVCache):
     def mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """input_pos (T,) or (B, T) -> bool (1|B, 1, T, max_len): slot j is seen iff j <= i (and i - j < W)."""
         W = window or self.window
-        j = torch.arange(self.layers_k[0].size(2), device=input_pos.device)  # the tensor's size, not the int max_len:
+        j = torch.arange(self.k.size(3), device=input_pos.device)  # the tensor's size, not the int max_len:
         i = input_pos[..., None]  # a compiled graph then follows a new cache length as a dynamic size
         m = j <= i
         if W:
@@ -192,11 +194,17 @@ class StaticKVCache(BatchKVCache):
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at input_pos; return this layer's whole (B, K, max_len, D)."""
-        self._write(layer, input_pos, k, v)
-        return self._layer(layer)
-
-    def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layers_k[layer], self.layers_v[layer]  # the per-layer views (static(): why)
+        # one index_put_ into the whole (L, B, K, S, D) tensor, the layer given as a tensor index: the
+        # compiled graph then mutates its cache input in place. Writing into a view of it (k[layer])
+        # made AOTAutograd's functionalisation rebuild the whole tensor per layer per step, and one
+        # input per layer (views) cost a dynamic size and a guarded tensor per layer
+        B, T = k.size(0), k.size(2)
+        pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None]
+        at = torch.full((1, 1), layer, dtype=torch.long, device=k.device)
+        self.k[at, rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed (B, T, K, D)
+        self.v[at, rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[layer], self.v[layer]
 
 
 class RollingKVCache:
