@@ -99,9 +99,9 @@ def register(sub) -> None:
                    help="speculative decoding with the target's first L layers as the draft")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (1.3x eager's "
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (1.7-1.9x eager's "
                    "decode tok/s on SmolLM2 int4, 2 cores, BENCHMARKS.md; the first run of a process compiles "
-                   "for tens of seconds, so it pays for long outputs, not for a 16-token answer)")
+                   "for ~10-65 s, so it pays for long outputs, not for a 16-token answer)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, log-probs, "
                    "finish_reason, timings)")
     p.set_defaults(func=run)

@@ -180,12 +180,13 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
     """tokens (B,) at positions pos (int, or (B,) per row) -> next-token logits (B, V) on the CPU.
 
     compiled: run the step as one torch.compile graph over the cache's static view (the first call of
-    a process compiles: tens of seconds, then the on-disk inductor cache makes later processes faster).
-    Meant to remove the eager per-op overhead (~30 ops per layer), the largest cost of a small model's
-    decode step; the logits equal the eager ones to float rounding (fused kernels) and one graph serves
-    every position. Opt-in, not the default: the compile takes 30-70 s on 2 cores (45 s with a warm
-    inductor cache), which a short answer never earns back; steady state on the AMD EPYC measured
-    (BENCHMARKS.md) the compiled int4 step decodes 1.33x eager (101.7 vs 76.5 tok/s).
+    a process compiles: ~65 s on 2 cores with a cold inductor cache, ~10 s with a warm one). It removes
+    the eager per-op overhead (~30 ops per layer), the largest cost of a small model's decode step; the
+    logits equal the eager ones to float rounding (fused kernels), and one graph serves every position,
+    cache length and bucket (`static(length)`: the step reads the slots up to the next multiple of
+    STATIC_BUCKET). dynamo's guards are checked on a cache's first compiled step only (`_unguarded`).
+    Opt-in, not the default: the compile is more than a short answer's whole decode; steady state on
+    the AMD EPYC (BENCHMARKS.md) the compiled int4 step decodes 1.7-1.9x eager and 1.06-1.17x llama.cpp.
     Falls back to eager for caches it cannot take (a rolling buffer)."""
     dev = model_device(model)
     if compiled and _ready_for_compile(model, cache):
