@@ -77,21 +77,28 @@ def test_compiled_batched_ragged_rows_equal_eager(traced):
     assert [g.tokens for g in comp] == [g.tokens for g in eager]
 
 
+def _compare_steps(m, ids, cache_len, positions, pair=None, tok=None, tol=1e-4):
+    """Prefill ids into an eager and a compiled cache (or continue `pair`), decode greedily at `positions`
+    through both and check the logits agree; returns (eager cache, compiled cache, next token)."""
+    if pair is None:
+        pair = m.new_cache(1, cache_len), m.new_cache(1, cache_len)
+        for c in pair:
+            prefill(m, ids, c)
+    tok = torch.tensor([42]) if tok is None else tok
+    for pos in positions:
+        a = decode_step(m, tok, torch.tensor([pos]), pair[0])
+        b = decode_step(m, tok, torch.tensor([pos]), pair[1], compiled=True)
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+        tok = a.argmax(-1)
+    return pair[0], pair[1], tok
+
+
 def test_compiled_step_logits_and_quantized(traced):
     """Quantized (int4 kernel, fused projections) step logits: compiled == eager to float tolerance."""
     m = tiny()
     quantize(m, "int4")
     fuse_projections(m)
-    ids = torch.tensor([[5, 9, 11, 200, 3, 7]])
-    ca, cb = m.new_cache(1, 16), m.new_cache(1, 16)
-    prefill(m, ids, ca)
-    prefill(m, ids, cb)
-    tok = torch.tensor([42])
-    for pos in range(6, 12):
-        a = decode_step(m, tok, torch.tensor([pos]), ca)
-        b = decode_step(m, tok, torch.tensor([pos]), cb, compiled=True)
-        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
-        tok = a.argmax(-1)
+    _, cb, _ = _compare_steps(m, torch.tensor([[5, 9, 11, 200, 3, 7]]), 16, range(6, 12), tol=1e-3)
     assert len(traced) == 1
     assert isinstance(cb.static(), StaticKVCache) and cb.static().k.data_ptr() == cb.k.data_ptr()  # a view: same storage
 
@@ -110,25 +117,14 @@ def test_compiled_steps_after_a_caches_first_skip_the_guards(traced, monkeypatch
         return compiled(*args)
 
     monkeypatch.setattr(gen_mod, "_compiled_step", lambda device_type="cpu": counting)
-    ids = torch.tensor([[5, 9, 11, 200, 3, 7]])
-    ca, cb = m.new_cache(1, 16), m.new_cache(1, 16)
-    prefill(m, ids, ca)
-    prefill(m, ids, cb)
-    tok = torch.tensor([42])
-    for pos in range(6, 11):
-        a = decode_step(m, tok, torch.tensor([pos]), ca)
-        b = decode_step(m, tok, torch.tensor([pos]), cb, compiled=True)
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        tok = a.argmax(-1)
+    ca, cb, tok = _compare_steps(m, torch.tensor([[5, 9, 11, 200, 3, 7]]), 16, range(6, 11))
     assert len(guarded) == 1 and cb.static(64)._unguarded[1] is not None
     m2 = copy.deepcopy(m)
     with torch.no_grad():
         for p in m2.parameters():
             p.mul_(1.5)
-    a = decode_step(m2, tok, torch.tensor([11]), ca)
-    b = decode_step(m2, tok, torch.tensor([11]), cb, compiled=True)
+    _compare_steps(m2, None, 16, [11], pair=(ca, cb), tok=tok)
     assert len(guarded) == 2
-    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_step_reads_the_cache_in_buckets(traced):
@@ -136,16 +132,7 @@ def test_compiled_step_reads_the_cache_in_buckets(traced):
     per bucket; crossing buckets neither recompiles (the slot count is dynamic from the first compile)
     nor changes the logits."""
     m = tiny()
-    ids = torch.tensor([list(range(3, 63))])  # 60 tokens: the steps below cross slots 64 and 128
-    ca, cb = m.new_cache(1, 160), m.new_cache(1, 160)
-    prefill(m, ids, ca)
-    prefill(m, ids, cb)
-    tok = torch.tensor([42])
-    for pos in range(60, 140):
-        a = decode_step(m, tok, torch.tensor([pos]), ca)
-        b = decode_step(m, tok, torch.tensor([pos]), cb, compiled=True)
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        tok = a.argmax(-1)
+    _, cb, _ = _compare_steps(m, torch.tensor([list(range(3, 63))]), 160, range(60, 140))  # crosses 64, 128
     assert len(traced) == 1
     assert sorted(k for k in cb._static if isinstance(k, int)) == [64, 128, 160]
 
