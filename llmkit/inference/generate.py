@@ -202,8 +202,8 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
         view = cache.static(-(-(hi + 1) // STATIC_BUCKET) * STATIC_BUCKET)
         tokens, input_pos = tokens.to(dev), pos[:, None].to(dev)
         # what the guards checked that could differ between two steps on one cache (`_unguarded`)
-        key = (id(model), model.training, torch.is_inference_mode_enabled(), tuple(tokens.shape), tokens.dtype,
-               tuple(input_pos.shape), input_pos.dtype, dev)
+        key = (id(model), model.training, torch.is_inference_mode_enabled(), torch.is_autocast_enabled(dev.type),
+               tuple(tokens.shape), tokens.dtype, tuple(input_pos.shape), input_pos.dtype, dev)
         known = view.__dict__.get("_unguarded")  # (key, function or None) from this cache's first step
         if known is not None and known[0] == key and known[1] is not None:
             return known[1](model, tokens, input_pos, view).cpu()
