@@ -128,8 +128,8 @@ def _step(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.
 def _compiled_step(device_type: str = "cpu"):
     """One compiled `_step` per process and device kind (dynamo keeps one graph per model and cache
     layout; a new batch size or cache length recompiles once, as a dynamic size, then never again).
-    On the CPU the graph's wrapper is C++ (inductor's cpp_wrapper): the Python wrapper's per-kernel
-    call overhead was ~0.7 ms of a ~9 ms SmolLM2 step (BENCHMARKS.md)."""
+    On the CPU the graph's wrapper is C++ (inductor's cpp_wrapper), not Python: no interpreter work
+    per kernel call (BENCHMARKS.md, compiled decode, stop 29)."""
     return torch.compile(_step, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
@@ -159,20 +159,22 @@ def _unguarded(model, tokens: torch.Tensor, input_pos: torch.Tensor, view) -> Ca
     return None
 
 
-def _ready_for_compile(model, cache) -> bool:
-    """Whether the compiled step can run: a full-slot cache (not a rolling buffer) on the CPU or a GPU,
-    and the rope tables built for the whole window (so the graph reads no position; see Transformer.rope)."""
+def _compilable(cache) -> bool:
+    """Whether the compiled step can take this cache: full slots (a BatchKVCache), not a rolling buffer."""
     from ..models.cache import BatchKVCache
 
-    if not isinstance(cache, BatchKVCache):
-        return False
+    return isinstance(cache, BatchKVCache)
+
+
+def _build_rope_tables(model, device) -> None:
+    """Build the rope tables for the whole window before a step is traced, so the graph reads no position
+    (see Transformer.rope); a guarded call's job only: the tables, once built, stay."""
     cfg = model.cfg
     if cfg.pos_emb == "rope":
-        last = torch.tensor([cfg.max_seq_len - 1], device=cache.k.device)
+        last = torch.tensor([cfg.max_seq_len - 1], device=device)
         model.rope(last)
         if cfg.sliding_window_pattern and cfg.rope_local_theta:
             model.rope(last, local=True)
-    return True
 
 
 @torch.inference_mode()
@@ -189,7 +191,7 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
     the AMD EPYC (BENCHMARKS.md) the compiled int4 step decodes 1.7-1.9x eager and 1.06-1.17x llama.cpp.
     Falls back to eager for caches it cannot take (a rolling buffer)."""
     dev = model_device(model)
-    if compiled and _ready_for_compile(model, cache):
+    if compiled and _compilable(cache):
         pos = torch.full((tokens.size(0),), pos) if isinstance(pos, int) else pos
         hi = int(pos.max()) + cache.offset  # the range checks the graph leaves out (reading a position)
         if hi >= cache.max_len:
@@ -207,6 +209,7 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor | int, cache, com
         known = view.__dict__.get("_unguarded")  # (key, function or None) from this cache's first step
         if known is not None and known[0] == key and known[1] is not None:
             return known[1](model, tokens, input_pos, view).cpu()
+        _build_rope_tables(model, dev)
         logits = _compiled_step(dev.type)(model, tokens, input_pos, view)
         if known is None or known[0] != key:
             view._unguarded = (key, _unguarded(model, tokens, input_pos, view))

@@ -115,9 +115,10 @@ class BatchKVCache(KVCache):
         decode step. One view per length, made once and reused (a decode loop asks every step); the
         slot count is marked dynamic, so one compiled graph serves every length."""
         length = self.max_len if length is None else min(length, self.max_len)
-        views = self.__dict__.get("_static")
-        if views is None or views["k"] is not self.k or views["v"] is not self.v:
-            views = self._static = {"k": self.k, "v": self.v}
+        k, v, views = self.__dict__.get("_static") or (None, None, None)
+        if k is not self.k or v is not self.v:  # none made yet, or the storage was replaced
+            views = {}
+            self._static = (self.k, self.v, views)  # {length: view} over these tensors
         if length not in views:
             out = StaticKVCache.__new__(StaticKVCache)
             out.__dict__.update(self.__dict__)
