@@ -74,7 +74,10 @@ def run(args) -> int:
     from ..loading import load_model
 
     torch.set_num_threads(max(1, args.threads))
-    model, tok = load_model(args.model, adapter=args.adapter, device=device)
+    from . import returning_freed_buffers
+
+    with returning_freed_buffers():
+        model, tok = load_model(args.model, adapter=args.adapter, device=device)
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer")
     cache = None if args.no_cache else (args.cache or default_cache_path())

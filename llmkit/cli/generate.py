@@ -65,15 +65,16 @@ def load(spec: str, args, need_tokenizer: bool = True):
 
     import torch
 
-    dtype = getattr(args, "dtype", None)
-    model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device, quant=quant,
-                            dtype=getattr(torch, dtype) if dtype else None)
-    if tok is None and need_tokenizer:
-        raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
-    from . import keep_freed_buffers
+    from . import returning_freed_buffers
 
-    keep_freed_buffers()  # loaded: from here on, reuse freed buffers rather than page-fault them in again
-    return fuse_projections(model), tok  # q/k/v and gate/up in one matmul each (any kind of projection)
+    dtype = getattr(args, "dtype", None)
+    with returning_freed_buffers():  # load-time temporaries go back to the OS; later steps reuse freed buffers
+        model, tok = load_model(spec, adapter=getattr(args, "adapter", None), device=device, quant=quant,
+                                dtype=getattr(torch, dtype) if dtype else None)
+        if tok is None and need_tokenizer:
+            raise LLMKitError(f"{spec} has no tokenizer to encode the prompt with")
+        model = fuse_projections(model)  # q/k/v and gate/up in one matmul each (any kind of projection)
+    return model, tok
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:

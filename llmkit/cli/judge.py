@@ -66,7 +66,10 @@ def run(args) -> int:
     torch.set_num_threads(2)
     from ..loading import load_model
 
-    model, tok = load_model(args.model)
+    from . import returning_freed_buffers
+
+    with returning_freed_buffers():
+        model, tok = load_model(args.model)
     judge = Judge(model, tok, chat=args.chat)
     results = []
     if args.mode == "geval":

@@ -63,7 +63,10 @@ def run(args) -> int:
         if not p.is_file():
             raise LLMKitError(f"file not found: {p}")
         texts = [p.read_text(encoding="utf-8")] if args.document else [t for t in read_lines(args.predictions) if t]
-        model, tok = load_model(args.model)
+        from . import returning_freed_buffers
+
+        with returning_freed_buffers():
+            model, tok = load_model(args.model)
         res = perplexity(model, tok, texts, args.context, args.stride, progress=True)
     else:
         if not args.references:

@@ -45,7 +45,10 @@ def run(args) -> int:
     text = read_text(args)
     if not text.strip():
         raise LLMKitError("empty text: nothing to score")
-    model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
+    from . import returning_freed_buffers
+
+    with returning_freed_buffers():
+        model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer (tokenizer.json) to encode the text with")
     res = score_text(model, tok, text, stride=args.stride, progress=not args.json and len(text) > 20000)
