@@ -96,3 +96,21 @@ def test_checkpoint_round_trip_atomic_and_no_overwrite(tmp_path, capsys):
     (out / "model.safetensors").write_bytes(b"\x00" * 16)
     rc, _, err = run_cli(capsys, "score", "--model", str(out), "--text", "hello world")
     assert rc == 2 and "model.safetensors" in err and "not a readable safetensors" in err
+
+
+def test_malloc_thresholds_low_only_while_loading(monkeypatch):
+    """The 1 MiB mmap threshold (load-time temporaries back to the OS) holds only inside a load; the steady
+    state, set again after the load even when it fails, keeps freed buffers (a 1 MiB threshold for the whole
+    process made every training step's activations fresh page-faulted mmaps: bench train 2x slower)."""
+    import llmkit.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_set_malloc", lambda *a: calls.append(a))
+    with cli.returning_freed_buffers():
+        assert calls == [(1 << 20,)]
+    assert calls[-1] == (256 << 20, 512 << 20)
+    calls.clear()
+    with pytest.raises(LLMKitError):
+        with cli.returning_freed_buffers():
+            raise LLMKitError("no such model")
+    assert calls == [(1 << 20,), (256 << 20, 512 << 20)]
