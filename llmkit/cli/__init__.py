@@ -100,12 +100,21 @@ def returning_freed_buffers():
         keep_freed_buffers()
 
 
+def load_model(spec: str, **kw):
+    """`llmkit.loading.load_model` for a command: the load runs under `returning_freed_buffers`, so every
+    command that loads a model returns the load's temporaries to the OS and then reuses freed buffers."""
+    from ..loading import load_model as load
+
+    with returning_freed_buffers():
+        return load(spec, **kw)
+
+
 def keep_freed_buffers() -> None:
     """Every command's steady state (set by `entry`, restored after each load): freed blocks up to 256 MiB
     stay on the heap for the next step. A 1 MiB threshold made every larger temporary ((B, vocab) logits,
     a prefill's dequantized weights, a training step's activations) a fresh mmap, page-faulted in on every
-    step and unmapped after: 730k minor faults for 8 sequences x 64 tokens on SmolLM2, and a SmolLM2 LoRA
-    step (batch 4 x 256, fp32) 5.4-6.0 s instead of 4.1-4.2 s."""
+    step and unmapped after: 730k minor faults for 8 sequences x 64 tokens on SmolLM2, and half the
+    tokens/s of `llmkit bench train` on the speedrun's fp32 shape (BENCHMARKS.md, pretraining, stop 30)."""
     _set_malloc(256 << 20, 512 << 20)
 
 

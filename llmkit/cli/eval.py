@@ -71,13 +71,10 @@ def run(args) -> int:
         solve_config(cfg)  # an unknown method or greedy k > 1 fails before the model loads
         if not any(t.kind == "gen" for t in tasks):
             raise LLMKitError("--prompting applies to generative tasks (gsm8k, svamp); none was given")
-    from ..loading import load_model
+    from . import load_model
 
     torch.set_num_threads(max(1, args.threads))
-    from . import returning_freed_buffers
-
-    with returning_freed_buffers():
-        model, tok = load_model(args.model, adapter=args.adapter, device=device)
+    model, tok = load_model(args.model, adapter=args.adapter, device=device)
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer")
     cache = None if args.no_cache else (args.cache or default_cache_path())

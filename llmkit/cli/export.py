@@ -34,7 +34,7 @@ def run(args) -> int:
     from ..io import check_overwrite
     import torch
 
-    from ..loading import load_model
+    from . import load_model
 
     if args.format not in FORMATS:
         raise LLMKitError(f"unknown export format {args.format!r}{closest(args.format, FORMATS)} "

@@ -64,12 +64,9 @@ def run(args) -> int:
     if args.out:
         check_overwrite(args.out, args.force)
     torch.set_num_threads(2)
-    from ..loading import load_model
+    from . import load_model
 
-    from . import returning_freed_buffers
-
-    with returning_freed_buffers():
-        model, tok = load_model(args.model)
+    model, tok = load_model(args.model)
     judge = Judge(model, tok, chat=args.chat)
     results = []
     if args.mode == "geval":

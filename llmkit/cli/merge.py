@@ -17,7 +17,7 @@ def run(args) -> int:
 
     from ..checkpoint import save_checkpoint
     from ..io import check_overwrite
-    from ..loading import load_model
+    from . import load_model
     from ..peft import unload
 
     check_overwrite(args.out, args.force)

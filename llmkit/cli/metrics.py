@@ -56,17 +56,14 @@ def run(args) -> int:
         import torch
 
         from ..eval.perplexity import perplexity
-        from ..loading import load_model
+        from . import load_model
 
         torch.set_num_threads(2)
         p = Path(args.predictions)
         if not p.is_file():
             raise LLMKitError(f"file not found: {p}")
         texts = [p.read_text(encoding="utf-8")] if args.document else [t for t in read_lines(args.predictions) if t]
-        from . import returning_freed_buffers
-
-        with returning_freed_buffers():
-            model, tok = load_model(args.model)
+        model, tok = load_model(args.model)
         res = perplexity(model, tok, texts, args.context, args.stride, progress=True)
     else:
         if not args.references:

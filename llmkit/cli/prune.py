@@ -61,7 +61,8 @@ def run(args) -> int:
     from ..io import check_output_dir
     import torch
 
-    from ..loading import load_model, resolve
+    from ..loading import resolve
+    from . import load_model
 
     # every argument checked before the model is loaded or anything is computed
     rec = check_options(args.method, args.sparsity, args.scope, args.target)

@@ -34,7 +34,7 @@ def run(args) -> int:
     from ..io import check_overwrite
     import torch
 
-    from ..loading import load_model
+    from . import load_model
     from ..quant import quantize, quantized_layers
     from ..quant.calibrate import calibrate, calibration_text
     from ..quant.methods import get_method, with_block_size

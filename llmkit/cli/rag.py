@@ -137,7 +137,7 @@ def run_search(args) -> int:
 
 
 def run_ask(args) -> int:
-    from ..loading import load_model
+    from . import load_model
     from ..rag.answer import answer
 
     model, tok = load_model(args.model)
@@ -178,7 +178,7 @@ def run_eval(args) -> int:
                 bar = progress_bar(len(qs), enabled=not args.json, desc=mode, unit="q")
                 report[mode] = retrieval_metrics(idx, qs, mode, progress=bar)
             if args.model:
-                from ..loading import load_model
+                from . import load_model
                 from ..rag.answer import answer, closed_book
 
                 model, tok = load_model(args.model)

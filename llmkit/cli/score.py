@@ -39,16 +39,13 @@ def read_text(args) -> str:
 
 def run(args) -> int:
     from ..devices import resolve_device
-    from ..loading import load_model
+    from . import load_model
     from ..scoring import score_text
 
     text = read_text(args)
     if not text.strip():
         raise LLMKitError("empty text: nothing to score")
-    from . import returning_freed_buffers
-
-    with returning_freed_buffers():
-        model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
+    model, tok = load_model(args.model, adapter=args.adapter, device=resolve_device(args.device))
     if tok is None:
         raise LLMKitError(f"{args.model} has no tokenizer (tokenizer.json) to encode the text with")
     res = score_text(model, tok, text, stride=args.stride, progress=not args.json and len(text) > 20000)
