@@ -7,6 +7,10 @@ Shapes: SmolLM2-135M's fused linears (qkv 960x576, o 576x576, gate/up 3072x576, 
 the int8 head (49152x576). Bandwidth reference: a torch copy of a 256 MiB fp32 tensor (read + write
 bytes / time). Achieved GB/s of a kernel = bytes of its quantized weight (codes + scales) / time at
 M = 1 (the activations are a few KB). Prints a markdown table; best of --rounds interleaved rounds.
+
+"int4"/"int8" are what llmkit's QuantLinear runs on this CPU: torch's kernels, or llmkit's own C loops
+(llmkit/quant/native.py) on x86 CPUs with AVX2 and no AVX-512; "torch int4"/"torch int8" are torch's
+kernels called directly on their own packing, so where llmkit uses its own both are timed in one run.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmkit.quant import QuantLinear
+from llmkit.quant import QuantLinear, native
+from llmkit.quant.methods import GROUP, _int4_codes
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
 
@@ -30,6 +35,15 @@ def best(fn, rounds: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return min(ts)
+
+
+def torch_kernel(q: QuantLinear):
+    """x (M, K) -> torch's own int4/int8 weight-only kernel on q's weight (its packing, bf16 activations)."""
+    st = q.storage()
+    if q.method.name == "int8":
+        return lambda x: torch._weight_int8pack_mm(x.to(torch.bfloat16), st["qweight"], st["scales"])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_int4_codes(st["qweight"]).to(torch.int32), 1)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, st["scales"])
 
 
 def main() -> None:
@@ -45,6 +59,7 @@ def main() -> None:
     t = best(lambda: dst.copy_(src), max(5, args.rounds // 4))
     copy_gbs = 2 * src.numel() * 4 / t / 1e9
     print(f"copy bandwidth (256 MiB fp32, read+write): {copy_gbs:.1f} GB/s, {args.threads} threads")
+    print(f"llmkit's int4/int8 layers run {'llmkit C kernels (AVX2)' if native.available() else 'torch kernels'}")
 
     print("\n| weight | method | bytes MiB | M=1 us | GB/s | of copy bw |")
     print("|---|---|---:|---:|---:|---:|")
@@ -71,18 +86,25 @@ def main() -> None:
         qs = [QuantLinear.from_linear(torch.nn.Linear(SHAPES[n][1], SHAPES[n][0], bias=False), method)
               for _ in range(30) for n in layer]
         nbytes = sum(t.numel() * t.element_size() for q in qs for t in q.tensors().values())
-        xb = {K: torch.randn(1, K, dtype=torch.bfloat16) for K in (576, 1536)}
+        xb = {K: torch.randn(1, K) for K in (576, 1536)}
+        ref = [torch_kernel(q) for q in qs] if native.available() else []
         with torch.inference_mode():
             s = best(lambda: [q.method.matmul(xb[q.in_features], q.tensors(), q.out_features) for q in qs],
                      max(5, args.rounds // 2))
+            sr = best(lambda: [f(xb[q.in_features]) for f, q in zip(ref, qs)], max(5, args.rounds // 2)) if ref else 0
         gbs = nbytes / s / 1e9
         print(f"| {method} | {nbytes / 2**20:.1f} | {s * 1e3:.2f} | {gbs:.1f} | {gbs / copy_gbs:.0%} |")
-        del qs
+        if ref:
+            gbs = nbytes / sr / 1e9
+            print(f"| torch {method} | {nbytes / 2**20:.1f} | {sr * 1e3:.2f} | {gbs:.1f} | {gbs / copy_gbs:.0%} |")
+        del qs, ref
 
     rows = [int(r) for r in args.rows.split(",")]
     print("\nAll layer matrices of one SmolLM2 block (qkv, o, gate_up, down) once, ms per block, by rows M:")
-    print("| M | int4 kernel | int8 kernel | bf16 GEMM (kept copy) | int4 dequantize + bf16 GEMM | fp32 GEMM |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| M | int4 kernel | int8 kernel | torch int4 | torch int8 | bf16 GEMM (kept copy) | int4 dequantize + bf16 GEMM "
+          "| fp32 GEMM |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ref = {(n, m): torch_kernel(mods[(n, m)]) for n in layer for m in ("int4", "int8")}
     dense = {n: mods[(n, "int4")].dequantize(torch.bfloat16) for n in layer}
     dense32 = {n: mods[(n, "int4")].dequantize(torch.float32) for n in layer}
     for M in rows:
@@ -92,14 +114,17 @@ def main() -> None:
             def kern(method):
                 for n in layer:
                     q = mods[(n, method)]
-                    q.method.matmul(xb[n], q.tensors(), q.out_features)
+                    q.method.matmul(xs[n], q.tensors(), q.out_features)
             r4 = best(lambda: kern("int4"), args.rounds)
             r8 = best(lambda: kern("int8"), args.rounds)
+            t4 = best(lambda: [ref[(n, "int4")](xs[n]) for n in layer], args.rounds)
+            t8 = best(lambda: [ref[(n, "int8")](xs[n]) for n in layer], args.rounds)
             rb = best(lambda: [F.linear(xb[n], dense[n]) for n in layer], args.rounds)
             rd = best(lambda: [F.linear(xb[n], mods[(n, "int4")].dequantize(torch.bfloat16)) for n in layer],
                       max(3, args.rounds // 4))
             rf = best(lambda: [F.linear(xs[n], dense32[n]) for n in layer], args.rounds)
-        print(f"| {M} | {r4 * 1e3:.3f} | {r8 * 1e3:.3f} | {rb * 1e3:.3f} | {rd * 1e3:.3f} | {rf * 1e3:.3f} |")
+        print(f"| {M} | {r4 * 1e3:.3f} | {r8 * 1e3:.3f} | {t4 * 1e3:.3f} | {t8 * 1e3:.3f} | {rb * 1e3:.3f} | {rd * 1e3:.3f} "
+              f"| {rf * 1e3:.3f} |")
 
 
 if __name__ == "__main__":

@@ -157,3 +157,36 @@ def test_generate_llama_adapter_on_int8(capsys, tmp_path, smollm2, smollm2_gguf)
                         "--prompt", "The capital of France is", "--max-new-tokens", "5", "--json")
     assert rc == 0, err
     assert len(json.loads(text)["tokens"]) == 5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 130])
+def test_native_kernels_match_the_dequantized_matmul(rows):
+    """llmkit's C kernels (llmkit/quant/_kernels.c, used on AVX2 CPUs without AVX-512) against the fp32
+    matmul of the dequantized weight: int4 with x quantized to int16 per group of 32 (2^-16 of the group's
+    largest value), int8 with fp32 x. Shapes cover a group count that is not a multiple of 8 (K = 96: 3)
+    and an odd row count for int8's 4-row tiles. Run wherever the library builds (any x86 CPU with AVX2),
+    whether or not this CPU's int4/int8 layers use it."""
+    from llmkit.quant import native
+    from llmkit.quant.methods import _int4_codes
+
+    if native._lib() is None:
+        pytest.skip("llmkit's C kernels do not build here (not x86 with AVX2, or no C compiler)")
+    torch.manual_seed(rows)
+    for K in (96, 256):
+        x = torch.randn(rows, K) * torch.rand(1, K) * 4  # uneven magnitudes across groups
+        t = _int4_quantize(torch.randn(48, K))
+        codes = _int4_codes(t["qweight"]).float().view(48, K // 32, 32) - 8
+        sc = t["scales"].float()  # (K/32, N, 2)
+        w = (codes * sc[..., 0].t()[..., None] + sc[..., 1].t()[..., None]).reshape(48, K)
+        y = native.int4_mm(x, t["qweight"], t["scales"].transpose(0, 1).contiguous(), 48)
+        # rounding x to int16 moves each input by at most half a step, max|x| of its group / 65534
+        step = x.abs().view(rows, K // 32, 32).amax(-1).repeat_interleave(32, 1) / 65534
+        bound = step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t())  # + fp32 sums
+        err = (y - x @ w.t()).abs()
+        assert bool((err <= bound).all()), float((err / bound).max())
+        assert float(bound.max()) < 1e-3 * float((x.abs() @ w.abs().t()).max())  # the bound itself is tight
+        q8 = torch.randint(-127, 128, (37, K), dtype=torch.int8)
+        s8 = torch.rand(37).to(torch.bfloat16)
+        w8 = q8.float() * s8.float()[:, None]
+        err = (native.int8_mm(x, q8, s8) - x @ w8.t()).abs()
+        assert bool((err <= 1e-5 * (x.abs() @ w8.abs().t())).all())  # fp32 sums in another order

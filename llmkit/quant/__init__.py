@@ -131,7 +131,7 @@ class QuantLinear(nn.Module):
             y = _DequantLinear.apply(x, self)
         elif (rows <= (SMALL_M if self.dense is not None else SMALL_M_NO_COPY) and self.method.matmul is not None
               and x.device.type == "cpu"):
-            y = self.method.matmul(x.reshape(rows, -1).to(torch.bfloat16), self.tensors(), self.out_features)
+            y = self.method.matmul(x.reshape(rows, -1), self.tensors(), self.out_features)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             dt = self.method.dense_dtype or x.dtype

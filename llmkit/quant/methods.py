@@ -4,7 +4,8 @@ A record says, for a weight W (N, K) (N outputs, K inputs):
   shapes      the tensors it stores {name: (shape, dtype)} (the checkpoint / state-dict layout)
   quantize    W fp32 -> those tensors
   dequantize  runtime tensors -> W (N, K) in a dtype
-  matmul      optional weight-only kernel for few rows: x (M, K) bf16 -> (M, N) bf16
+  matmul      optional weight-only kernel for few rows: x (M, K) -> (M, N) (each kernel casts x to the dtype
+              it takes; the caller casts the result back)
   concat      stack several weights' runtime tensors along N (fusing q/k/v, gate/up)
   to_runtime / from_runtime  storage <-> the layout the kernel wants (identity unless a kernel's
               layout depends on the CPU, as torch's int4 packing does)
@@ -28,9 +29,15 @@ from typing import Callable
 import torch
 
 from ..errors import LLMKitError, closest
+from . import native
 from .nf4 import nf4_dequantize, nf4_quantize
 
 GROUP = 32  # int4 group size (GGUF Q4_0/Q4_1 blocks)
+
+# dtype of the GEMM when int8/int4 weights are dequantized (many rows): bf16 where the CPU has bf16 dot
+# products (AVX512-BF16, AMX: ~5x fp32 at 128 rows), fp32 elsewhere (AVX2 CPUs emulate bf16 GEMMs, 5.4x
+# slower than fp32 at 128 rows on an AMD EPYC Zen 3: benchmarks/matmul_bandwidth.py)
+DENSE = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else torch.float32
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,7 +55,7 @@ class QuantMethod:
     quantize: Callable[[torch.Tensor], Tensors]  # W (N, K) fp32 -> storage tensors
     dequantize: Callable[[Tensors, int, int, torch.dtype], torch.Tensor]  # runtime tensors -> W (N, K)
     concat: Callable[[list[Tensors], list[int], int], Tensors] | None  # runtimes of (N_i, K) -> (sum N_i, K)
-    matmul: Callable[[torch.Tensor, Tensors, int], torch.Tensor] | None = None  # x (M, K) bf16 -> (M, N)
+    matmul: Callable[[torch.Tensor, Tensors, int], torch.Tensor] | None = None  # x (M, K) -> (M, N)
     dense_dtype: torch.dtype | None = None  # GEMM dtype of the dequantize path (None: the input's)
     head: str | None = None  # method for lm_head (None: left in full precision)
     fallback: str | None = None  # method for shapes `accepts` refuses (None: left in full precision)
@@ -83,8 +90,9 @@ INT8 = QuantMethod(
     dequantize=lambda t, N, K, dt: t["qweight"].to(dt).mul_(t["scales"].to(dt)[:, None]),  # one (N, K) buffer
     # per-row quantization: rows concatenate exactly
     concat=lambda ts, Ns, K: {k: torch.cat([t[k] for t in ts]) for k in ("qweight", "scales")},
-    matmul=lambda x, t, N: torch._weight_int8pack_mm(x, t["qweight"], t["scales"]),
-    dense_dtype=torch.bfloat16, head="int8")
+    matmul=lambda x, t, N: (native.int8_mm(x, t["qweight"], t["scales"]) if native.available() else
+                            torch._weight_int8pack_mm(x.to(torch.bfloat16), t["qweight"], t["scales"])),
+    dense_dtype=DENSE, head="int8")
 
 
 # ---------------------------------------------------------------- int4: groups of 32, asymmetric
@@ -132,14 +140,21 @@ def _int4_unpack_kernel(packed: torch.Tensor, N: int, K: int, block: int) -> tor
         seg = packed.reshape(-1)[full * K // 2:].view(K, (N - full) // 2)
         out.append(torch.stack([seg & 15, seg >> 4], 2).reshape(K, N - full).t())
     return torch.cat(out) if len(out) > 1 else out[0]
+# Runtime layouts: where llmkit's kernels run (native.available(): AVX2 CPUs without AVX-512) the storage
+# layout itself with the scales transposed to (N, K/G, 2), one row's groups adjacent; elsewhere torch's CPU
+# packing (its kernel's layout, which depends on the CPU) with the scales as stored.
 def _int4_to_runtime(t: Tensors, N: int, K: int) -> Tensors:
     if t["qweight"].device.type == "meta":
         return dict(t)
+    if native.available():
+        return {"qweight": t["qweight"], "scales": t["scales"].transpose(0, 1).contiguous()}
     codes = _int4_codes(t["qweight"]).to(torch.int32)
     return {"qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), "scales": t["scales"]}
 
 
 def _int4_from_runtime(t: Tensors, N: int, K: int) -> Tensors:
+    if native.available():
+        return {"qweight": t["qweight"], "scales": t["scales"].transpose(0, 1).contiguous()}
     q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block())
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": t["scales"]}
 
@@ -148,16 +163,28 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
     """w = (q - 8) s + z, the kernel's formula, as one fused multiply-add in `dtype`: q - 8, s and z are
     exact in bf16, so the weight is rounded once (as a bf16 copy of the fp32 dequantization would be).
     Not z - 8 s first: that difference rounded to bf16 would shift whole groups."""
-    q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()).view(N, K // GROUP, GROUP).to(dtype).sub_(8)
-    sc = t["scales"].to(dtype)  # (K/G, N, 2)
-    s, z = sc[..., 0].t()[..., None], sc[..., 1].t()[..., None]  # (N, K/G, 1)
+    if native.available():
+        q, sc = _int4_codes(t["qweight"]), t["scales"].to(dtype)  # sc (N, K/G, 2)
+        s, z = sc[..., 0, None], sc[..., 1, None]
+    else:
+        q, sc = _int4_unpack_kernel(t["qweight"], N, K, _int4_block()), t["scales"].to(dtype)  # sc (K/G, N, 2)
+        s, z = sc[..., 0].t()[..., None], sc[..., 1].t()[..., None]  # (N, K/G, 1)
+    q = q.view(N, K // GROUP, GROUP).to(dtype).sub_(8)
     return torch.addcmul(z, q, s).reshape(N, K)
+
+
+def _int4_matmul(x: torch.Tensor, t: Tensors, N: int) -> torch.Tensor:
+    if native.available():
+        return native.int4_mm(x, t["qweight"], t["scales"], N)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t["qweight"], GROUP, t["scales"])
 
 
 def _int4_concat(ts: list[Tensors], Ns: list[int], K: int) -> Tensors:
     """Per-row groups: rows (and the scales' N axis) concatenate exactly. When every part is a whole
     number of the kernel's row blocks (SmolLM2: 576, 192, 1536 rows), the packed blocks concatenate as
     they are; otherwise through the portable codes."""
+    if native.available():  # rows and their scales (N, K/G, 2) concatenate as they are
+        return {k: torch.cat([t[k] for t in ts]) for k in ("qweight", "scales")}
     scales = torch.cat([t["scales"] for t in ts], 1)
     if all(n % _int4_block() == 0 for n in Ns):
         return {"qweight": torch.cat([t["qweight"] for t in ts]), "scales": scales}
@@ -171,8 +198,7 @@ INT4 = QuantMethod(
     shapes=lambda N, K: {"qweight": ((N, K // 2), torch.uint8), "scales": ((K // GROUP, N, 2), torch.bfloat16)},
     quantize=_int4_quantize, dequantize=_int4_dequantize,
     concat=_int4_concat,
-    matmul=lambda x, t, N: torch.ops.aten._weight_int4pack_mm_for_cpu(x, t["qweight"], GROUP, t["scales"]),
-    dense_dtype=torch.bfloat16, head="int8", fallback="int8",
+    matmul=_int4_matmul, dense_dtype=DENSE, head="int8", fallback="int8",
     to_runtime=_int4_to_runtime, from_runtime=_int4_from_runtime)
 
 
@@ -187,7 +213,7 @@ BF16 = QuantMethod(
     quantize=lambda w: {"qweight": w.to(torch.bfloat16)},
     dequantize=lambda t, N, K, dt: t["qweight"].to(dt),
     concat=lambda ts, Ns, K: {"qweight": torch.cat([t["qweight"] for t in ts])},
-    matmul=lambda x, t, N: torch.nn.functional.linear(x, t["qweight"]),
+    matmul=lambda x, t, N: torch.nn.functional.linear(x.to(torch.bfloat16), t["qweight"]),
     head="bf16")  # many rows: the GEMM in the input's dtype (bf16 activations would add their own rounding)
 
 # ---------------------------------------------------------------- NF4 (QLoRA), bitsandbytes-exact

@@ -1,0 +1,220 @@
+/* Weight-only int4 / int8 matmuls for x86 CPUs with AVX2 + FMA: y (M, N) fp32 = x (M, K) fp32 @ W^T.
+ *
+ * Why: torch 2.13's CPU kernels for these weights (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are
+ * vectorised for AVX-512; on an AVX2-only CPU (AMD EPYC, Zen 3) one SmolLM2 block's four int4 matrices take
+ * them 0.5-0.9 ms at one row, 2-3.5 GB/s of weights, and the int8 head 3.6 ms.
+ *
+ * int4 follows llama.cpp's Q4_1 x Q8_1 dot product: each row of x is quantized per group of 32 inputs to
+ * int8 (dx = max|x| / 127), the codes (u8) times those int8 are summed by maddubs/madd in integers, and per
+ * group g of row n: sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z.
+ * int8 weights keep fp32 activations: w = q s per row, one FMA per weight, bound by memory bandwidth.
+ *
+ * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
+ * headers. OpenMP resolves to the libgomp torch has already loaded, so these loops share torch's threads
+ * (torch.set_num_threads applies).
+ *
+ * Layouts (llmkit's portable ones): int4 qweight (N, K/2) uint8, input 2j in the low nibble of byte j and 2j+1
+ * in the high one; scales (N, K/32, 2) bf16 (s, z). int8 qweight (N, K) int8, scales (N,) bf16, w = q s.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+
+#define GROUP 32
+#define MR_MAX 4
+#define PANEL 32
+
+static inline __attribute__((always_inline, target("avx2,fma")))
+float hsum(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* x (M, K) fp32 -> per group of 32 inputs: xq 32 int16 (the even inputs, then the odd ones, matching the
+ * weights' nibble order), dx = max|x| / 32767 and sx = dx * sum(xq). int16 keeps x to 2^-16 of its group's
+ * largest value (bf16, which torch's int4 kernel takes, keeps 2^-9 of each value). */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *dx, float *sx) {
+    const int64_t G = K / GROUP;
+    for (int64_t i = 0; i < M * G; i++) {
+        const float *p = x + i * GROUP;
+        float amax = 0.0f;
+        for (int k = 0; k < GROUP; k++) amax = fmaxf(amax, fabsf(p[k]));
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        int16_t *q = xq + i * GROUP;
+        int sum = 0;
+        for (int k = 0; k < GROUP; k++) {
+            const int v = (int)lrintf(p[k] * inv);
+            q[(k & 1) * 16 + (k >> 1)] = (int16_t)v;
+            sum += v;
+        }
+        dx[i] = amax / 32767.0f;
+        sx[i] = dx[i] * (float)sum;
+    }
+}
+
+/* Row n of W against `mr` rows of quantized x. Per group: the 32 codes widened to int16 (low nibbles =
+ * even inputs, high = odd) times x's int16 summed in pairs by madd (exact in int32: 2 * 15 * 32767 < 2^31)
+ * to 8 int32, converted, and scaled by s * dx into fp32 sums; the offset term (z - 8 s) * dx * sum(xq)
+ * is a vector over 8 groups. The scales of 8 groups are read and multiplied at once (the (N, K/32, 2)
+ * layout keeps a row's groups adjacent) and each group's factor is broadcast from that small array. */
+static inline __attribute__((always_inline, target("avx2,fma")))
+void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw,
+              const uint16_t *scales, int64_t n, float *y, int64_t N) {
+    const __m256i m0f16 = _mm256_set1_epi16(0x0F);
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    /* FMA latency is 4-5 cycles: with fewer than 4 rows, alternate groups go to a second set of sums so
+     * that consecutive groups do not wait on each other */
+    const int na = mr <= 2 ? 2 : 1;
+    __m256 acc[2][MR_MAX], off[MR_MAX];
+    for (int r = 0; r < mr; r++) { acc[0][r] = acc[1][r] = _mm256_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+    const uint8_t *wn = qw + n * G * 16;
+    const uint16_t *sn = scales + n * G * 2;
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        const __m256i sz = _mm256_loadu_si256((const __m256i *)(sn + g * 2));
+        const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+        const __m256 m = _mm256_fnmadd_ps(eight, s, _mm256_castsi256_ps(_mm256_and_si256(sz, hi16)));  /* z - 8 s */
+        float d[MR_MAX][8] __attribute__((aligned(32)));  /* s * dx per row and group: broadcast from memory */
+        for (int r = 0; r < mr; r++) {
+            _mm256_store_ps(d[r], _mm256_mul_ps(s, _mm256_loadu_ps(dx + r * G + g)));
+            off[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * G + g), off[r]);
+        }
+        for (int gg = 0; gg < 8; gg++) {
+            const __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wn + (g + gg) * 16)));
+            const __m256i wlo = _mm256_and_si256(wb, m0f16), whi = _mm256_srli_epi16(wb, 4);  /* bytes < 256 */
+            for (int r = 0; r < mr; r++) {
+                const int16_t *xg = xq + (r * G + g + gg) * GROUP;
+                const __m256i p = _mm256_add_epi32(
+                    _mm256_madd_epi16(wlo, _mm256_loadu_si256((const __m256i *)xg)),
+                    _mm256_madd_epi16(whi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
+                __m256 *a = &acc[gg % na][r];
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&d[r][gg]), *a);
+            }
+        }
+    }
+    float tail[MR_MAX] = {0};
+    for (; g < G; g++) {  /* groups past the last multiple of 8 (K = 576: 2 of 18) */
+        const float s = bf16_to_f32(sn[g * 2]), m = bf16_to_f32(sn[g * 2 + 1]) - 8.0f * s;
+        const __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wn + g * 16)));
+        const __m256i wlo = _mm256_and_si256(wb, m0f16), whi = _mm256_srli_epi16(wb, 4);
+        for (int r = 0; r < mr; r++) {
+            const int16_t *xg = xq + (r * G + g) * GROUP;
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wlo, _mm256_loadu_si256((const __m256i *)xg)),
+                                               _mm256_madd_epi16(whi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
+            acc[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * dx[r * G + g]), acc[0][r]);
+            tail[r] += m * sx[r * G + g];
+        }
+    }
+    for (int r = 0; r < mr; r++) y[r * N + n] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + hsum(off[r]) + tail[r];
+}
+
+#define INT4_ROW(MR) \
+    static __attribute__((noinline, target("avx2,fma"))) \
+    void int4_row_##MR(const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw, \
+                       const uint16_t *scales, int64_t n, float *y, int64_t N) { \
+        int4_row(MR, xq, dx, sx, G, qw, scales, n, y, N); \
+    }
+INT4_ROW(1)
+INT4_ROW(2)
+INT4_ROW(3)
+INT4_ROW(4)
+
+/* x (M, K) fp32, qw (N, K/2) uint8 (input 2j in the low nibble of byte j, 2j+1 in the high one), scales
+ * (N, K/32, 2) bf16, y (M, N) fp32. K % 32 == 0. Returns 0, or -1 if the scratch for x could not be had. */
+__attribute__((target("avx2,fma")))
+int llmkit_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *scales, int64_t N,
+                   float *y) {
+    const int64_t G = K / GROUP;
+    void *scratch = malloc((size_t)(2 * M * K + 8 * M * G));  /* int16 x, then its dx and sx */
+    if (!scratch) return -1;
+    int16_t *xq = (int16_t *)scratch;
+    float *dx = (float *)(xq + M * K), *sx = dx + M * G;
+    quantize_rows(x, M, K, xq, dx, sx);
+    /* rows of x in panels of PANEL (<= 96 KB of int16 x at K = 1536, kept in L2 while every row of W passes
+     * over it); without panels each row of W re-read all of x from L3 (a 128-row prefill: 4x slower) */
+#pragma omp parallel
+    for (int64_t p0 = 0; p0 < M; p0 += PANEL) {
+        const int64_t p1 = M - p0 < PANEL ? M : p0 + PANEL;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t r0 = p0; r0 < p1; r0 += MR_MAX) {
+                const int64_t mr = p1 - r0 < MR_MAX ? p1 - r0 : MR_MAX;
+                const int16_t *xr = xq + r0 * K;
+                const float *dr = dx + r0 * G, *sr = sx + r0 * G;
+                float *yr = y + r0 * N;
+                switch (mr) {
+                    case 1: int4_row_1(xr, dr, sr, G, qw, scales, n, yr, N); break;
+                    case 2: int4_row_2(xr, dr, sr, G, qw, scales, n, yr, N); break;
+                    case 3: int4_row_3(xr, dr, sr, G, qw, scales, n, yr, N); break;
+                    default: int4_row_4(xr, dr, sr, G, qw, scales, n, yr, N); break;
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+static inline __attribute__((always_inline, target("avx2,fma")))
+void int8_tile(const int nt, const int mr, const float *x, int64_t K, const int8_t *w, const uint16_t *scales,
+               int64_t n, float *y, int64_t N) {
+    __m256 acc[4][2];
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < mr; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 xr[2];
+        for (int r = 0; r < mr; r++) xr[r] = _mm256_loadu_ps(x + r * K + k);
+        for (int i = 0; i < nt; i++) {
+            __m256 wi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + (n + i) * K + k))));
+            for (int r = 0; r < mr; r++) acc[i][r] = _mm256_fmadd_ps(wi, xr[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        const float s = bf16_to_f32(scales[n + i]);
+        for (int r = 0; r < mr; r++) y[r * N + n + i] = s * hsum(acc[i][r]);
+    }
+}
+
+#define INT8_TILE(NT, MR) \
+    static __attribute__((noinline, target("avx2,fma"))) \
+    void int8_tile_##NT##_##MR(const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n, \
+                               float *y, int64_t N) { int8_tile(NT, MR, x, K, w, scales, n, y, N); }
+INT8_TILE(4, 1)
+INT8_TILE(4, 2)
+INT8_TILE(1, 1)
+INT8_TILE(1, 2)
+
+/* x (M, K), qw (N, K) int8, scales (N,) bf16, y (M, N); K % 8 == 0. */
+__attribute__((target("avx2,fma")))
+void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const uint16_t *scales, int64_t N,
+                    float *y) {
+    const int64_t tiles = (N + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n = t * 4;
+        for (int64_t r0 = 0; r0 < M; r0 += 2) {
+            const float *xr = x + r0 * K;
+            float *yr = y + r0 * N;
+            const int two = M - r0 >= 2;
+            if (n + 4 <= N) {
+                if (two) int8_tile_4_2(xr, K, qw, scales, n, yr, N); else int8_tile_4_1(xr, K, qw, scales, n, yr, N);
+            } else {
+                for (int64_t i = n; i < N; i++) {
+                    if (two) int8_tile_1_2(xr, K, qw, scales, i, yr, N); else int8_tile_1_1(xr, K, qw, scales, i, yr, N);
+                }
+            }
+        }
+    }
+}

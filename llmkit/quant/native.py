@@ -1,0 +1,149 @@
+"""llmkit's own CPU matmul kernels for int4/int8 weights (_kernels.c), where torch's are slow.
+
+torch 2.13's weight-only CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are vectorised
+for AVX-512. On an x86 CPU with AVX2 but no AVX-512 they read the weights at 2-3.5 GB/s, a quarter of
+what the memory gives, so decoding is 3-4x slower than llama.cpp there (BENCHMARKS.md, "AVX2"). On those
+CPUs the int4/int8 methods call these C loops instead (llmkit/quant/methods.py); elsewhere torch's.
+
+The C file is compiled at first use with the system C compiler (`cc`, ~1 s) into llmkit's cache
+(~/.cache/llmkit/kernels, keyed by the source's hash, written atomically) and loaded with ctypes: no torch
+headers and no build step at install. Without a compiler, or where the build fails, `available()` is False
+and torch's kernels run: same results up to rounding, slower.
+
+Under torch.compile the kernels are custom ops (`llmkit::int4_mm`, `llmkit::int8_mm`) with shape functions,
+so a compiled decode step calls them as extern kernels; eager calls go straight to ctypes (no dispatcher).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).with_name("_kernels.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+GROUP = 32
+
+
+def wanted() -> bool:
+    """Whether this CPU should use llmkit's kernels: x86 with AVX2 (+FMA) and no AVX-512 (torch's
+    kernels take over from AVX-512 on, where they were measured fast: BENCHMARKS.md)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    cpu = torch.cpu
+    return bool(cpu._is_avx2_supported() and not cpu._is_avx512_supported())
+
+
+def _build(cache: Path) -> Path | None:
+    """Compile _kernels.c once per source version into `cache`; None if no compiler or it fails."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    src = SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode()).hexdigest()[:16]
+    out = cache / f"llmkit-kernels-{key}.so"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp, "-lm"], capture_output=True, timeout=120)
+        if r.returncode != 0:
+            return None
+        os.replace(tmp, out)  # atomic: a concurrent process sees the old name absent or the whole file
+        return out
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    """The built library (any x86 CPU with AVX2 + FMA: the tests run it on AVX-512 CPUs too), or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.cpu._is_avx2_supported():
+        return None
+    from ..hub import cache_dir
+
+    path = _build(cache_dir() / "kernels")
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.llmkit_int4_mm.argtypes = [vp, i64, i64, vp, vp, i64, vp]
+    lib.llmkit_int8_mm.argtypes = [vp, i64, i64, vp, vp, i64, vp]
+    lib.llmkit_int4_mm.restype, lib.llmkit_int8_mm.restype = ctypes.c_int, None
+    return lib
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the branch as a constant (no graph break)
+def available() -> bool:
+    """llmkit's kernels are wanted on this CPU and built: int4/int8 layers use them (a property of the
+    process, decided once: the int4 runtime layout follows it)."""
+    return wanted() and _lib() is not None
+
+
+def _int4_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
+    x = x.float().contiguous()
+    M, K = x.shape
+    y = torch.empty(M, N)
+    if _lib().llmkit_int4_mm(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr()):
+        raise MemoryError(f"llmkit int4 kernel: no memory for a {M}x{K} int16 copy of the input")
+    return y
+
+
+def _int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    x = x.float().contiguous()
+    M, K = x.shape
+    N = qweight.size(0)
+    y = torch.empty(M, N)
+    _lib().llmkit_int8_mm(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr())
+    return y
+
+
+# The same calls as operators for torch.compile graphs (opaque extern kernels with shape functions).
+# Registered through torch.library.Library rather than the @custom_op decorator: the decorator's Python
+# wrapper cost ~30-50 us a call against ~6 us here (a compiled SmolLM2 step makes 121 of these calls).
+_OPS = torch.library.Library("llmkit", "DEF")
+_OPS.define("int4_mm(Tensor x, Tensor qweight, Tensor scales, int N) -> Tensor")
+_OPS.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+_OPS.impl("int4_mm", _int4_mm_eager, "CPU")
+_OPS.impl("int8_mm", _int8_mm_eager, "CPU")
+
+
+@torch.library.register_fake("llmkit::int4_mm")
+def _(x, qweight, scales, N):
+    return x.new_empty(x.shape[0], N, dtype=torch.float32)
+
+
+@torch.library.register_fake("llmkit::int8_mm")
+def _(x, qweight, scales):
+    return x.new_empty(x.shape[0], qweight.size(0), dtype=torch.float32)
+
+
+def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) fp32 with W int4 in llmkit's layout: qweight (N, K/2) uint8, scales (N, K/32, 2)
+    bf16 (s, z), w = (q - 8) s + z. x is quantized to int8 per group of 32 inside (as llama.cpp's Q8_1)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llmkit.int4_mm(x, qweight, scales, N)
+    return _int4_mm_eager(x, qweight, scales, N)
+
+
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) fp32 with W = qweight (N, K) int8 * scales (N,) bf16 per row; fp32 activations."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llmkit.int8_mm(x, qweight, scales)
+    return _int8_mm_eager(x, qweight, scales)
