@@ -89,11 +89,18 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-@torch.compiler.assume_constant_result  # a compiled graph takes the branch as a constant (no graph break)
+_available: bool | None = None
+
+
 def available() -> bool:
     """llmkit's kernels are wanted on this CPU and built: int4/int8 layers use them (a property of the
-    process, decided once: the int4 runtime layout follows it)."""
-    return wanted() and _lib() is not None
+    process, decided once: the int4 runtime layout follows it). Kept in a plain module global rather than
+    functools.cache: dynamo reads a global bool as a constant, while a cached function broke the compiled
+    decode step into 25 graphs (and `torch.compiler.assume_constant_result` imports dynamo, +2 s of cold start)."""
+    global _available
+    if _available is None:
+        _available = wanted() and _lib() is not None
+    return _available
 
 
 def _int4_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
