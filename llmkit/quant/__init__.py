@@ -11,9 +11,11 @@ the tensors it stores, how to dequantize them, an optional fast kernel for few-r
 row blocks concatenate when projections are fused. `QuantLinear` is the one module for all of them;
 it holds only the quantized tensors (no full-precision copy):
 
-  * few rows (decode, speculative verification) with a kernel: the kernel on bf16 activations;
+  * few rows (decode, speculative verification) with a kernel: torch's weight-only kernel on bf16
+    activations, or on x86 CPUs with AVX2 and no AVX-512 llmkit's own C loops (native.py);
   * many rows (prefill) or no kernel: the weight dequantized for this call only, then one GEMM in the
-    method's dense dtype (bf16 for int8/int4: AMX/AVX512-bf16, ~5x fp32 at 128 rows); prefill GEMMs
+    method's dense dtype (for int8/int4 bf16 where the CPU has AMX/AVX512-bf16, ~5x fp32 at 128 rows;
+    fp32 elsewhere); prefill GEMMs
     take about 1.8x (int8) to 4.6x (int4) as long as with a kept bf16 copy, which `keep_dense_copy`
     opts into;
   * input that needs a gradient (LoRA, adapters, prompt tuning on a quantized base): a custom

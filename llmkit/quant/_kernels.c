@@ -1,13 +1,15 @@
 /* Weight-only int4 / int8 matmuls for x86 CPUs with AVX2 + FMA: y (M, N) fp32 = x (M, K) fp32 @ W^T.
  *
  * Why: torch 2.13's CPU kernels for these weights (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are
- * vectorised for AVX-512; on an AVX2-only CPU (AMD EPYC, Zen 3) one SmolLM2 block's four int4 matrices take
- * them 0.5-0.9 ms at one row, 2-3.5 GB/s of weights, and the int8 head 3.6 ms.
+ * vectorised for AVX-512; on an AVX2-only CPU (AMD EPYC, Zen 3) one step's 30 SmolLM2 layers take torch's
+ * int4 kernel 11.1 ms at one row (6 GB/s of weights) against 7.9 ms here, and the int8 head 3.6 ms against
+ * 2.1 (benchmarks/matmul_bandwidth.py, BENCHMARKS.md "On an AVX2-only CPU").
  *
- * int4 follows llama.cpp's Q4_1 x Q8_1 dot product: each row of x is quantized per group of 32 inputs to
- * int8 (dx = max|x| / 127), the codes (u8) times those int8 are summed by maddubs/madd in integers, and per
- * group g of row n: sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z.
- * int8 weights keep fp32 activations: w = q s per row, one FMA per weight, bound by memory bandwidth.
+ * int4: each row of x is rounded per group of 32 inputs to int16 (dx = max|x| / 32767), the codes times
+ * those int16 are summed by madd in int32, and per group g of row n:
+ * sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z. (llama.cpp rounds x to int8,
+ * Q8_1: 20% faster here but it moved SmolLM2's logits by up to 0.8, enough to change greedy answers.)
+ * int8 weights keep fp32 activations: w = q s per row, one FMA per weight.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
  * headers. OpenMP resolves to the libgomp torch has already loaded, so these loops share torch's threads

@@ -35,8 +35,8 @@ from .nf4 import nf4_dequantize, nf4_quantize
 GROUP = 32  # int4 group size (GGUF Q4_0/Q4_1 blocks)
 
 # dtype of the GEMM when int8/int4 weights are dequantized (many rows): bf16 where the CPU has bf16 dot
-# products (AVX512-BF16, AMX: ~5x fp32 at 128 rows), fp32 elsewhere (AVX2 CPUs emulate bf16 GEMMs, 5.4x
-# slower than fp32 at 128 rows on an AMD EPYC Zen 3: benchmarks/matmul_bandwidth.py)
+# products (AVX512-BF16, AMX: ~5x fp32 at 128 rows), fp32 elsewhere (AVX2 CPUs emulate bf16 GEMMs: 5.8x
+# slower than fp32 at 128 rows on an AMD EPYC Zen 3, 54.6 vs 9.4 ms a SmolLM2 block, benchmarks/matmul_bandwidth.py)
 DENSE = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else torch.float32
 
 Tensors = dict[str, torch.Tensor]
@@ -140,6 +140,8 @@ def _int4_unpack_kernel(packed: torch.Tensor, N: int, K: int, block: int) -> tor
         seg = packed.reshape(-1)[full * K // 2:].view(K, (N - full) // 2)
         out.append(torch.stack([seg & 15, seg >> 4], 2).reshape(K, N - full).t())
     return torch.cat(out) if len(out) > 1 else out[0]
+
+
 # Runtime layouts: where llmkit's kernels run (native.available(): AVX2 CPUs without AVX-512) the storage
 # layout itself with the scales transposed to (N, K/G, 2), one row's groups adjacent; elsewhere torch's CPU
 # packing (its kernel's layout, which depends on the CPU) with the scales as stored.

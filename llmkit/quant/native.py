@@ -1,9 +1,10 @@
 """llmkit's own CPU matmul kernels for int4/int8 weights (_kernels.c), where torch's are slow.
 
 torch 2.13's weight-only CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are vectorised
-for AVX-512. On an x86 CPU with AVX2 but no AVX-512 they read the weights at 2-3.5 GB/s, a quarter of
-what the memory gives, so decoding is 3-4x slower than llama.cpp there (BENCHMARKS.md, "AVX2"). On those
-CPUs the int4/int8 methods call these C loops instead (llmkit/quant/methods.py); elsewhere torch's.
+for AVX-512. On an AMD EPYC with AVX2 and no AVX-512, torch's int4 kernel read one decode step's weights at
+6 GB/s (these loops: 8.4 GB/s; int8 head 3.6 vs 2.1 ms) and eager decode ran at 0.27x llama.cpp (now 0.35x,
+0.75x compiled: BENCHMARKS.md, "On an AVX2-only CPU"). On such CPUs the int4/int8 methods call these C
+loops instead (llmkit/quant/methods.py); elsewhere torch's.
 
 The C file is compiled at first use with the system C compiler (`cc`, ~1 s) into llmkit's cache
 (~/.cache/llmkit/kernels, keyed by the source's hash, written atomically) and loaded with ctypes: no torch
@@ -52,10 +53,11 @@ def _build(cache: Path) -> Path | None:
     out = cache / f"llmkit-kernels-{key}.so"
     if out.exists():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # an unwritable cache or a failing compiler means torch's kernels, not an error
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
         r = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp, "-lm"], capture_output=True, timeout=120)
         if r.returncode != 0:
             return None
@@ -64,7 +66,7 @@ def _build(cache: Path) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
