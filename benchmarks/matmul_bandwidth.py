@@ -9,7 +9,8 @@ bytes / time). Achieved GB/s of a kernel = bytes of its quantized weight (codes 
 M = 1 (the activations are a few KB). Prints a markdown table; best of --rounds interleaved rounds.
 
 "int4"/"int8" are what llmkit's QuantLinear runs on this CPU: torch's kernels, or llmkit's own C loops
-(llmkit/quant/native.py) on x86 CPUs with AVX2 and no AVX-512; "torch int4"/"torch int8" are torch's
+(llmkit/quant/native.py) on x86 CPUs with AVX2 and no AVX-512 (whose int4 record switches to the fp32
+dequantization + GEMM above methods.NATIVE_INT4_MAX_ROWS rows); "torch int4"/"torch int8" are torch's
 kernels called directly on their own packing, so where llmkit uses its own both are timed in one run.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.quant import QuantLinear, native
-from llmkit.quant.methods import GROUP, _int4_codes
+from llmkit.quant.methods import DENSE, GROUP, _int4_codes
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
 
@@ -101,8 +102,9 @@ def main() -> None:
 
     rows = [int(r) for r in args.rows.split(",")]
     print("\nAll layer matrices of one SmolLM2 block (qkv, o, gate_up, down) once, ms per block, by rows M:")
-    print("| M | int4 kernel | int8 kernel | torch int4 | torch int8 | bf16 GEMM (kept copy) | int4 dequantize + bf16 GEMM "
-          "| fp32 GEMM |")
+    dt = str(DENSE).removeprefix("torch.")
+    print(f"| M | int4 (QuantLinear's path) | int8 kernel | torch int4 | torch int8 | bf16 GEMM (kept copy) "
+          f"| int4 dequantize + {dt} GEMM | fp32 GEMM (kept copy) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     ref = {(n, m): torch_kernel(mods[(n, m)]) for n in layer for m in ("int4", "int8")}
     dense = {n: mods[(n, "int4")].dequantize(torch.bfloat16) for n in layer}
@@ -120,7 +122,7 @@ def main() -> None:
             t4 = best(lambda: [ref[(n, "int4")](xs[n]) for n in layer], args.rounds)
             t8 = best(lambda: [ref[(n, "int8")](xs[n]) for n in layer], args.rounds)
             rb = best(lambda: [F.linear(xb[n], dense[n]) for n in layer], args.rounds)
-            rd = best(lambda: [F.linear(xb[n], mods[(n, "int4")].dequantize(torch.bfloat16)) for n in layer],
+            rd = best(lambda: [F.linear(xs[n].to(DENSE), mods[(n, "int4")].dequantize(DENSE)) for n in layer],
                       max(3, args.rounds // 4))
             rf = best(lambda: [F.linear(xs[n], dense32[n]) for n in layer], args.rounds)
         print(f"| {M} | {r4 * 1e3:.3f} | {r8 * 1e3:.3f} | {t4 * 1e3:.3f} | {t8 * 1e3:.3f} | {rb * 1e3:.3f} | {rd * 1e3:.3f} "

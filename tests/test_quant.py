@@ -179,6 +179,9 @@ def test_native_kernels_match_the_dequantized_matmul(rows):
         sc = t["scales"].float()  # (K/32, N, 2)
         w = (codes * sc[..., 0].t()[..., None] + sc[..., 1].t()[..., None]).reshape(48, K)
         y = native.int4_mm(x, t["qweight"], t["scales"].transpose(0, 1).contiguous(), 48)
+        # the C dequantization (prefill's path past NATIVE_INT4_MAX_ROWS) is the same formula, one FMA a weight
+        wc = native.int4_dequantize(t["qweight"], t["scales"].transpose(0, 1).contiguous(), 48, K)
+        torch.testing.assert_close(wc, w, atol=1e-6, rtol=1e-6)
         # rounding x to int16 moves each input by at most half a step, max|x| of its group / 65534
         step = x.abs().view(rows, K // 32, 32).amax(-1).repeat_interleave(32, 1) / 65534
         bound = step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t())  # + fp32 sums

@@ -165,6 +165,8 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
     """w = (q - 8) s + z, the kernel's formula, as one fused multiply-add in `dtype`: q - 8, s and z are
     exact in bf16, so the weight is rounded once (as a bf16 copy of the fp32 dequantization would be).
     Not z - 8 s first: that difference rounded to bf16 would shift whole groups."""
+    if native.available() and dtype == torch.float32 and not torch.compiler.is_compiling():
+        return native.int4_dequantize(t["qweight"], t["scales"], N, K)  # the same formula, 10-40x faster
     if native.available():
         q, sc = _int4_codes(t["qweight"]), t["scales"].to(dtype)  # sc (N, K/G, 2)
         s, z = sc[..., 0, None], sc[..., 1, None]
@@ -175,8 +177,17 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
     return torch.addcmul(z, q, s).reshape(N, K)
 
 
+# llmkit's int4 loop reuses an unpacked weight for at most 4 rows, so past 16 rows the weight dequantized to
+# fp32 in C and a GEMM win. One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`,
+# AMD EPYC Zen 3, AVX2): loop 1.16 / 2.47 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.23 / 2.45; past
+# the switch 2.70 / 10.4 ms at 24 / 128 rows (the loop alone took 18.3 at 128; torch's int4 kernel 3.47 / 18.4)
+NATIVE_INT4_MAX_ROWS = 16
+
+
 def _int4_matmul(x: torch.Tensor, t: Tensors, N: int) -> torch.Tensor:
     if native.available():
+        if x.size(0) > NATIVE_INT4_MAX_ROWS and not torch.compiler.is_compiling():
+            return torch.nn.functional.linear(x.float(), _int4_dequantize(t, N, x.size(1), torch.float32))
         return native.int4_mm(x, t["qweight"], t["scales"], N)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t["qweight"], GROUP, t["scales"])
 

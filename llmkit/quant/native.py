@@ -87,7 +87,8 @@ def _lib() -> ctypes.CDLL | None:
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.llmkit_int4_mm.argtypes = [vp, i64, i64, vp, vp, i64, vp]
     lib.llmkit_int8_mm.argtypes = [vp, i64, i64, vp, vp, i64, vp]
-    lib.llmkit_int4_mm.restype, lib.llmkit_int8_mm.restype = ctypes.c_int, None
+    lib.llmkit_int4_dequant.argtypes = [vp, vp, i64, i64, vp]
+    lib.llmkit_int4_mm.restype, lib.llmkit_int8_mm.restype, lib.llmkit_int4_dequant.restype = ctypes.c_int, None, None
     return lib
 
 
@@ -149,6 +150,13 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int
     if torch.compiler.is_compiling():
         return torch.ops.llmkit.int4_mm(x, qweight, scales, N)
     return _int4_mm_eager(x, qweight, scales, N)
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """(N, K) fp32 weight of int4_mm's layout, w = (q - 8) s + z (eager only: prefill and backward)."""
+    w = torch.empty(N, K)
+    _lib().llmkit_int4_dequant(qweight.contiguous().data_ptr(), scales.contiguous().data_ptr(), N, K, w.data_ptr())
+    return w
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
