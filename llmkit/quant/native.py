@@ -155,7 +155,8 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int
 def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """(N, K) fp32 weight of int4_mm's layout, w = (q - 8) s + z (eager only: prefill and backward)."""
     w = torch.empty(N, K)
-    _lib().llmkit_int4_dequant(qweight.contiguous().data_ptr(), scales.contiguous().data_ptr(), N, K, w.data_ptr())
+    qweight, scales = qweight.contiguous(), scales.contiguous()  # held here: C reads their memory
+    _lib().llmkit_int4_dequant(qweight.data_ptr(), scales.data_ptr(), N, K, w.data_ptr())
     return w
 
 
