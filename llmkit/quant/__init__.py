@@ -131,8 +131,7 @@ class QuantLinear(nn.Module):
         rows = x.numel() // x.size(-1)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantLinear.apply(x, self)
-        elif (rows <= (SMALL_M if self.dense is not None else SMALL_M_NO_COPY) and self.method.matmul is not None
-              and x.device.type == "cpu"):
+        elif rows <= self._kernel_rows() and self.method.matmul is not None and x.device.type == "cpu":
             y = self.method.matmul(x.reshape(rows, -1), self.tensors(), self.out_features)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -141,6 +140,14 @@ class QuantLinear(nn.Module):
             y = F.linear(x.to(dt), w)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _kernel_rows(self) -> int:
+        """Most rows the method's kernel takes: SMALL_M beside a kept dense copy, else the method's own
+        limit where it has one (llmkit's AVX2 int4 loop), else SMALL_M_NO_COPY."""
+        if self.dense is not None:
+            return SMALL_M
+        own = self.method.kernel_rows() if self.method.kernel_rows is not None else None
+        return SMALL_M_NO_COPY if own is None else own
 
     @classmethod
     def concat(cls, parts: list[QuantLinear]) -> QuantLinear | None:

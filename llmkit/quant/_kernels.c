@@ -2,13 +2,13 @@
  *
  * Why: torch 2.13's CPU kernels for these weights (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are
  * vectorised for AVX-512; on an AVX2-only CPU (AMD EPYC, Zen 3) one step's 30 SmolLM2 layers take torch's
- * int4 kernel 11.1 ms at one row (6 GB/s of weights) against 7.9 ms here, and the int8 head 3.6 ms against
- * 2.1 (benchmarks/matmul_bandwidth.py, BENCHMARKS.md "On an AVX2-only CPU").
+ * int4 kernel 11.1 ms at one row (6 GB/s of weights) against 7.9 ms here, its int8 kernel 14.0 ms against 11.0
+ * (benchmarks/matmul_bandwidth.py, BENCHMARKS.md "On an AVX2-only CPU").
  *
  * int4: each row of x is rounded per group of 32 inputs to int16 (dx = max|x| / 32767), the codes times
  * those int16 are summed by madd in int32, and per group g of row n:
  * sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z. (llama.cpp rounds x to int8,
- * Q8_1: 20% faster here but it moved SmolLM2's logits by up to 0.8, enough to change greedy answers.)
+ * Q8_1: faster here, but it moved SmolLM2's logits enough to change greedy answers.)
  * int8 weights keep fp32 activations: w = q s per row, one FMA per weight.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch

@@ -6,6 +6,8 @@ A record says, for a weight W (N, K) (N outputs, K inputs):
   dequantize  runtime tensors -> W (N, K) in a dtype
   matmul      optional weight-only kernel for few rows: x (M, K) -> (M, N) (each kernel casts x to the dtype
               it takes; the caller casts the result back)
+  kernel_rows optional () -> the most rows `matmul` should take here, where it is not QuantLinear's default
+              (it can depend on the CPU's kernel: a callable, asked at call time)
   concat      stack several weights' runtime tensors along N (fusing q/k/v, gate/up)
   to_runtime / from_runtime  storage <-> the layout the kernel wants (identity unless a kernel's
               layout depends on the CPU, as torch's int4 packing does)
@@ -56,6 +58,7 @@ class QuantMethod:
     dequantize: Callable[[Tensors, int, int, torch.dtype], torch.Tensor]  # runtime tensors -> W (N, K)
     concat: Callable[[list[Tensors], list[int], int], Tensors] | None  # runtimes of (N_i, K) -> (sum N_i, K)
     matmul: Callable[[torch.Tensor, Tensors, int], torch.Tensor] | None = None  # x (M, K) -> (M, N)
+    kernel_rows: Callable[[], int | None] | None = None  # rows up to which `matmul` beats dequantize + GEMM
     dense_dtype: torch.dtype | None = None  # GEMM dtype of the dequantize path (None: the input's)
     head: str | None = None  # method for lm_head (None: left in full precision)
     fallback: str | None = None  # method for shapes `accepts` refuses (None: left in full precision)
@@ -145,18 +148,23 @@ def _int4_unpack_kernel(packed: torch.Tensor, N: int, K: int, block: int) -> tor
 # Runtime layouts: where llmkit's kernels run (native.available(): AVX2 CPUs without AVX-512) the storage
 # layout itself with the scales transposed to (N, K/G, 2), one row's groups adjacent; elsewhere torch's CPU
 # packing (its kernel's layout, which depends on the CPU) with the scales as stored.
+def _swap_scale_axes(t: Tensors) -> Tensors:
+    """llmkit's int4 layout <-> storage: the scales' (K/G, N) axes swapped, the nibbles as they are."""
+    return {"qweight": t["qweight"], "scales": t["scales"].transpose(0, 1).contiguous()}
+
+
 def _int4_to_runtime(t: Tensors, N: int, K: int) -> Tensors:
     if t["qweight"].device.type == "meta":
         return dict(t)
     if native.available():
-        return {"qweight": t["qweight"], "scales": t["scales"].transpose(0, 1).contiguous()}
+        return _swap_scale_axes(t)
     codes = _int4_codes(t["qweight"]).to(torch.int32)
     return {"qweight": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), "scales": t["scales"]}
 
 
 def _int4_from_runtime(t: Tensors, N: int, K: int) -> Tensors:
     if native.available():
-        return {"qweight": t["qweight"], "scales": t["scales"].transpose(0, 1).contiguous()}
+        return _swap_scale_axes(t)
     q = _int4_unpack_kernel(t["qweight"], N, K, _int4_block())
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": t["scales"]}
 
@@ -178,7 +186,7 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
 
 
 # llmkit's int4 loop reuses an unpacked weight for at most 4 rows, so past 16 rows the weight dequantized to
-# fp32 in C and a GEMM win. One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`,
+# fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`). One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`,
 # AMD EPYC Zen 3, AVX2): loop 1.16 / 2.47 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.23 / 2.45; past
 # the switch 2.70 / 10.4 ms at 24 / 128 rows (the loop alone took 18.3 at 128; torch's int4 kernel 3.47 / 18.4)
 NATIVE_INT4_MAX_ROWS = 16
@@ -186,10 +194,13 @@ NATIVE_INT4_MAX_ROWS = 16
 
 def _int4_matmul(x: torch.Tensor, t: Tensors, N: int) -> torch.Tensor:
     if native.available():
-        if x.size(0) > NATIVE_INT4_MAX_ROWS and not torch.compiler.is_compiling():
-            return torch.nn.functional.linear(x.float(), _int4_dequantize(t, N, x.size(1), torch.float32))
         return native.int4_mm(x, t["qweight"], t["scales"], N)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), t["qweight"], GROUP, t["scales"])
+
+
+def _int4_kernel_rows() -> int | None:
+    # a compiled graph keeps the loop at any row count (the C dequantization is eager-only)
+    return NATIVE_INT4_MAX_ROWS if native.available() and not torch.compiler.is_compiling() else None
 
 
 def _int4_concat(ts: list[Tensors], Ns: list[int], K: int) -> Tensors:
@@ -211,7 +222,7 @@ INT4 = QuantMethod(
     shapes=lambda N, K: {"qweight": ((N, K // 2), torch.uint8), "scales": ((K // GROUP, N, 2), torch.bfloat16)},
     quantize=_int4_quantize, dequantize=_int4_dequantize,
     concat=_int4_concat,
-    matmul=_int4_matmul, dense_dtype=DENSE, head="int8", fallback="int8",
+    matmul=_int4_matmul, kernel_rows=_int4_kernel_rows, dense_dtype=DENSE, head="int8", fallback="int8",
     to_runtime=_int4_to_runtime, from_runtime=_int4_from_runtime)
 
 

@@ -2,7 +2,7 @@
 
 torch 2.13's weight-only CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are vectorised
 for AVX-512. On an AMD EPYC with AVX2 and no AVX-512, torch's int4 kernel read one decode step's weights at
-6 GB/s (these loops: 8.4 GB/s; int8 head 3.6 vs 2.1 ms) and eager decode ran at 0.27x llama.cpp (now 0.35x,
+6 GB/s (these loops: 8.4 GB/s; int8 weights 7.6 vs 9.6 GB/s) and eager decode ran at 0.27x llama.cpp (now 0.35x,
 0.75x compiled: BENCHMARKS.md, "On an AVX2-only CPU"). On such CPUs the int4/int8 methods call these C
 loops instead (llmkit/quant/methods.py); elsewhere torch's.
 
@@ -31,16 +31,17 @@ import torch
 
 SRC = Path(__file__).with_name("_kernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-GROUP = 32
+
+
+def _runs_here() -> bool:
+    """The C loops need an x86 CPU with AVX2 (+FMA, which every AVX2 CPU that torch detects has)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and bool(torch.cpu._is_avx2_supported())
 
 
 def wanted() -> bool:
-    """Whether this CPU should use llmkit's kernels: x86 with AVX2 (+FMA) and no AVX-512 (torch's
-    kernels take over from AVX-512 on, where they were measured fast: BENCHMARKS.md)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    cpu = torch.cpu
-    return bool(cpu._is_avx2_supported() and not cpu._is_avx512_supported())
+    """Whether this CPU should use llmkit's kernels: x86 with AVX2 and no AVX-512 (torch's kernels take
+    over from AVX-512 on, where they were measured fast: BENCHMARKS.md)."""
+    return _runs_here() and not torch.cpu._is_avx512_supported()
 
 
 def _build(cache: Path) -> Path | None:
@@ -73,7 +74,7 @@ def _build(cache: Path) -> Path | None:
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     """The built library (any x86 CPU with AVX2 + FMA: the tests run it on AVX-512 CPUs too), or None."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.cpu._is_avx2_supported():
+    if not _runs_here():
         return None
     from ..hub import cache_dir
 
@@ -125,8 +126,8 @@ def _int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor)
 
 
 # The same calls as operators for torch.compile graphs (opaque extern kernels with shape functions).
-# Registered through torch.library.Library rather than the @custom_op decorator: the decorator's Python
-# wrapper cost ~30-50 us a call against ~6 us here (a compiled SmolLM2 step makes 121 of these calls).
+# Registered through torch.library.Library rather than the @custom_op decorator, whose Python wrapper costs
+# several times as much per call (a compiled SmolLM2 step makes 121 of these calls).
 _OPS = torch.library.Library("llmkit", "DEF")
 _OPS.define("int4_mm(Tensor x, Tensor qweight, Tensor scales, int N) -> Tensor")
 _OPS.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
@@ -146,7 +147,7 @@ def _(x, qweight, scales):
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 with W int4 in llmkit's layout: qweight (N, K/2) uint8, scales (N, K/32, 2)
-    bf16 (s, z), w = (q - 8) s + z. x is quantized to int8 per group of 32 inside (as llama.cpp's Q8_1)."""
+    bf16 (s, z), w = (q - 8) s + z. x is rounded to int16 per group of 32 inside (_kernels.c)."""
     if torch.compiler.is_compiling():
         return torch.ops.llmkit.int4_mm(x, qweight, scales, N)
     return _int4_mm_eager(x, qweight, scales, N)
