@@ -185,10 +185,11 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
     return torch.addcmul(z, q, s).reshape(N, K)
 
 
-# llmkit's int4 loop reuses an unpacked weight for at most 4 rows, so past 16 rows the weight dequantized to
-# fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`). One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`,
-# AMD EPYC Zen 3, AVX2): loop 1.16 / 2.47 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.23 / 2.45; past
-# the switch 2.70 / 10.4 ms at 24 / 128 rows (the loop alone took 18.3 at 128; torch's int4 kernel 3.47 / 18.4)
+# llmkit's int4 loop is bound by its FMAs from a few rows on (8 rows of fp32 x per unpacked weight), so past 16
+# rows the weight dequantized to fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`).
+# One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`, AMD EPYC Zen 3, AVX2):
+# loop 1.07 / 2.16 ms at 8 / 16 rows against dequantize + fp32 GEMM 3.07 / 3.54; past the switch the GEMM
+# takes 7.5 ms at 128 rows (torch's int4 kernel 12.2, the loop ~13)
 NATIVE_INT4_MAX_ROWS = 16
 
 
