@@ -157,6 +157,9 @@ static void permute_rows(const float *x, int64_t M, int64_t K, float *xp) {
  * this beats the int16 loop (per group and row 4 FMAs against 2 madd + add + convert + FMA) and keeps x
  * exact (the dense path's precision). 8 rows: 8 accumulators + 4 weight vectors + s, z = 14 registers. */
 #define MR_F32 8
+#ifndef INT8_ROWS_MIN
+#define INT8_ROWS_MIN 2
+#endif
 #ifndef INT4_F32_MIN_ROWS
 #define INT4_F32_MIN_ROWS 3
 #endif
@@ -311,10 +314,52 @@ INT8_TILE(4, 2)
 INT8_TILE(1, 1)
 INT8_TILE(1, 2)
 
+/* Row n of W against `mr` (<= MR_F32) rows of x: each 8 weights converted once, 8 FMAs for 8 rows (the
+ * 4x2 tile above converts each weight once per 2 rows). */
+static inline __attribute__((always_inline, target("avx2,fma")))
+void int8_rows(const int mr, const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n,
+               float *y, int64_t N) {
+    __m256 acc[MR_F32];
+    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+    const int8_t *wn = w + n * K;
+    for (int64_t k = 0; k < K; k += 8) {
+        const __m256 wk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wn + k))));
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    }
+    const float s = bf16_to_f32(scales[n]);
+    for (int r = 0; r < mr; r++) y[r * N + n] = s * hsum(acc[r]);
+}
+
+#define INT8_ROWS(MR) \
+    static __attribute__((noinline, target("avx2,fma"))) \
+    void int8_rows_##MR(const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n, \
+                        float *y, int64_t N) { int8_rows(MR, x, K, w, scales, n, y, N); }
+INT8_ROWS(1)
+INT8_ROWS(2)
+INT8_ROWS(3)
+INT8_ROWS(4)
+INT8_ROWS(5)
+INT8_ROWS(6)
+INT8_ROWS(7)
+INT8_ROWS(8)
+
+typedef void (*int8_rows_fn)(const float *, int64_t, const int8_t *, const uint16_t *, int64_t, float *, int64_t);
+static const int8_rows_fn INT8_ROWS_FNS[MR_F32 + 1] = {
+    0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
+
 /* x (M, K), qw (N, K) int8, scales (N,) bf16, y (M, N); K % 8 == 0. */
 __attribute__((target("avx2,fma")))
 void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const uint16_t *scales, int64_t N,
                     float *y) {
+    if (M >= INT8_ROWS_MIN) {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t r0 = 0; r0 < M; r0 += MR_F32) {
+                const int64_t mr = M - r0 < MR_F32 ? M - r0 : MR_F32;
+                INT8_ROWS_FNS[mr](x + r0 * K, K, qw, scales, n, y + r0 * N, N);
+            }
+        return;
+    }
     const int64_t tiles = (N + 3) / 4;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
