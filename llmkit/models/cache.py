@@ -101,9 +101,9 @@ class BatchKVCache(KVCache):
         # eager writes go into this layer's (B, K, S, D) view: index_copy_ there costs 4-6 us a call, the
         # whole-tensor index_put_ that the compiled step needs (StaticKVCache.update) 11-14 us
         ck, cv = self.k[layer], self.v[layer]
-        if input_pos.dim() == 1:
-            ck.index_copy_(2, input_pos, k.to(ck.dtype))
-            cv.index_copy_(2, input_pos, v.to(cv.dtype))
+        if input_pos.dim() == 1:  # (index_copy_ takes no other dtype: cast only where they differ)
+            ck.index_copy_(2, input_pos, k if k.dtype == ck.dtype else k.to(ck.dtype))
+            cv.index_copy_(2, input_pos, v if v.dtype == cv.dtype else v.to(cv.dtype))
         else:  # per-row slots: row b's T tokens go to slots input_pos[b]
             rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1) against input_pos (B, T)
             ck[rows, :, input_pos] = k.transpose(1, 2).to(ck.dtype)  # indexed (B, T, K, D)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..errors import LLMKitError
 from ..losses import cross_entropy, load_balancing_loss
 from .config import ModelConfig
-from .modules import Block, Dropout, attention_class, make_norm, rope_cache
+from .modules import Block, Dropout, attention_class, make_norm, rope_cache, rope_for_heads
 
 # models with a context window of at most this many positions build their rope table for the whole
 # window on first use (8192 x head size 64 x cos/sin: 4 MiB fp32); longer ones grow it with the positions
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         if self.n_prefix:
             raise LLMKitError("multi-token prediction does not support a prefix (prompt tuning)")
         last = int(input_pos.max()) if cache is not None else h.size(1) - 1
-        rope = self.rope(input_pos) if self.cfg.pos_emb == "rope" else None
+        rope = rope_for_heads(*self.rope(input_pos)) if self.cfg.pos_emb == "rope" else None
         mask = self.attention_mask(input_pos, h.size(1), last, cache, None, h.device)
         out = self.mtp[depth](h, self.embed_tokens(next_idx), rope, mask, cache, input_pos)
         return out, self.lm_head(self.mtp[depth].norm(out))
@@ -242,12 +242,12 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(input_pos)
         x = self.dropout(x)
         cfg = self.cfg
-        rope = self.rope(input_pos) if cfg.pos_emb == "rope" else None
+        rope = rope_for_heads(*self.rope(input_pos)) if cfg.pos_emb == "rope" else None
         mask = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device, cfg.uniform_window)
         # interleaved local/global layers (Gemma 3): the windowed layers get their own mask and rope table
         local = [cfg.local_layer(i) for i in range(len(self.layers))] if cfg.sliding_window_pattern else None
         if local and any(local):
-            rope_l = self.rope(input_pos, local=True) if rope is not None and cfg.rope_local_theta else rope
+            rope_l = rope_for_heads(*self.rope(input_pos, local=True)) if rope is not None and cfg.rope_local_theta else rope
             mask_l = self.attention_mask(input_pos, x.size(1), last, cache, attn_mask, x.device, cfg.sliding_window)
         for i, layer in enumerate(self.layers):
             if local and local[i]:

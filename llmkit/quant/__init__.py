@@ -112,7 +112,8 @@ class QuantLinear(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The quantized tensors in the runtime layout (what the kernels take)."""
-        return {k: getattr(self, k) for k in self.method.shapes(self.out_features, self.in_features)}
+        b = self._buffers  # read directly: every forward asks (nn.Module.__getattr__ is the slow path)
+        return {k: b[k] for k in self.method.shapes(self.out_features, self.in_features)}
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The quantized tensors in the portable storage layout (what the state dict holds)."""
@@ -129,7 +130,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.size(-1)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
             y = _DequantLinear.apply(x, self)
         elif rows <= self._kernel_rows() and self.method.matmul is not None and x.device.type == "cpu":
             y = self.method.matmul(x.reshape(rows, -1), self.tensors(), self.out_features)
@@ -137,8 +138,9 @@ class QuantLinear(nn.Module):
         else:
             dt = self.method.dense_dtype or x.dtype
             w = self.dense if self.dense is not None and self.dense.dtype == dt else self.dequantize(dt)
-            y = F.linear(x.to(dt), w)
-        y = y.to(x.dtype)
+            y = F.linear(x if x.dtype == dt else x.to(dt), w)
+        if y.dtype != x.dtype:  # (a no-op .to() is still a dispatch: 2 per layer in a decode step)
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _kernel_rows(self) -> int:

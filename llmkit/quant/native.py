@@ -108,7 +108,8 @@ def available() -> bool:
 
 
 def _int4_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     M, K = x.shape
     y = torch.empty(M, N)
     if _lib().llmkit_int4_mm(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr()):
@@ -117,7 +118,8 @@ def _int4_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def _int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     M, K = x.shape
     N = qweight.size(0)
     y = torch.empty(M, N)
