@@ -10,10 +10,12 @@
  * sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z. (llama.cpp rounds x to int8,
  * Q8_1: faster here, but it moved SmolLM2's logits enough to change greedy answers.)
  * int4, INT4_F32_MIN_ROWS rows or more (batched decode, short prefill chunks): fp32 x against each group's
- * weights dequantized once in registers for up to 8 rows: 4 FMAs per group and row, no int16 rounding. At 8
- * rows one SmolLM2 block took 0.81 ms against the int16 loop's 1.20 (2 threads, AMD EPYC Zen 3): ~35 G
- * multiply-adds/s, the FMA units' rate, so batched rows cost FMAs, not weight reads.
- * int8 weights keep fp32 activations: w = q s per row, one FMA per weight.
+ * weights dequantized once in registers for up to 8 rows: 4 FMAs per group and row (the int16 loop's 2 madd
+ * + add + convert + FMA), no int16 rounding. At 8 rows one SmolLM2 block takes 0.75x torch's int4 kernel's time
+ * where the int16 loop took 1.09x (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3): batched rows are bound by
+ * FMAs and loads of x, not by reading the weights.
+ * int8 weights keep fp32 activations: w = q s per row, one FMA per weight; one row in tiles of 4 outputs x 2
+ * rows, from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
  * headers. OpenMP resolves to the libgomp torch has already loaded, so these loops share torch's threads

@@ -188,8 +188,8 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
 # llmkit's int4 loop is bound by its FMAs from a few rows on (8 rows of fp32 x per unpacked weight), so past 16
 # rows the weight dequantized to fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`).
 # One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`, AMD EPYC Zen 3, AVX2):
-# loop 1.07 / 2.16 ms at 8 / 16 rows against dequantize + fp32 GEMM 3.07 / 3.54; past the switch the GEMM
-# takes 7.5 ms at 128 rows (torch's int4 kernel 12.2, the loop ~13)
+# loop 1.05 / 2.25 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.93 / 4.52; at 128 rows that GEMM path
+# 11.7 against torch's int4 kernel 18.9
 NATIVE_INT4_MAX_ROWS = 16
 
 
