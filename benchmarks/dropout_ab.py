@@ -31,7 +31,7 @@ def make(cfg, sr: SpeedrunConfig, torch_dropout: bool):
 def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    sr = SpeedrunConfig()
+    sr = SpeedrunConfig(vocab_size=512)  # the bf16 run's vocabulary
     cfg = _model_config(sr, sr.vocab_size)
     autocast = autocast_context(torch.device("cpu"), "bfloat16")
     x = torch.randint(0, sr.vocab_size, (sr.batch_size, sr.seq_len))

@@ -30,6 +30,21 @@ def test_override_of_one_model_key_keeps_the_other_defaults():
     assert cfg.model == {**SpeedrunConfig().model, "dropout": 0.0} and cfg.weight_decay == 0.3
 
 
+def test_vocabulary_follows_the_training_dtype_unless_set():
+    """Unset, the vocabulary is 1024 for an fp32 transformer run and 512 under bf16 (and for the classic
+    LMs); `vocab_size=N` pins it and is range-checked."""
+    from llmkit.config import load_config
+    from llmkit.errors import LLMKitError
+    from llmkit.recipes.speedrun import default_vocab
+
+    assert SpeedrunConfig().vocab_size is None
+    assert (default_vocab("transformer", "float32"), default_vocab("transformer", "bfloat16"),
+            default_vocab("lstm", "float32")) == (1024, 512, 512)
+    assert load_config(SpeedrunConfig, None, ["vocab_size=2048"]).vocab_size == 2048
+    with pytest.raises(LLMKitError, match="vocab_size"):
+        load_config(SpeedrunConfig, None, ["vocab_size=100"])
+
+
 def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
     n = torch.get_num_threads()
     corpus = tmp_path / "c.txt"

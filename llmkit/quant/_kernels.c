@@ -199,19 +199,12 @@ void int4_rows_f32(const int mr, const float *xp, int64_t K, const uint8_t *qw, 
     static __attribute__((noinline, target("avx2,fma"))) \
     void int4_rows_f32_##MR(const float *xp, int64_t K, const uint8_t *qw, const uint16_t *scales, int64_t n, \
                             float *y, int64_t N) { int4_rows_f32(MR, xp, K, qw, scales, n, y, N); }
-INT4_ROWS_F32(1)
-INT4_ROWS_F32(2)
-INT4_ROWS_F32(3)
-INT4_ROWS_F32(4)
-INT4_ROWS_F32(5)
-INT4_ROWS_F32(6)
-INT4_ROWS_F32(7)
-INT4_ROWS_F32(8)
-
+/* one instance per row count 1..MR_F32 (the row loops unrolled, the accumulators in registers) */
+#define FOR_MR(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+#define INT4_ROWS_F32_FN(MR) int4_rows_f32_##MR,
+FOR_MR(INT4_ROWS_F32)
 typedef void (*int4_rows_fn)(const float *, int64_t, const uint8_t *, const uint16_t *, int64_t, float *, int64_t);
-static const int4_rows_fn INT4_ROWS_F32_FNS[MR_F32 + 1] = {
-    0, int4_rows_f32_1, int4_rows_f32_2, int4_rows_f32_3, int4_rows_f32_4,
-    int4_rows_f32_5, int4_rows_f32_6, int4_rows_f32_7, int4_rows_f32_8};
+static const int4_rows_fn INT4_ROWS_F32_FNS[MR_F32 + 1] = {0, FOR_MR(INT4_ROWS_F32_FN)};
 
 /* x (M, K) fp32, qw (N, K/2) uint8 (input 2j in the low nibble of byte j, 2j+1 in the high one), scales
  * (N, K/32, 2) bf16, y (M, N) fp32. K % 32 == 0. Returns 0, or -1 if the scratch for x could not be had. */
@@ -336,18 +329,10 @@ void int8_rows(const int mr, const float *x, int64_t K, const int8_t *w, const u
     static __attribute__((noinline, target("avx2,fma"))) \
     void int8_rows_##MR(const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n, \
                         float *y, int64_t N) { int8_rows(MR, x, K, w, scales, n, y, N); }
-INT8_ROWS(1)
-INT8_ROWS(2)
-INT8_ROWS(3)
-INT8_ROWS(4)
-INT8_ROWS(5)
-INT8_ROWS(6)
-INT8_ROWS(7)
-INT8_ROWS(8)
-
+#define INT8_ROWS_FN(MR) int8_rows_##MR,
+FOR_MR(INT8_ROWS)
 typedef void (*int8_rows_fn)(const float *, int64_t, const int8_t *, const uint16_t *, int64_t, float *, int64_t);
-static const int8_rows_fn INT8_ROWS_FNS[MR_F32 + 1] = {
-    0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
+static const int8_rows_fn INT8_ROWS_FNS[MR_F32 + 1] = {0, FOR_MR(INT8_ROWS_FN)};
 
 /* x (M, K), qw (N, K) int8, scales (N,) bf16, y (M, N); K % 8 == 0. */
 __attribute__((target("avx2,fma")))

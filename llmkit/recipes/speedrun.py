@@ -49,7 +49,11 @@ class SpeedrunConfig:
     out: str = ""  # default: ./speedrun-<timestamp>
     corpus: str = ""  # default: the packaged tinyshakespeare.txt
     heldout_fraction: float = ranged(0.1, "(0,1)")  # the last 10% of the bytes
-    vocab_size: int = ranged(512, "[260,1000000]")
+    # None: by the training dtype. 512 (1.94 bytes/token) under bf16 autocast, where ~3,500 steps fit the budget;
+    # 1024 (2.44 bytes/token) in fp32, whose ~1,800-2,700 steps learn more per step from the longer tokens:
+    # fp32 10-minute runs scored 2.030 vs 2.054 (AMD EPYC, AVX2) and 2.011 vs 2.032 (AMD EPYC, AVX-512) with
+    # 1024 vs 512, while with bf16 on AMX 1024 scored 2.036 against 512's 1.99-2.01 (BENCHMARKS.md)
+    vocab_size: int | None = ranged(None, "[260,1000000]")
     threads: int = ranged(0, ">=0")  # 0 = pick 1 or 2 by timing a training step (a shared CPU can make 2 threads slower)
     # depth sized to the machine (unless model.n_layer is set): the deepest of `depths` whose measured
     # optimiser step still fits `min_steps` steps into the training budget. 4 layers need ~3,000+ steps
@@ -125,8 +129,9 @@ def pick_threads(cfg: SpeedrunConfig, candidates=(2, 1)) -> int:
 
     from ..models import Transformer
 
-    model = Transformer(_model_config(cfg, cfg.vocab_size, n_layer=cfg.model.get("n_layer", max(cfg.depths, default=4))))
-    x = torch.randint(0, cfg.vocab_size, (max(1, cfg.batch_size // 4), cfg.seq_len))
+    vocab = cfg.vocab_size or 512  # (not decided yet: a thread count hardly depends on the head's size)
+    model = Transformer(_model_config(cfg, vocab, n_layer=cfg.model.get("n_layer", max(cfg.depths, default=4))))
+    x = torch.randint(0, vocab, (max(1, cfg.batch_size // 4), cfg.seq_len))
     best, best_t = 1, float("inf")
     for n in [c for c in candidates if c <= (os.cpu_count() or 1)]:
         torch.set_num_threads(n)
@@ -206,6 +211,12 @@ def estimate_score_seconds(cfg: SpeedrunConfig, vocab_size: int, n_tokens: int) 
     return 1.5 * windows * per_window  # margin: the load on a shared machine varies
 
 
+def default_vocab(arch: str, dtype: str) -> int:
+    """The vocabulary of a run that leaves `vocab_size` unset (see the field): 1024 for a transformer trained
+    in fp32, else 512 (bf16 runs; the classic LMs keep the 512 their figures used)."""
+    return 1024 if arch == "transformer" and dtype == "float32" else 512
+
+
 def default_out_dir() -> Path:
     return Path(f"speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -227,6 +238,8 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
         from ..train.mfu import cpu_has_fast_bf16
 
         dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    if cfg.vocab_size is None:
+        cfg = dataclasses.replace(cfg, vocab_size=default_vocab(cfg.arch, dtype))
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
 
