@@ -52,7 +52,7 @@ class SpeedrunConfig:
     # None: by the training dtype. 512 (1.94 bytes/token) under bf16 autocast, where ~3,500 steps fit the budget;
     # 1024 (2.44 bytes/token) in fp32, whose ~1,800-2,700 steps learn more per step from the longer tokens:
     # fp32 10-minute runs scored 2.030 vs 2.054 (AMD EPYC, AVX2) and 2.011 vs 2.032 (AMD EPYC, AVX-512) with
-    # 1024 vs 512, while with bf16 on AMX 1024 scored 2.036 against 512's 1.99-2.01 (BENCHMARKS.md)
+    # 1024 vs 512, while with bf16 on AMX 1024 (compiled) scored 2.036 against 512's 1.99-2.01 (BENCHMARKS.md)
     vocab_size: int | None = ranged(None, "[260,1000000]")
     threads: int = ranged(0, ">=0")  # 0 = pick 1 or 2 by timing a training step (a shared CPU can make 2 threads slower)
     # depth sized to the machine (unless model.n_layer is set): the deepest of `depths` whose measured
