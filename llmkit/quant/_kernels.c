@@ -14,8 +14,8 @@
  * + add + convert + FMA), no int16 rounding. At 8 rows one SmolLM2 block takes 0.75x torch's int4 kernel's time
  * where the int16 loop took 1.09x (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3): batched rows are bound by
  * FMAs and loads of x, not by reading the weights.
- * int8 weights keep fp32 activations: w = q s per row, one FMA per weight; one row in tiles of 4 outputs x 2
- * rows, from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows.
+ * int8 weights keep fp32 activations: w = q s per row, one FMA per weight; one row in tiles of 4 outputs,
+ * from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
  * headers. OpenMP resolves to the libgomp torch has already loaded, so these loops share torch's threads
@@ -31,8 +31,7 @@
 #include <string.h>
 
 #define GROUP 32
-#define MR_MAX 4
-#define PANEL 32
+#define MR_MAX 2  /* the int16 loop's rows (fewer than INT4_F32_MIN_ROWS) */
 
 static inline __attribute__((always_inline, target("avx2,fma")))
 float hsum(__m256 a) {
@@ -82,9 +81,8 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
     const __m256i m0f16 = _mm256_set1_epi16(0x0F);
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.0f);
-    /* FMA latency is 4-5 cycles: with fewer than 4 rows, alternate groups go to a second set of sums so
-     * that consecutive groups do not wait on each other */
-    const int na = mr <= 2 ? 2 : 1;
+    /* FMA latency is 4-5 cycles: alternate groups go to a second set of sums so that consecutive groups do
+     * not wait on each other */
     __m256 acc[2][MR_MAX], off[MR_MAX];
     for (int r = 0; r < mr; r++) { acc[0][r] = acc[1][r] = _mm256_setzero_ps(); off[r] = _mm256_setzero_ps(); }
     const uint8_t *wn = qw + n * G * 16;
@@ -107,7 +105,7 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
                 const __m256i p = _mm256_add_epi32(
                     _mm256_madd_epi16(wlo, _mm256_loadu_si256((const __m256i *)xg)),
                     _mm256_madd_epi16(whi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
-                __m256 *a = &acc[gg % na][r];
+                __m256 *a = &acc[gg % 2][r];
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&d[r][gg]), *a);
             }
         }
@@ -136,8 +134,6 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
     }
 INT4_ROW(1)
 INT4_ROW(2)
-INT4_ROW(3)
-INT4_ROW(4)
 
 /* x (M, K) fp32 -> xp, the same values with each group's 32 inputs in the order int4_rows_f32 unpacks the
  * codes: even inputs 0..14, odd 1..15, even 16..30, odd 17..31 (vpmovzxbd of 8 code bytes, low nibbles
@@ -159,12 +155,8 @@ static void permute_rows(const float *x, int64_t M, int64_t K, float *xp) {
  * this beats the int16 loop (per group and row 4 FMAs against 2 madd + add + convert + FMA) and keeps x
  * exact (the dense path's precision). 8 rows: 8 accumulators + 4 weight vectors + s, z = 14 registers. */
 #define MR_F32 8
-#ifndef INT8_ROWS_MIN
-#define INT8_ROWS_MIN 2
-#endif
-#ifndef INT4_F32_MIN_ROWS
-#define INT4_F32_MIN_ROWS 3
-#endif
+#define INT4_F32_MIN_ROWS 3  /* below it, 1 or 2 rows, the int16 loop (int4_row) */
+#define INT8_ROWS_MIN 2  /* below it, one row, the 4-output tiles (int8_tile) */
 static inline __attribute__((always_inline, target("avx2,fma")))
 void int4_rows_f32(const int mr, const float *xp, int64_t K, const uint8_t *qw, const uint16_t *scales,
                    int64_t n, float *y, int64_t N) {
@@ -230,26 +222,10 @@ int llmkit_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, cons
     int16_t *xq = (int16_t *)scratch;
     float *dx = (float *)(xq + M * K), *sx = dx + M * G;
     quantize_rows(x, M, K, xq, dx, sx);
-    /* rows of x in panels of PANEL (<= 96 KB of int16 x at K = 1536, kept in L2 while every row of W passes
-     * over it); without panels each row of W re-read all of x from L3 (a 128-row prefill: 4x slower) */
-#pragma omp parallel
-    for (int64_t p0 = 0; p0 < M; p0 += PANEL) {
-        const int64_t p1 = M - p0 < PANEL ? M : p0 + PANEL;
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t r0 = p0; r0 < p1; r0 += MR_MAX) {
-                const int64_t mr = p1 - r0 < MR_MAX ? p1 - r0 : MR_MAX;
-                const int16_t *xr = xq + r0 * K;
-                const float *dr = dx + r0 * G, *sr = sx + r0 * G;
-                float *yr = y + r0 * N;
-                switch (mr) {
-                    case 1: int4_row_1(xr, dr, sr, G, qw, scales, n, yr, N); break;
-                    case 2: int4_row_2(xr, dr, sr, G, qw, scales, n, yr, N); break;
-                    case 3: int4_row_3(xr, dr, sr, G, qw, scales, n, yr, N); break;
-                    default: int4_row_4(xr, dr, sr, G, qw, scales, n, yr, N); break;
-                }
-            }
-        }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {  /* both rows against each unpacked weight */
+        if (M == 2) int4_row_2(xq, dx, sx, G, qw, scales, n, y, N);
+        else int4_row_1(xq, dx, sx, G, qw, scales, n, y, N);
     }
     free(scratch);
     return 0;
@@ -280,37 +256,31 @@ void llmkit_int4_dequant(const uint8_t *qw, const uint16_t *scales, int64_t N, i
     }
 }
 
+/* One row of x against `nt` (<= 4) rows of W from row n: 4 independent sums hide the FMA latency. */
 static inline __attribute__((always_inline, target("avx2,fma")))
-void int8_tile(const int nt, const int mr, const float *x, int64_t K, const int8_t *w, const uint16_t *scales,
-               int64_t n, float *y, int64_t N) {
-    __m256 acc[4][2];
-    for (int i = 0; i < nt; i++)
-        for (int r = 0; r < mr; r++) acc[i][r] = _mm256_setzero_ps();
+void int8_tile(const int nt, const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n,
+               float *y) {
+    __m256 acc[4];
+    for (int i = 0; i < nt; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
-        __m256 xr[2];
-        for (int r = 0; r < mr; r++) xr[r] = _mm256_loadu_ps(x + r * K + k);
+        const __m256 xk = _mm256_loadu_ps(x + k);
         for (int i = 0; i < nt; i++) {
             __m256 wi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + (n + i) * K + k))));
-            for (int r = 0; r < mr; r++) acc[i][r] = _mm256_fmadd_ps(wi, xr[r], acc[i][r]);
+            acc[i] = _mm256_fmadd_ps(wi, xk, acc[i]);
         }
     }
-    for (int i = 0; i < nt; i++) {
-        const float s = bf16_to_f32(scales[n + i]);
-        for (int r = 0; r < mr; r++) y[r * N + n + i] = s * hsum(acc[i][r]);
-    }
+    for (int i = 0; i < nt; i++) y[n + i] = bf16_to_f32(scales[n + i]) * hsum(acc[i]);
 }
 
-#define INT8_TILE(NT, MR) \
+#define INT8_TILE(NT) \
     static __attribute__((noinline, target("avx2,fma"))) \
-    void int8_tile_##NT##_##MR(const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n, \
-                               float *y, int64_t N) { int8_tile(NT, MR, x, K, w, scales, n, y, N); }
-INT8_TILE(4, 1)
-INT8_TILE(4, 2)
-INT8_TILE(1, 1)
-INT8_TILE(1, 2)
+    void int8_tile_##NT(const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n, float *y) { \
+        int8_tile(NT, x, K, w, scales, n, y); \
+    }
+INT8_TILE(4)
+INT8_TILE(1)
 
-/* Row n of W against `mr` (<= MR_F32) rows of x: each 8 weights converted once, 8 FMAs for 8 rows (the
- * 4x2 tile above converts each weight once per 2 rows). */
+/* Row n of W against `mr` (<= MR_F32) rows of x: each 8 weights converted once, 8 FMAs for 8 rows. */
 static inline __attribute__((always_inline, target("avx2,fma")))
 void int8_rows(const int mr, const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n,
                float *y, int64_t N) {
@@ -347,21 +317,11 @@ void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, cons
             }
         return;
     }
-    const int64_t tiles = (N + 3) / 4;
+    const int64_t tiles = (N + 3) / 4;  /* one row */
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n = t * 4;
-        for (int64_t r0 = 0; r0 < M; r0 += 2) {
-            const float *xr = x + r0 * K;
-            float *yr = y + r0 * N;
-            const int two = M - r0 >= 2;
-            if (n + 4 <= N) {
-                if (two) int8_tile_4_2(xr, K, qw, scales, n, yr, N); else int8_tile_4_1(xr, K, qw, scales, n, yr, N);
-            } else {
-                for (int64_t i = n; i < N; i++) {
-                    if (two) int8_tile_1_2(xr, K, qw, scales, i, yr, N); else int8_tile_1_1(xr, K, qw, scales, i, yr, N);
-                }
-            }
-        }
+        if (n + 4 <= N) int8_tile_4(x, K, qw, scales, n, y);
+        else for (int64_t i = n; i < N; i++) int8_tile_1(x, K, qw, scales, i, y);
     }
 }
