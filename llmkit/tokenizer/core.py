@@ -304,7 +304,7 @@ class Tokenizer:
         if template is None and jinja_path.is_file():
             template = jinja_path.read_text(encoding="utf-8")
         bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
-        def known(t: str | None) -> bool:  # token_to_id, not get_vocab(): a 49k-entry dict costs 40-50 ms
+        def known(t: str | None) -> bool:  # token_to_id, not get_vocab(): no 49k-entry dict per load
             return t is not None and hf.token_to_id(t) is not None
 
         if not cfg:  # bare tokenizer.json: guess the usual names
