@@ -97,10 +97,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, H, T, D); cos/sin: (T, D) or (B, T, D) from `rope_cache`. Rotates pairs (i, i + D/2):
     x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1] = roll(x, D/2)·[-1, 1], the sign folded
     into the table: 4 ops instead of 6 (chunk, neg, cat), fwd+bwd 3.5 -> 1.1 ms at (4, 9, 256, 64)."""
-    if cos.dim() == 2:
-        cos, sin = cos[None, None], sin[None, None]
-    elif cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): what `rope_for_heads` makes once per forward
+    if cos.dim() < 4:  # tables not yet shaped for the heads (a model's forward does it once: `rope_for_heads`)
+        cos, sin = rope_for_heads(cos, sin)
     y = x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
     return y if y.dtype == x.dtype else y.to(x.dtype)
 

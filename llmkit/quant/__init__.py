@@ -103,6 +103,7 @@ class QuantLinear(nn.Module):
             if tuple(t.shape) != tuple(s):
                 raise LLMKitError(f"{self.method.name} tensor {k!r} has shape {tuple(t.shape)}, "
                                   f"a {self.out_features}x{self.in_features} weight needs {tuple(s)}")
+        self._names = tuple(shapes)  # the tensors' names, for `tensors()` (each forward) without rebuilding shapes
         for k, v in self.method.to_runtime(storage, self.out_features, self.in_features).items():
             if v.device.type == "cpu" and v.data_ptr() % 64:
                 # tensors read from a safetensors file can sit at any offset, and the int8/int4 kernels
@@ -113,7 +114,7 @@ class QuantLinear(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The quantized tensors in the runtime layout (what the kernels take)."""
         b = self._buffers  # read directly: every forward asks (nn.Module.__getattr__ is the slow path)
-        return {k: b[k] for k in self.method.shapes(self.out_features, self.in_features)}
+        return {k: b[k] for k in self._names}
 
     def storage(self) -> dict[str, torch.Tensor]:
         """The quantized tensors in the portable storage layout (what the state dict holds)."""

@@ -2,8 +2,8 @@
 
 torch 2.13's weight-only CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are vectorised
 for AVX-512. On an AMD EPYC with AVX2 and no AVX-512, torch's int4 kernel read one decode step's weights at
-6 GB/s (these loops: 8.4 GB/s; int8 weights 7.6 vs 9.6 GB/s) and eager decode ran at 0.27x llama.cpp (now 0.35x,
-0.75x compiled: BENCHMARKS.md, "On an AVX2-only CPU"). On such CPUs the int4/int8 methods call these C
+6 GB/s (these loops: 8.4 GB/s; int8 weights 7.6 vs 9.6 GB/s) and eager decode ran at 0.27x llama.cpp (now
+0.40-0.42x, 0.76x compiled: BENCHMARKS.md, "On an AVX2-only CPU" and its stop-32 part). On such CPUs the int4/int8 methods call these C
 loops instead (llmkit/quant/methods.py); elsewhere torch's.
 
 The C file is compiled at first use with the system C compiler (`cc`, ~1 s) into llmkit's cache
@@ -113,7 +113,7 @@ def _int4_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     M, K = x.shape
     y = torch.empty(M, N)
     if _lib().llmkit_int4_mm(x.data_ptr(), M, K, qweight.data_ptr(), scales.data_ptr(), N, y.data_ptr()):
-        raise MemoryError(f"llmkit int4 kernel: no memory for a {M}x{K} int16 copy of the input")
+        raise MemoryError(f"llmkit int4 kernel: no memory for a copy of its {M}x{K} input")
     return y
 
 
