@@ -1,5 +1,6 @@
 """How close the weight-only int4/int8 decode matmuls are to this machine's memory bandwidth, and which
-kernel wins at M = 1..64 rows (decode of M sequences together).
+kernel wins at M = 1..64 rows (decode of M sequences together); where llmkit's C kernels run, also its
+decode attention against torch's SDPA.
 
     PYTHONPATH=. python benchmarks/matmul_bandwidth.py [--threads 2] [--rounds 20]
 
@@ -127,6 +128,22 @@ def main() -> None:
             rf = best(lambda: [F.linear(xs[n], dense32[n]) for n in layer], args.rounds)
         print(f"| {M} | {r4 * 1e3:.3f} | {r8 * 1e3:.3f} | {t4 * 1e3:.3f} | {t8 * 1e3:.3f} | {rb * 1e3:.3f} | {rd * 1e3:.3f} "
               f"| {rf * 1e3:.3f} |")
+
+    if native.available():
+        # an eager decode step's attention (models/modules.py sdpa): one query per row over a cache's slots
+        print("\nDecode attention of one SmolLM2 layer (9 query heads, 3 K/V heads, D 64; fp32 cache slices of 512"
+              " slots), us per call, by rows M and slots read S:")
+        print("| M | S | llmkit C kernel | torch SDPA (flash) | torch / llmkit |")
+        print("|---:|---:|---:|---:|---:|")
+        for M in rows:
+            for S in (128, 384):
+                q = torch.randn(M, 9, 1, 64)
+                cache = torch.randn(2, M, 3, 512, 64)
+                k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+                with torch.inference_mode():
+                    tn = best(lambda: native.attn_decode(q, k, v, None, None), args.rounds)
+                    tt = best(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.rounds)
+                print(f"| {M} | {S} | {tn * 1e6:.0f} | {tt * 1e6:.0f} | {tt / tn:.2f} |")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,45 @@ def test_generate_llama_adapter_on_int8(capsys, tmp_path, smollm2, smollm2_gguf)
     assert len(json.loads(text)["tokens"]) == 5
 
 
+@pytest.mark.parametrize("B,H,KH,S,D", [(1, 9, 3, 277, 64), (8, 9, 3, 33, 64), (2, 6, 6, 13, 32), (3, 8, 2, 2500, 128),
+                                         (2, 4, 1, 5, 16)])
+def test_native_decode_attention_matches_sdpa(B, H, KH, S, D):
+    """llmkit's C decode attention (one query per row over KV-cache slices, grouped-query heads) against
+    torch's SDPA: without a mask, with a per-row and a shared bool mask, with an explicit scale; slot counts
+    that are not a multiple of 8 and one past the kernel's on-stack scores (2,048). Then a model's eager
+    decode through `sdpa` (which routes a decode step's attention there on CPUs that use these kernels)
+    equals its full forward."""
+    import torch.nn.functional as F
+
+    from llmkit.models import ModelConfig, Transformer
+    from llmkit.quant import native
+
+    if native._lib() is None:
+        pytest.skip("llmkit's C kernels do not build here (not x86 with AVX2, or no C compiler)")
+    torch.manual_seed(S)
+    q = torch.randn(B, H, 1, D) * 2
+    cache = torch.randn(2, B, KH, S + 7, D)  # slots past S: a cache's unread tail
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    m = torch.rand(B, 1, 1, S) > 0.4
+    m[..., -1] = True
+    for mask, scale in ((None, None), (m, None), (m[:1], 0.3), (None, 0.05)):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KH != H)
+        out = native.attn_decode(q, k, v, mask, scale)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)  # fp32 rounding (exp, sums in another order)
+    assert native.attn_decode(q.double(), k.double(), v.double(), None, None) is None  # not its dtype: torch's
+    assert native.attn_decode(q, k.transpose(2, 3), v.transpose(2, 3), None, None) is None  # nor layout
+    if native.available() and B == 2:
+        model = Transformer(ModelConfig.from_preset("tiny-llama", vocab_size=64, n_layer=2, d_model=H * D,
+                                                    n_head=H, n_kv_head=KH, d_ff=64, max_seq_len=64)).eval()
+        ids = torch.randint(0, 64, (B, 12))
+        with torch.inference_mode():
+            full = model(ids)
+            c = model.new_cache(B, 16)
+            model(ids[:, :8], input_pos=torch.arange(8), cache=c)
+            steps = [model(ids[:, t:t + 1], input_pos=torch.tensor([t]), cache=c) for t in range(8, 12)]
+        torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 130])
 def test_native_kernels_match_the_dequantized_matmul(rows):
     """llmkit's C kernels (llmkit/quant/_kernels.c, used on AVX2 CPUs without AVX-512) against the fp32

@@ -142,7 +142,19 @@ def concat_linears(parts: list[nn.Module]) -> nn.Module | None:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """F.scaled_dot_product_attention, kept in fp32 under CPU bf16 autocast: autocast runs the
     projections in bf16 (AMX) and would run SDPA in bf16 too, but torch's CPU flash-attention is slower
-    in bf16 than in fp32 (fwd+bwd 19.5 vs 14.7 ms at B=8 H=6 T=256 D=32)."""
+    in bf16 than in fp32 (fwd+bwd 19.5 vs 14.7 ms at B=8 H=6 T=256 D=32).
+
+    One query per row without gradients (an eager decode step) on a CPU where llmkit's C kernels run
+    (llmkit/quant/native.py: AVX2 without AVX-512) goes to their decode attention: the same values to fp32
+    rounding, 1.35-2.4x as fast as torch's flash kernel there (benchmarks/matmul_bandwidth.py)."""
+    if (q.size(-2) == 1 and q.device.type == "cpu" and not kw.get("is_causal") and not q.requires_grad
+            and not k.requires_grad and not v.requires_grad and not torch.compiler.is_compiling()):
+        from ..quant import native
+
+        if native.available():
+            out = native.attn_decode(q, k, v, kw.get("attn_mask"), kw.get("scale"))
+            if out is not None:
+                return out
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)

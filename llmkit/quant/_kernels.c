@@ -15,7 +15,11 @@
  * where the int16 loop took 1.09x (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3): batched rows are bound by
  * FMAs and loads of x, not by reading the weights.
  * int8 weights keep fp32 activations: w = q s per row, one FMA per weight; one row in tiles of 4 outputs,
- * from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows.
+ * from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows. (Rounding the head's one row to int16
+ * as above and summing by madd was only a few percent faster on the AMD EPYC: not worth the rounding.)
+ * Decode attention (llmkit_attn_decode): one query per row against a KV cache's fp32 slots, for the eager
+ * decode step (models/modules.py sdpa): 1.35-2.4x torch's flash SDPA per SmolLM2 layer at 1-8 rows and 128-384
+ * slots (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3), whose share of an 8-row step grows with the slots read.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
  * headers. OpenMP resolves to the libgomp torch has already loaded, so these loops share torch's threads
@@ -48,26 +52,42 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-/* x (M, K) fp32 -> per group of 32 inputs: xq 32 int16 (the even inputs, then the odd ones, matching the
- * weights' nibble order), dx = max|x| / 32767 and sx = dx * sum(xq). int16 keeps x to 2^-16 of its group's
- * largest value (bf16, which torch's int4 kernel takes, keeps 2^-9 of each value). */
+/* One group of 32 inputs p -> 32 int16 q = round(p * 32767 / max|p|) (to nearest even, as lrintf), the even
+ * inputs first, then the odd ones (the order the codes' low and high nibbles unpack in), its step
+ * dx = max|p| / 32767 and sx = dx * sum(q). int16 keeps x to 2^-16 of its group's largest value (bf16, which
+ * torch's int4 kernel takes, keeps 2^-9 of each value). */
+static inline __attribute__((always_inline, target("avx2,fma")))
+void quantize_group(const float *p, int16_t *q, float *dx, float *sx) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+    const __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                                   _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    /* each 8 inputs to (evens, odds): packs then gives (evens | odds) of 16 inputs per lane */
+    const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i ts = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    ts = _mm_add_epi32(ts, _mm_shuffle_epi32(ts, 0x4E));
+    ts = _mm_add_epi32(ts, _mm_shuffle_epi32(ts, 0xB1));
+    const __m256i a = _mm256_packs_epi32(_mm256_permutevar8x32_epi32(i0, eo), _mm256_permutevar8x32_epi32(i1, eo));
+    const __m256i b = _mm256_packs_epi32(_mm256_permutevar8x32_epi32(i2, eo), _mm256_permutevar8x32_epi32(i3, eo));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permute2x128_si256(a, b, 0x20));  /* |q| <= 32767: no saturation */
+    _mm256_storeu_si256((__m256i *)(q + 16), _mm256_permute2x128_si256(a, b, 0x31));
+    *dx = amax / 32767.0f;
+    *sx = *dx * (float)_mm_cvtsi128_si32(ts);
+}
+
+/* x (M, K) fp32 -> per group of 32 inputs: xq 32 int16, dx and sx (quantize_group) */
+__attribute__((target("avx2,fma")))
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *dx, float *sx) {
-    const int64_t G = K / GROUP;
-    for (int64_t i = 0; i < M * G; i++) {
-        const float *p = x + i * GROUP;
-        float amax = 0.0f;
-        for (int k = 0; k < GROUP; k++) amax = fmaxf(amax, fabsf(p[k]));
-        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        int16_t *q = xq + i * GROUP;
-        int sum = 0;
-        for (int k = 0; k < GROUP; k++) {
-            const int v = (int)lrintf(p[k] * inv);
-            q[(k & 1) * 16 + (k >> 1)] = (int16_t)v;
-            sum += v;
-        }
-        dx[i] = amax / 32767.0f;
-        sx[i] = dx[i] * (float)sum;
-    }
+    for (int64_t i = 0; i < M * (K / GROUP); i++) quantize_group(x + i * GROUP, xq + i * GROUP, dx + i, sx + i);
 }
 
 /* Row n of W against `mr` rows of quantized x. Per group: the 32 codes widened to int16 (low nibbles =
@@ -324,4 +344,131 @@ void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, cons
         if (n + 4 <= N) int8_tile_4(x, K, qw, scales, n, y);
         else for (int64_t i = n; i < N; i++) int8_tile_1(x, K, qw, scales, i, y);
     }
+}
+
+/* ---------------------------------------------------------------- decode attention */
+
+/* exp(x) for 8 floats: Cephes' expf as in avx_mathfun (range reduction by ln 2, degree-5 polynomial),
+ * ~2 ulp; inputs below -88.38 give exactly 0 (masked slots arrive as -inf). */
+static inline __attribute__((always_inline, target("avx2,fma")))
+__m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* The sums of 8 vectors, as one vector (s0..s7). */
+static inline __attribute__((always_inline, target("avx2,fma")))
+__m256 hsum8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* out (D) = sum_j p_j v_j / total over S slots (rows D floats apart), NV vectors of D at a time in registers */
+static inline __attribute__((always_inline, target("avx2,fma")))
+void weighted_rows(const int NV, const float *p, const float *v, int64_t S, int64_t D, float inv, float *out) {
+    for (int64_t d0 = 0; d0 < D; d0 += 8 * NV) {
+        __m256 acc[8];
+        for (int i = 0; i < NV; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < S; j++) {
+            const __m256 pj = _mm256_broadcast_ss(p + j);
+            for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * D + d0 + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + d0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+    }
+}
+
+/* One query per row (a decode step) against its row's cached keys and values: q (B, H, D), k and v the
+ * cache's (B, KH, S, D) with slots D floats apart and rows/heads kv_sb/kv_sh floats apart, query head h
+ * reading K/V head h / (H / KH) (grouped-query attention). mask: NULL (every slot) or (B|1, S) bytes,
+ * row stride mask_sb (0: shared by the rows), 0 = not attended. out (B, H, D) = softmax(scale q k^T) v.
+ * D % 8 == 0. Scores are kept whole per (row, head) (S floats), then exponentiated against their max: the
+ * two-pass softmax, no rescaling. One (row, head) per work item: K and V stream from memory once per query
+ * head (the heads sharing a K/V head find it in cache). Returns -1 if a long row's scores could not be had. */
+__attribute__((target("avx2,fma")))
+int llmkit_attn_decode(const float *q, int64_t B, int64_t H, int64_t KH, int64_t S, int64_t D, const float *k,
+                       const float *v, int64_t kv_sb, int64_t kv_sh, const uint8_t *mask, int64_t mask_sb,
+                       float scale, float *out) {
+    const int64_t rep = H / KH;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float stack[2048] __attribute__((aligned(32)));
+        float *s = S <= 2048 ? stack : (float *)malloc(sizeof(float) * (size_t)S);
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!s) continue;
+            const int64_t b = bh / H, kh = (bh % H) / rep;
+            const float *qb = q + bh * D, *kb = k + b * kv_sb + kh * kv_sh, *vb = v + b * kv_sb + kh * kv_sh;
+            const uint8_t *mb = mask ? mask + b * mask_sb : NULL;
+            const __m256 sc = _mm256_set1_ps(scale);
+            __m256 mx = _mm256_set1_ps(-INFINITY);
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8) {  /* 8 slots' dot products at once, summed across by hsum8 */
+                __m256 a[8];
+                for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) {
+                    const __m256 qd = _mm256_loadu_ps(qb + d);
+                    for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(kb + (j + i) * D + d), qd, a[i]);
+                }
+                __m256 sj = _mm256_mul_ps(hsum8(a), sc);
+                if (mb) {  /* bytes 0 -> -inf */
+                    const __m256i m8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mb + j)));
+                    const __m256 off = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m8, _mm256_setzero_si256()));
+                    sj = _mm256_blendv_ps(sj, _mm256_set1_ps(-INFINITY), off);
+                }
+                _mm256_storeu_ps(s + j, sj);
+                mx = _mm256_max_ps(mx, sj);
+            }
+            float m = -INFINITY;
+            for (; j < S; j++) {
+                __m256 a = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(kb + j * D + d), _mm256_loadu_ps(qb + d), a);
+                s[j] = (mb && !mb[j]) ? -INFINITY : hsum(a) * scale;
+                m = fmaxf(m, s[j]);
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            m = fmaxf(m, _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
+            float *o = out + bh * D;
+            if (m == -INFINITY) {  /* no slot attended: zeros (no row of a decode step is empty) */
+                memset(o, 0, sizeof(float) * (size_t)D);
+                continue;
+            }
+            const __m256 mv = _mm256_set1_ps(m);
+            __m256 tot = _mm256_setzero_ps();
+            for (j = 0; j + 8 <= S; j += 8) {
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+                _mm256_storeu_ps(s + j, e);
+                tot = _mm256_add_ps(tot, e);
+            }
+            float total = hsum(tot);
+            for (; j < S; j++) {
+                float e[8] __attribute__((aligned(32))) = {s[j] - m};
+                _mm256_store_ps(e, exp256(_mm256_load_ps(e)));
+                s[j] = e[0];
+                total += e[0];
+            }
+            if (D % 64 == 0) weighted_rows(8, s, vb, S, D, 1.0f / total, o);
+            else if (D % 32 == 0) weighted_rows(4, s, vb, S, D, 1.0f / total, o);
+            else weighted_rows(1, s, vb, S, D, 1.0f / total, o);
+        }
+        if (s != stack) free(s);
+    }
+    return failed ? -1 : 0;
 }

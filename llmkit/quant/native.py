@@ -90,6 +90,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.llmkit_int8_mm.argtypes = [vp, i64, i64, vp, vp, i64, vp]
     lib.llmkit_int4_dequant.argtypes = [vp, vp, i64, i64, vp]
     lib.llmkit_int4_mm.restype, lib.llmkit_int8_mm.restype, lib.llmkit_int4_dequant.restype = ctypes.c_int, None, None
+    lib.llmkit_attn_decode.argtypes = [vp, i64, i64, i64, i64, i64, vp, vp, i64, i64, vp, i64, ctypes.c_float, vp]
+    lib.llmkit_attn_decode.restype = ctypes.c_int
     return lib
 
 
@@ -169,3 +171,31 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
     if torch.compiler.is_compiling():
         return torch.ops.llmkit.int8_mm(x, qweight, scales)
     return _int8_mm_eager(x, qweight, scales)
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None) -> torch.Tensor | None:
+    """Attention of one query per row, a decode step's: q (B, H, 1, D), k and v (B, KH, S, D) slices of a
+    KV cache (slots D floats apart), mask None or bool (B|1, 1, 1, S) -> (B, H, 1, D) fp32, with query head h
+    reading K/V head h // (H / KH). The same values as F.scaled_dot_product_attention up to fp32 rounding
+    (two-pass softmax, exp to ~2 ulp: _kernels.c llmkit_attn_decode). None where the arguments are not this
+    kernel's (then the caller runs torch's): other dtypes, layouts or mask shapes, D % 8 != 0."""
+    B, H, T, D = q.shape
+    if T != 1 or k.dim() != 4 or k.shape != v.shape or k.size(-1) != D or D % 8 or k.size(0) != B:
+        return None
+    KH, S = k.size(1), k.size(2)
+    if (H % KH or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32
+            or k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(-2) != D or not q.is_contiguous()):
+        return None
+    mask_sb = 0
+    if mask is not None:
+        if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, S) or mask.size(0) not in (1, B)
+                or mask.stride(-1) != 1):
+            return None
+        mask_sb = mask.stride(0) if mask.size(0) > 1 else 0
+    out = torch.empty(B, H, 1, D)
+    if _lib().llmkit_attn_decode(q.data_ptr(), B, H, KH, S, D, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                                 None if mask is None else mask.data_ptr(), mask_sb,
+                                 D ** -0.5 if scale is None else scale, out.data_ptr()):
+        raise MemoryError(f"llmkit decode attention: no memory for the scores of {S} slots")
+    return out
