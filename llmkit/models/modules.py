@@ -146,7 +146,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tenso
 
     One query per row without gradients (an eager decode step) on a CPU where llmkit's C kernels run
     (llmkit/quant/native.py: AVX2 without AVX-512) goes to their decode attention: the same values to fp32
-    rounding, 1.35-2.4x as fast as torch's flash kernel there (benchmarks/matmul_bandwidth.py)."""
+    rounding, 1.3-2.6x as fast as torch's flash kernel there (benchmarks/matmul_bandwidth.py)."""
     if (q.size(-2) == 1 and q.device.type == "cpu" and not kw.get("is_causal") and not q.requires_grad
             and not k.requires_grad and not v.requires_grad and not torch.compiler.is_compiling()):
         from ..quant import native

@@ -18,7 +18,7 @@
  * from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows. (Rounding the head's one row to int16
  * as above and summing by madd was only a few percent faster on the AMD EPYC: not worth the rounding.)
  * Decode attention (llmkit_attn_decode): one query per row against a KV cache's fp32 slots, for the eager
- * decode step (models/modules.py sdpa): 1.35-2.4x torch's flash SDPA per SmolLM2 layer at 1-8 rows and 128-384
+ * decode step (models/modules.py sdpa): 1.3-2.6x torch's flash SDPA per SmolLM2 layer at 1-8 rows and 128-384
  * slots (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3), whose share of an 8-row step grows with the slots read.
  *
  * Built by llmkit/quant/native.py with the system C compiler at first use, loaded with ctypes; no torch
