@@ -349,7 +349,7 @@ void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, cons
 /* ---------------------------------------------------------------- decode attention */
 
 /* exp(x) for 8 floats: Cephes' expf as in avx_mathfun (range reduction by ln 2, degree-5 polynomial),
- * ~2 ulp; inputs below -88.38 give exactly 0 (masked slots arrive as -inf). */
+ * ~2 ulp, inputs clamped to [-88.38, 88.38] (the caller zeroes masked slots itself: -inf in, 0 out). */
 static inline __attribute__((always_inline, target("avx2,fma")))
 __m256 exp256(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
@@ -452,8 +452,10 @@ int llmkit_attn_decode(const float *q, int64_t B, int64_t H, int64_t KH, int64_t
             }
             const __m256 mv = _mm256_set1_ps(m);
             __m256 tot = _mm256_setzero_ps();
-            for (j = 0; j + 8 <= S; j += 8) {
-                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+            const __m256 ninf = _mm256_set1_ps(-INFINITY);
+            for (j = 0; j + 8 <= S; j += 8) {  /* exp(s - max), exactly 0 where the slot is masked (-inf) */
+                const __m256 sj = _mm256_loadu_ps(s + j);
+                const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sj, mv)), _mm256_cmp_ps(sj, ninf, _CMP_NEQ_OQ));
                 _mm256_storeu_ps(s + j, e);
                 tot = _mm256_add_ps(tot, e);
             }
@@ -461,8 +463,8 @@ int llmkit_attn_decode(const float *q, int64_t B, int64_t H, int64_t KH, int64_t
             for (; j < S; j++) {
                 float e[8] __attribute__((aligned(32))) = {s[j] - m};
                 _mm256_store_ps(e, exp256(_mm256_load_ps(e)));
-                s[j] = e[0];
-                total += e[0];
+                s[j] = s[j] == -INFINITY ? 0.0f : e[0];
+                total += s[j];
             }
             if (D % 64 == 0) weighted_rows(8, s, vb, S, D, 1.0f / total, o);
             else if (D % 32 == 0) weighted_rows(4, s, vb, S, D, 1.0f / total, o);
