@@ -55,9 +55,12 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     wide = X.size(-2) <= X.size(-1)
     if not wide:  # iterate on the smaller Gram matrix (A, A) with A ≤ B
         X = X.mT
+    # b M + c M M and a X + B X as one GEMM each with its scalars folded in (torch.optim.Muon's addmm form):
+    # no separate scale and add passes over M and X
+    fma = torch.addmm if X.dim() == 2 else torch.baddbmm
     for _ in range(steps):
         M = X @ X.mT
-        X = a * X + (b * M + c * M @ M) @ X
+        X = fma(X, fma(M, M, M, beta=b, alpha=c), X, beta=a)
     return (X if wide else X.mT).to(G.dtype)
 
 
