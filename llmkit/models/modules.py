@@ -28,7 +28,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the same formula as one call (1 dispatch instead of 7: a decode step makes 61 of these)
+            # the same formula as one torch call (torch's CPU kernel still runs several ops inside, but without
+            # Python between them: cheaper than the 7-op formula below; a decode step makes 61 of these)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()

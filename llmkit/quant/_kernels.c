@@ -1,4 +1,5 @@
-/* Weight-only int4 / int8 matmuls for x86 CPUs with AVX2 + FMA: y (M, N) fp32 = x (M, K) fp32 @ W^T.
+/* Weight-only int4 / int8 matmuls for x86 CPUs with AVX2 + FMA: y (M, N) fp32 = x (M, K) fp32 @ W^T; and the
+ * decode step's attention (llmkit_attn_decode, at the end).
  *
  * Why: torch 2.13's CPU kernels for these weights (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are
  * vectorised for AVX-512; on an AVX2-only CPU (AMD EPYC, Zen 3) one step's 30 SmolLM2 layers take torch's

@@ -1,9 +1,10 @@
-"""llmkit's own CPU matmul kernels for int4/int8 weights (_kernels.c), where torch's are slow.
+"""llmkit's own CPU kernels (_kernels.c) where torch's are slow: int4/int8 weight matmuls and a decode step's
+attention (`attn_decode`, which models/modules.py `sdpa` calls for one query per row).
 
 torch 2.13's weight-only CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are vectorised
 for AVX-512. On an AMD EPYC with AVX2 and no AVX-512, torch's int4 kernel read one decode step's weights at
 6 GB/s (these loops: 8.4 GB/s; int8 weights 7.6 vs 9.6 GB/s) and eager decode ran at 0.27x llama.cpp (now
-0.40-0.42x, 0.76x compiled: BENCHMARKS.md, "On an AVX2-only CPU" and its stop-32 part). On such CPUs the int4/int8 methods call these C
+0.45x, 0.76x compiled: BENCHMARKS.md, "On an AVX2-only CPU" and its stop-32/33 parts). On such CPUs the int4/int8 methods call these C
 loops instead (llmkit/quant/methods.py); elsewhere torch's.
 
 The C file is compiled at first use with the system C compiler (`cc`, ~1 s) into llmkit's cache
