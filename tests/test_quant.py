@@ -202,8 +202,8 @@ def test_native_decode_attention_matches_sdpa(B, H, KH, S, D):
 def test_native_kernels_match_the_dequantized_matmul(rows):
     """llmkit's C kernels (llmkit/quant/_kernels.c, used on AVX2 CPUs without AVX-512) against the fp32
     matmul of the dequantized weight: int4 with x quantized to int16 per group of 32 (2^-16 of the group's
-    largest value) for 1-2 rows, with fp32 x from 3 rows on (_kernels.c INT4_F32_MIN_ROWS; 8-row tiles:
-    rows 9 and 130 leave partial ones), int8 with fp32 x. Shapes cover a group count that is not a multiple of 8 (K = 96: 3)
+    largest value) at every row count (8 rows per pass: rows 9 and 130 leave partial ones), each row of a batch
+    within fp32 summation order of the same row alone, int8 with fp32 x. Shapes cover a group count that is not a multiple of 8 (K = 96: 3)
     and an odd row count for int8's 4-row tiles. Run wherever the library builds (any x86 CPU with AVX2),
     whether or not this CPU's int4/int8 layers use it."""
     from llmkit.quant import native
@@ -226,9 +226,12 @@ def test_native_kernels_match_the_dequantized_matmul(rows):
         step = x.abs().view(rows, K // 32, 32).amax(-1).repeat_interleave(32, 1) / 65534
         bound = step @ w.abs().t() + 1e-5 * (x.abs() @ w.abs().t())  # + fp32 sums
         err = (y - x @ w.t()).abs()
-        if rows >= 3:  # fp32 x: only the sums' rounding
-            bound = 1e-5 * (x.abs() @ w.abs().t())
         assert bool((err <= bound).all()), float((err / bound).max())
+        # a row's result does not depend on the rows batched with it (the same int16 x), up to the order of
+        # the fp32 sums (1-2 rows keep two sets of sums, 3+ rows one)
+        alone = torch.cat([native.int4_mm(x[r:r + 1], t["qweight"], t["scales"].transpose(0, 1).contiguous(), 48)
+                           for r in range(rows)])
+        assert bool(((y - alone).abs() <= 1e-5 * (x.abs() @ w.abs().t())).all())
         assert float(bound.max()) < 1e-3 * float((x.abs() @ w.abs().t()).max())  # the bound itself is tight
         q8 = torch.randint(-127, 128, (37, K), dtype=torch.int8)
         s8 = torch.rand(37).to(torch.bfloat16)

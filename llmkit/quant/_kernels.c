@@ -6,15 +6,14 @@
  * int4 kernel 11.1 ms at one row (6 GB/s of weights) against 7.9 ms here, its int8 kernel 14.0 ms against 11.0
  * (benchmarks/matmul_bandwidth.py, BENCHMARKS.md "On an AVX2-only CPU").
  *
- * int4, one or two rows (decode): each row of x is rounded per group of 32 inputs to int16 (dx = max|x| / 32767),
- * the codes times those int16 are summed by madd in int32, and per group g of row n:
- * sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z. (llama.cpp rounds x to int8,
- * Q8_1: faster here, but it moved SmolLM2's logits enough to change greedy answers.)
- * int4, INT4_F32_MIN_ROWS rows or more (batched decode, short prefill chunks): fp32 x against each group's
- * weights dequantized once in registers for up to 8 rows: 4 FMAs per group and row (the int16 loop's 2 madd
- * + add + convert + FMA), no int16 rounding. At 8 rows one SmolLM2 block takes 0.75x torch's int4 kernel's time
- * where the int16 loop took 1.09x (benchmarks/matmul_bandwidth.py, AMD EPYC Zen 3): batched rows are bound by
- * FMAs and loads of x, not by reading the weights.
+ * int4 (decode and short prefill chunks, any row count): each row of x is rounded per group of 32 inputs to
+ * int16 (dx = max|x| / 32767), the codes times those int16 are summed by madd in int32, and per group g of row n:
+ * sum_k w x = s dx sum_k q xq + (z - 8 s) dx sum_k xq, with w = (q - 8) s + z. Each group's codes are unpacked
+ * once for up to 8 rows, so a row of a batch gets the same rounding of x as the row alone (its result differs
+ * only in the order of the fp32 sums). (llama.cpp rounds x to int8, Q8_1: faster here, but it moved SmolLM2's
+ * logits enough to change greedy answers.) The loop this replaced gave 3+ rows fp32 x against weights dequantized
+ * in registers (4 FMAs per group and row, x read 4 times); the int16 loop (2 madd + add + convert + FMA, x read
+ * twice) is 5-15% faster at 8 rows on the AMD EPYC Zen 3 (interleaved A/B of the two libraries).
  * int8 weights keep fp32 activations: w = q s per row, one FMA per weight; one row in tiles of 4 outputs,
  * from INT8_ROWS_MIN rows on each 8 weights converted once for up to 8 rows. (Rounding the head's one row to int16
  * as above and summing by madd was only a few percent faster on the AMD EPYC: not worth the rounding.)
@@ -36,7 +35,6 @@
 #include <string.h>
 
 #define GROUP 32
-#define MR_MAX 2  /* the int16 loop's rows (fewer than INT4_F32_MIN_ROWS) */
 
 static inline __attribute__((always_inline, target("avx2,fma")))
 float hsum(__m256 a) {
@@ -85,27 +83,24 @@ void quantize_group(const float *p, int16_t *q, float *dx, float *sx) {
     *sx = *dx * (float)_mm_cvtsi128_si32(ts);
 }
 
-/* x (M, K) fp32 -> per group of 32 inputs: xq 32 int16, dx and sx (quantize_group) */
-__attribute__((target("avx2,fma")))
-static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *dx, float *sx) {
-    for (int64_t i = 0; i < M * (K / GROUP); i++) quantize_group(x + i * GROUP, xq + i * GROUP, dx + i, sx + i);
-}
-
-/* Row n of W against `mr` rows of quantized x. Per group: the 32 codes widened to int16 (low nibbles =
- * even inputs, high = odd) times x's int16 summed in pairs by madd (exact in int32: 2 * 15 * 32767 < 2^31)
- * to 8 int32, converted, and scaled by s * dx into fp32 sums; the offset term (z - 8 s) * dx * sum(xq)
- * is a vector over 8 groups. The scales of 8 groups are read and multiplied at once (the (N, K/32, 2)
- * layout keeps a row's groups adjacent) and each group's factor is broadcast from that small array. */
+/* Row n of W against `mr` (<= ROWS) rows of quantized x. Per group: the 32 codes widened to int16 (low nibbles =
+ * even inputs, high = odd) once, then for each row times x's int16 summed in pairs by madd (exact in int32:
+ * 2 * 15 * 32767 < 2^31) to 8 int32, converted, and scaled by s * dx into fp32 sums; the offset term
+ * (z - 8 s) * dx * sum(xq) is a vector over 8 groups (its own sums for 1-2 rows, the same ones from 3 rows on,
+ * which need the registers). The scales of 8 groups are read and multiplied at once (the (N, K/32, 2) layout
+ * keeps a row's groups adjacent) and each group's factor is broadcast from that small array. */
+#define ROWS 8  /* rows per pass over W: 8 sums + 2 code vectors + temporaries fit AVX2's 16 registers */
 static inline __attribute__((always_inline, target("avx2,fma")))
-void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw,
-              const uint16_t *scales, int64_t n, float *y, int64_t N) {
+void int4_rows(const int mr, const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw,
+               const uint16_t *scales, int64_t n, float *y, int64_t N) {
     const __m256i m0f16 = _mm256_set1_epi16(0x0F);
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 eight = _mm256_set1_ps(8.0f);
-    /* FMA latency is 4-5 cycles: alternate groups go to a second set of sums so that consecutive groups do
-     * not wait on each other */
-    __m256 acc[2][MR_MAX], off[MR_MAX];
-    for (int r = 0; r < mr; r++) { acc[0][r] = acc[1][r] = _mm256_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+    /* FMA latency is 4-5 cycles: with 1-2 rows alternate groups go to a second set of sums so that
+     * consecutive groups do not wait on each other; 3 or more rows are enough independent sums */
+    const int nacc = mr <= 2 ? 2 : 1;
+    __m256 acc[2][ROWS], off[ROWS];  /* off: the offset terms' own sums for 1-2 rows; folded into acc from 3 */
+    for (int r = 0; r < mr; r++) acc[0][r] = acc[1][r] = off[r] = _mm256_setzero_ps();
     const uint8_t *wn = qw + n * G * 16;
     const uint16_t *sn = scales + n * G * 2;
     int64_t g = 0;
@@ -113,10 +108,11 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
         const __m256i sz = _mm256_loadu_si256((const __m256i *)(sn + g * 2));
         const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
         const __m256 m = _mm256_fnmadd_ps(eight, s, _mm256_castsi256_ps(_mm256_and_si256(sz, hi16)));  /* z - 8 s */
-        float d[MR_MAX][8] __attribute__((aligned(32)));  /* s * dx per row and group: broadcast from memory */
+        float d[ROWS][8] __attribute__((aligned(32)));  /* s * dx per row and group: broadcast from memory */
         for (int r = 0; r < mr; r++) {
             _mm256_store_ps(d[r], _mm256_mul_ps(s, _mm256_loadu_ps(dx + r * G + g)));
-            off[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * G + g), off[r]);
+            __m256 *o = nacc == 2 ? &off[r] : &acc[0][r];
+            *o = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * G + g), *o);
         }
         for (int gg = 0; gg < 8; gg++) {
             const __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wn + (g + gg) * 16)));
@@ -126,12 +122,12 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
                 const __m256i p = _mm256_add_epi32(
                     _mm256_madd_epi16(wlo, _mm256_loadu_si256((const __m256i *)xg)),
                     _mm256_madd_epi16(whi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
-                __m256 *a = &acc[gg % 2][r];
+                __m256 *a = &acc[gg % nacc][r];
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&d[r][gg]), *a);
             }
         }
     }
-    float tail[MR_MAX] = {0};
+    float tail[ROWS] = {0};
     for (; g < G; g++) {  /* groups past the last multiple of 8 (K = 576: 2 of 18) */
         const float s = bf16_to_f32(sn[g * 2]), m = bf16_to_f32(sn[g * 2 + 1]) - 8.0f * s;
         const __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wn + g * 16)));
@@ -144,109 +140,49 @@ void int4_row(const int mr, const int16_t *xq, const float *dx, const float *sx,
             tail[r] += m * sx[r * G + g];
         }
     }
-    for (int r = 0; r < mr; r++) y[r * N + n] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + hsum(off[r]) + tail[r];
+    for (int r = 0; r < mr; r++)
+        y[r * N + n] = nacc == 2 ? hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + hsum(off[r]) + tail[r] : hsum(acc[0][r]) + tail[r];
 }
 
-#define INT4_ROW(MR) \
+#define INT4_ROWS(MR) \
     static __attribute__((noinline, target("avx2,fma"))) \
-    void int4_row_##MR(const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw, \
-                       const uint16_t *scales, int64_t n, float *y, int64_t N) { \
-        int4_row(MR, xq, dx, sx, G, qw, scales, n, y, N); \
+    void int4_rows_##MR(const int16_t *xq, const float *dx, const float *sx, int64_t G, const uint8_t *qw, \
+                        const uint16_t *scales, int64_t n, float *y, int64_t N) { \
+        int4_rows(MR, xq, dx, sx, G, qw, scales, n, y, N); \
     }
-INT4_ROW(1)
-INT4_ROW(2)
-
-/* x (M, K) fp32 -> xp, the same values with each group's 32 inputs in the order int4_rows_f32 unpacks the
- * codes: even inputs 0..14, odd 1..15, even 16..30, odd 17..31 (vpmovzxbd of 8 code bytes, low nibbles
- * then high ones). */
-static void permute_rows(const float *x, int64_t M, int64_t K, float *xp) {
-    for (int64_t i = 0; i < M * K / GROUP; i++) {
-        const float *p = x + i * GROUP;
-        float *q = xp + i * GROUP;
-        for (int h = 0; h < 2; h++)
-            for (int j = 0; j < 8; j++) {
-                q[h * 16 + j] = p[h * 16 + 2 * j];
-                q[h * 16 + 8 + j] = p[h * 16 + 2 * j + 1];
-            }
-    }
-}
-
-/* Row n of W against `mr` (<= MR_F32) rows of fp32 x (permuted): each group's 32 codes are unpacked and
- * dequantized once, w = q s + (z - 8 s) in 4 vectors, and every row takes 4 FMAs of them. For several rows
- * this beats the int16 loop (per group and row 4 FMAs against 2 madd + add + convert + FMA) and keeps x
- * exact (the dense path's precision). 8 rows: 8 accumulators + 4 weight vectors + s, z = 14 registers. */
-#define MR_F32 8
-#define INT4_F32_MIN_ROWS 3  /* below it, 1 or 2 rows, the int16 loop (int4_row) */
-#define INT8_ROWS_MIN 2  /* below it, one row, the 4-output tiles (int8_tile) */
-static inline __attribute__((always_inline, target("avx2,fma")))
-void int4_rows_f32(const int mr, const float *xp, int64_t K, const uint8_t *qw, const uint16_t *scales,
-                   int64_t n, float *y, int64_t N) {
-    const int64_t G = K / GROUP;
-    const __m256i m0f = _mm256_set1_epi32(0x0F);
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    __m256 acc[MR_F32];
-    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
-    const uint8_t *wn = qw + n * G * 16;
-    const uint16_t *sn = scales + n * G * 2;
-    for (int64_t g = 0; g < G; g++) {
-        const __m256 s = _mm256_set1_ps(bf16_to_f32(sn[g * 2]));
-        const __m256 m = _mm256_fnmadd_ps(eight, s, _mm256_set1_ps(bf16_to_f32(sn[g * 2 + 1])));  /* z - 8 s */
-        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wn + g * 16)));
-        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wn + g * 16 + 8)));
-        const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, m0f)), s, m);
-        const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), s, m);
-        const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m0f)), s, m);
-        const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), s, m);
-        for (int r = 0; r < mr; r++) {
-            const float *xg = xp + r * K + g * GROUP;
-            __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), acc[r]);
-            a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), a);
-            a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xg + 16), a);
-            acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xg + 24), a);
-        }
-    }
-    for (int r = 0; r < mr; r++) y[r * N + n] = hsum(acc[r]);
-}
-
-#define INT4_ROWS_F32(MR) \
-    static __attribute__((noinline, target("avx2,fma"))) \
-    void int4_rows_f32_##MR(const float *xp, int64_t K, const uint8_t *qw, const uint16_t *scales, int64_t n, \
-                            float *y, int64_t N) { int4_rows_f32(MR, xp, K, qw, scales, n, y, N); }
-/* one instance per row count 1..MR_F32 (the row loops unrolled, the accumulators in registers) */
+/* one instance per row count 1..ROWS (the row loops unrolled, the sums in registers) */
 #define FOR_MR(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
-#define INT4_ROWS_F32_FN(MR) int4_rows_f32_##MR,
-FOR_MR(INT4_ROWS_F32)
-typedef void (*int4_rows_fn)(const float *, int64_t, const uint8_t *, const uint16_t *, int64_t, float *, int64_t);
-static const int4_rows_fn INT4_ROWS_F32_FNS[MR_F32 + 1] = {0, FOR_MR(INT4_ROWS_F32_FN)};
+#define INT4_ROWS_FN(MR) int4_rows_##MR,
+FOR_MR(INT4_ROWS)
+typedef void (*int4_rows_fn)(const int16_t *, const float *, const float *, int64_t, const uint8_t *,
+                             const uint16_t *, int64_t, float *, int64_t);
+static const int4_rows_fn INT4_ROWS_FNS[ROWS + 1] = {0, FOR_MR(INT4_ROWS_FN)};
 
 /* x (M, K) fp32, qw (N, K/2) uint8 (input 2j in the low nibble of byte j, 2j+1 in the high one), scales
- * (N, K/32, 2) bf16, y (M, N) fp32. K % 32 == 0. Returns 0, or -1 if the scratch for x could not be had. */
+ * (N, K/32, 2) bf16, y (M, N) fp32. K % 32 == 0. x is rounded to int16 (a few microseconds for 8 rows), then
+ * each output row of W is read once per 8 rows of x. Returns 0, or -1 if the scratch for x could not be had. */
 __attribute__((target("avx2,fma")))
 int llmkit_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *scales, int64_t N,
                    float *y) {
     const int64_t G = K / GROUP;
-    if (M >= INT4_F32_MIN_ROWS) {  /* several rows: fp32 x against weights dequantized in registers */
-        float *xp = (float *)malloc((size_t)(4 * M * K));
-        if (!xp) return -1;
-        permute_rows(x, M, K, xp);
-#pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t r0 = 0; r0 < M; r0 += MR_F32) {
-                const int64_t mr = M - r0 < MR_F32 ? M - r0 : MR_F32;
-                INT4_ROWS_F32_FNS[mr](xp + r0 * K, K, qw, scales, n, y + r0 * N, N);
-            }
-        free(xp);
-        return 0;
-    }
     void *scratch = malloc((size_t)(2 * M * K + 8 * M * G));  /* int16 x, then its dx and sx */
     if (!scratch) return -1;
     int16_t *xq = (int16_t *)scratch;
     float *dx = (float *)(xq + M * K), *sx = dx + M * G;
-    quantize_rows(x, M, K, xq, dx, sx);
+    for (int64_t i = 0; i < M * G; i++) quantize_group(x + i * GROUP, xq + i * GROUP, dx + i, sx + i);
+    if (M <= 2) {  /* a decode step's one or two rows: called directly, no table or row loop around them */
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {  /* both rows against each unpacked weight */
-        if (M == 2) int4_row_2(xq, dx, sx, G, qw, scales, n, y, N);
-        else int4_row_1(xq, dx, sx, G, qw, scales, n, y, N);
+        for (int64_t n = 0; n < N; n++) {
+            if (M == 2) int4_rows_2(xq, dx, sx, G, qw, scales, n, y, N);
+            else int4_rows_1(xq, dx, sx, G, qw, scales, n, y, N);
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+                const int64_t mr = M - r0 < ROWS ? M - r0 : ROWS;
+                INT4_ROWS_FNS[mr](xq + r0 * K, dx + r0 * G, sx + r0 * G, G, qw, scales, n, y + r0 * N, N);
+            }
     }
     free(scratch);
     return 0;
@@ -301,11 +237,13 @@ void int8_tile(const int nt, const float *x, int64_t K, const int8_t *w, const u
 INT8_TILE(4)
 INT8_TILE(1)
 
-/* Row n of W against `mr` (<= MR_F32) rows of x: each 8 weights converted once, 8 FMAs for 8 rows. */
+#define INT8_ROWS_MIN 2  /* below it, one row, the 4-output tiles (int8_tile) */
+
+/* Row n of W against `mr` (<= ROWS) rows of x: each 8 weights converted once, 8 FMAs for 8 rows. */
 static inline __attribute__((always_inline, target("avx2,fma")))
 void int8_rows(const int mr, const float *x, int64_t K, const int8_t *w, const uint16_t *scales, int64_t n,
                float *y, int64_t N) {
-    __m256 acc[MR_F32];
+    __m256 acc[ROWS];
     for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
     const int8_t *wn = w + n * K;
     for (int64_t k = 0; k < K; k += 8) {
@@ -323,7 +261,7 @@ void int8_rows(const int mr, const float *x, int64_t K, const int8_t *w, const u
 #define INT8_ROWS_FN(MR) int8_rows_##MR,
 FOR_MR(INT8_ROWS)
 typedef void (*int8_rows_fn)(const float *, int64_t, const int8_t *, const uint16_t *, int64_t, float *, int64_t);
-static const int8_rows_fn INT8_ROWS_FNS[MR_F32 + 1] = {0, FOR_MR(INT8_ROWS_FN)};
+static const int8_rows_fn INT8_ROWS_FNS[ROWS + 1] = {0, FOR_MR(INT8_ROWS_FN)};
 
 /* x (M, K), qw (N, K) int8, scales (N,) bf16, y (M, N); K % 8 == 0. */
 __attribute__((target("avx2,fma")))
@@ -332,8 +270,8 @@ void llmkit_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, cons
     if (M >= INT8_ROWS_MIN) {
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < N; n++)
-            for (int64_t r0 = 0; r0 < M; r0 += MR_F32) {
-                const int64_t mr = M - r0 < MR_F32 ? M - r0 : MR_F32;
+            for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+                const int64_t mr = M - r0 < ROWS ? M - r0 : ROWS;
                 INT8_ROWS_FNS[mr](x + r0 * K, K, qw, scales, n, y + r0 * N, N);
             }
         return;

@@ -185,11 +185,11 @@ def _int4_dequantize(t: Tensors, N: int, K: int, dtype: torch.dtype) -> torch.Te
     return torch.addcmul(z, q, s).reshape(N, K)
 
 
-# llmkit's int4 loop is bound by its FMAs from a few rows on (8 rows of fp32 x per unpacked weight), so past 16
-# rows the weight dequantized to fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`).
+# llmkit's int4 loop is bound by its arithmetic from a few rows on (8 rows of int16 x per unpacked weight), so past
+# 16 rows the weight dequantized to fp32 in C and a GEMM win (QuantLinear's dense path, through `kernel_rows`).
 # One SmolLM2 block (`python benchmarks/matmul_bandwidth.py --threads 2 --rounds 10`, AMD EPYC Zen 3, AVX2):
-# loop 1.05 / 2.25 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.93 / 4.52; at 128 rows that GEMM path
-# 11.7 against torch's int4 kernel 18.9
+# loop 0.53 / 1.20 ms at 8 / 16 rows against dequantize + fp32 GEMM 2.08 / 2.81 (stop 34); at 128 rows that GEMM
+# path 11.7 against torch's int4 kernel 18.9 (stop 31)
 NATIVE_INT4_MAX_ROWS = 16
 
 

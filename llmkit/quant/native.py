@@ -152,8 +152,8 @@ def _(x, qweight, scales):
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, N: int) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 with W int4 in llmkit's layout: qweight (N, K/2) uint8, scales (N, K/32, 2)
-    bf16 (s, z), w = (q - 8) s + z. For 1-2 rows x is rounded to int16 per group of 32 inside; from 3 rows
-    on it stays fp32 against weights dequantized in registers (_kernels.c)."""
+    bf16 (s, z), w = (q - 8) s + z. x is rounded to int16 per group of 32 inside, the same for a row alone or
+    in a batch (_kernels.c)."""
     if torch.compiler.is_compiling():
         return torch.ops.llmkit.int4_mm(x, qweight, scales, N)
     return _int4_mm_eager(x, qweight, scales, N)
