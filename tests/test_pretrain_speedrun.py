@@ -45,6 +45,17 @@ def test_vocabulary_follows_the_training_dtype_unless_set():
         load_config(SpeedrunConfig, None, ["vocab_size=100"])
 
 
+def test_schedule_follows_the_training_dtype_unless_set():
+    """Unset, the LR decays linearly to 0 in fp32 and by cosine to 1e-4 under bf16; `schedule=`/`min_lr=` pin it."""
+    from llmkit.config import load_config
+    from llmkit.recipes.speedrun import default_schedule
+
+    assert (SpeedrunConfig().schedule, SpeedrunConfig().min_lr) == (None, None)
+    assert default_schedule("float32") == ("linear", 0.0) and default_schedule("bfloat16") == ("cosine", 1e-4)
+    cfg = load_config(SpeedrunConfig, None, ["schedule=cosine", "min_lr=0.001"])
+    assert (cfg.schedule, cfg.min_lr) == ("cosine", 0.001)
+
+
 def test_speedrun_end_to_end(tmp_path, monkeypatch, capsys):
     n = torch.get_num_threads()
     corpus = tmp_path / "c.txt"

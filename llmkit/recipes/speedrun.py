@@ -69,8 +69,12 @@ class SpeedrunConfig:
     # Muon beat AdamW by 0.07 bits/byte at 700 steps (lr tuned for each: Muon 6e-3, AdamW 3e-3)
     optimizer: str = "muon"  # muon | adamw
     lr: float = ranged(6e-3, ">0")
-    min_lr: float = ranged(1e-4, ">=0")
-    schedule: str = "cosine"  # cosine | linear (decay over the wall-clock budget after warm-up)
+    # None: by the training dtype, like the vocabulary. In fp32 (~1,700-2,200 steps on a CPU without fast bf16) a
+    # linear decay to 0 (Bergsma et al. 2025, "Straight to Zero") scored 2.011 and 2.017 held-out bits/byte at
+    # 1,695 and 1,877 steps against cosine to 1e-4's 2.034 at 1,629 (AMD EPYC Zen 3, AVX2; BENCHMARKS.md); bf16
+    # runs keep the cosine to 1e-4 their 1.99-2.00 figures used
+    min_lr: float | None = ranged(None, ">=0")
+    schedule: str | None = None  # cosine | linear (decay over the wall-clock budget after warm-up)
     warmup_steps: int = ranged(50, ">=0")
     # 1 MB seen ~9 times overfits: decoupled weight decay 0.5 gave 2.010 bits/byte, 0.1 2.057, 1.0 2.043
     weight_decay: float = ranged(0.5, ">=0")
@@ -217,6 +221,11 @@ def default_vocab(arch: str, dtype: str) -> int:
     return 1024 if arch == "transformer" and dtype == "float32" else 512
 
 
+def default_schedule(dtype: str) -> tuple[str, float]:
+    """(schedule, min_lr) of a run that leaves them unset (see the fields): linear to 0 in fp32, else cosine to 1e-4."""
+    return ("linear", 0.0) if dtype == "float32" else ("cosine", 1e-4)
+
+
 def default_out_dir() -> Path:
     return Path(f"speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -240,6 +249,8 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
         dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
     if cfg.vocab_size is None:
         cfg = dataclasses.replace(cfg, vocab_size=default_vocab(cfg.arch, dtype))
+    schedule, min_lr = default_schedule(dtype)
+    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or schedule, min_lr=min_lr if cfg.min_lr is None else cfg.min_lr)
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
 
