@@ -247,10 +247,9 @@ def speedrun(cfg: SpeedrunConfig, force: bool = False, progress: bool = True) ->
         from ..train.mfu import cpu_has_fast_bf16
 
         dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
-    if cfg.vocab_size is None:
-        cfg = dataclasses.replace(cfg, vocab_size=default_vocab(cfg.arch, dtype))
-    schedule, min_lr = default_schedule(dtype)
-    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or schedule, min_lr=min_lr if cfg.min_lr is None else cfg.min_lr)
+    schedule, min_lr = default_schedule(dtype)  # the settings left unset follow the dtype (see the fields)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or default_vocab(cfg.arch, dtype),
+                              schedule=cfg.schedule or schedule, min_lr=min_lr if cfg.min_lr is None else cfg.min_lr)
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
 
